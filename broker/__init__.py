@@ -1,0 +1,1 @@
+"""firmgate key broker (Trustee KBS protocol 0.4.0 compatible)."""
