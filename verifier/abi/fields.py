@@ -1,0 +1,237 @@
+"""Decoders for the packed fields of an SEV-SNP attestation report.
+
+Layout facts from AMD's "SEV Secure Nested Paging Firmware ABI Specification"
+(publication 56860): GUEST_POLICY (Table 9 in rev 1.55+), PLATFORM_INFO and
+KEY_INFO (Table 23, ATTESTATION_REPORT), TCB_VERSION (Table 3; Turin layout
+from rev 1.58). Parsing judges nothing beyond layout: a bit the spec reserves
+must be as the spec says, everything else is decoded and left to the checks.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import MalformedReport
+
+
+class Product(str, enum.Enum):
+    """An SEV-SNP processor generation whose AMD roots firmgate knows.
+
+    A `str` enum so that `Product.MILAN == "Milan"` (the KDS path spelling).
+    """
+
+    MILAN = "Milan"
+    GENOA = "Genoa"
+    TURIN = "Turin"
+
+    @classmethod
+    def parse(cls, name: str) -> "Product":
+        """From a user's or certificate's spelling: "milan", "Milan-B0", "Genoa"."""
+        base = name.strip().split("-", 1)[0].lower()
+        for p in cls:
+            if p.value.lower() == base:
+                return p
+        raise MalformedReport(f"unknown product {name!r}; expected Milan, Genoa or Turin")
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def product_from_cpuid(family: int, model: int) -> Product | None:
+    """Product from the report's CPUID_FAM_ID / CPUID_MOD_ID (report v3+), or None if unknown.
+
+    Family 0x19 model 0x00-0x0F Milan; 0x10-0x1F and 0xA0-0xAF Genoa (Bergamo and
+    Siena use Genoa's chain); family 0x1A model 0x00-0x11 Turin.
+    """
+    if family == 0x19:
+        if 0x00 <= model <= 0x0F:
+            return Product.MILAN
+        if 0x10 <= model <= 0x1F or 0xA0 <= model <= 0xAF:
+            return Product.GENOA
+    elif family == 0x1A and 0x00 <= model <= 0x11:
+        return Product.TURIN
+    return None
+
+
+def _as_product(product: Product | str) -> Product:
+    return product if isinstance(product, Product) else Product.parse(product)
+
+
+@dataclass(frozen=True)
+class TcbVersion:
+    """TCB_VERSION decoded for one product (SNP ABI Table 3).
+
+    Milan/Genoa bytes: [0] bootloader, [1] tee, [2..5] reserved, [6] snp, [7] microcode.
+    Turin bytes: [0] fmc, [1] bootloader, [2] tee, [3] snp, [4..6] reserved, [7] microcode.
+    """
+
+    bootloader: int
+    tee: int
+    snp: int
+    microcode: int
+    fmc: int | None = None          # Turin only
+    raw: int = 0
+
+    @classmethod
+    def from_u64(cls, value: int, product: Product | str) -> "TcbVersion":
+        if not 0 <= value < 1 << 64:
+            raise MalformedReport(f"TCB_VERSION {value} does not fit in 64 bits")
+        b = value.to_bytes(8, "little")
+        if _as_product(product) is Product.TURIN:
+            if any(b[4:7]):
+                raise MalformedReport(f"TCB_VERSION 0x{value:016x}: reserved bytes 4..6 are not zero (Turin layout)")
+            return cls(bootloader=b[1], tee=b[2], snp=b[3], microcode=b[7], fmc=b[0], raw=value)
+        if any(b[2:6]):
+            raise MalformedReport(f"TCB_VERSION 0x{value:016x}: reserved bytes 2..5 are not zero (Milan/Genoa layout)")
+        return cls(bootloader=b[0], tee=b[1], snp=b[6], microcode=b[7], fmc=None, raw=value)
+
+    @staticmethod
+    def encode(product: Product | str, *, bootloader: int, tee: int, snp: int, microcode: int,
+               fmc: int | None = None) -> int:
+        """The u64 for these SPLs in `product`'s layout (used by the sim and the KDS client)."""
+        for name, v in (("bootloader", bootloader), ("tee", tee), ("snp", snp), ("microcode", microcode),
+                        ("fmc", fmc or 0)):
+            if not 0 <= v <= 0xFF:
+                raise ValueError(f"TCB component {name}={v} is not a byte")
+        if _as_product(product) is Product.TURIN:
+            b = bytes([fmc or 0, bootloader, tee, snp, 0, 0, 0, microcode])
+        else:
+            if fmc is not None:
+                raise ValueError("fmc exists only in Turin's TCB layout")
+            b = bytes([bootloader, tee, 0, 0, 0, 0, snp, microcode])
+        return int.from_bytes(b, "little")
+
+    def components(self) -> dict[str, int]:
+        """Named SPLs, fmc only where the layout has it (comparisons iterate over this)."""
+        out = {"bootloader": self.bootloader, "tee": self.tee, "snp": self.snp, "microcode": self.microcode}
+        if self.fmc is not None:
+            out["fmc"] = self.fmc
+        return out
+
+    def le(self, other: "TcbVersion") -> bool:
+        """Every component of self <= the same component of other (a partial order, not u64 <)."""
+        mine, theirs = self.components(), other.components()
+        return mine.keys() == theirs.keys() and all(mine[k] <= theirs[k] for k in mine)
+
+    def __str__(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in self.components().items())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.components(), "raw": f"0x{self.raw:016x}"}
+
+
+# GUEST_POLICY (SNP ABI Table 9). Bit 17 is reserved and must be one; 63:26 must be zero.
+_POLICY_RESERVED_ONE = 1 << 17
+_POLICY_KNOWN = (1 << 26) - 1
+
+
+@dataclass(frozen=True)
+class GuestPolicy:
+    raw: int
+    abi_minor: int
+    abi_major: int
+    smt: bool
+    migrate_ma: bool
+    debug: bool
+    single_socket: bool
+    cxl_allow: bool
+    mem_aes_256_xts: bool
+    rapl_dis: bool
+    ciphertext_hiding: bool
+    page_swap_disable: bool
+
+    @classmethod
+    def from_u64(cls, value: int) -> "GuestPolicy":
+        if not value & _POLICY_RESERVED_ONE:
+            raise MalformedReport(f"POLICY 0x{value:x}: reserved bit 17 must be 1 (SNP ABI, GUEST_POLICY)")
+        if value & ~_POLICY_KNOWN:
+            raise MalformedReport(f"POLICY 0x{value:x}: reserved bits 63:26 must be zero (SNP ABI, GUEST_POLICY)")
+
+        def bit(n: int) -> bool:
+            return bool(value >> n & 1)
+
+        return cls(raw=value, abi_minor=value & 0xFF, abi_major=value >> 8 & 0xFF, smt=bit(16),
+                   migrate_ma=bit(18), debug=bit(19), single_socket=bit(20), cxl_allow=bit(21),
+                   mem_aes_256_xts=bit(22), rapl_dis=bit(23), ciphertext_hiding=bit(24),
+                   page_swap_disable=bit(25))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "raw"}
+        return {"raw": f"0x{self.raw:x}", **d}
+
+
+# PLATFORM_INFO (SNP ABI Table 23, rev 1.58): bits 0-5 and 7 defined; 6 and 63:8 reserved.
+_PLATFORM_KNOWN = 0b1011_1111
+
+
+@dataclass(frozen=True)
+class PlatformInfo:
+    raw: int
+    smt_en: bool
+    tsme_en: bool
+    ecc_en: bool
+    rapl_dis: bool
+    ciphertext_hiding_en: bool
+    alias_check_complete: bool
+    tio_en: bool
+
+    @classmethod
+    def from_u64(cls, value: int) -> "PlatformInfo":
+        if value & ~_PLATFORM_KNOWN:
+            raise MalformedReport(f"PLATFORM_INFO 0x{value:x}: reserved bits (6, 63:8) must be zero")
+
+        def bit(n: int) -> bool:
+            return bool(value >> n & 1)
+
+        return cls(raw=value, smt_en=bit(0), tsme_en=bit(1), ecc_en=bit(2), rapl_dis=bit(3),
+                   ciphertext_hiding_en=bit(4), alias_check_complete=bit(5), tio_en=bit(7))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "raw"}
+        return {"raw": f"0x{self.raw:x}", **d}
+
+
+class SigningKey(enum.IntEnum):
+    """KEY_INFO.SIGNING_KEY (bits 4:2): which key signed the report."""
+
+    VCEK = 0
+    VLEK = 1
+    NONE = 7
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """The u32 at 0x048: bit 0 AUTHOR_KEY_EN, bit 1 MASK_CHIP_KEY, bits 4:2 SIGNING_KEY, 31:5 reserved."""
+
+    raw: int
+    author_key_en: bool
+    mask_chip_key: bool
+    signing_key: SigningKey
+
+    @classmethod
+    def from_u32(cls, value: int) -> "KeyInfo":
+        if value >> 5:
+            raise MalformedReport(f"KEY_INFO 0x{value:x}: reserved bits 31:5 must be zero")
+        sk = value >> 2 & 0b111
+        try:
+            signing = SigningKey(sk)
+        except ValueError:
+            raise MalformedReport(f"KEY_INFO.SIGNING_KEY is {sk}; the spec defines 0 (VCEK), 1 (VLEK), 7 (none)") from None
+        return cls(raw=value, author_key_en=bool(value & 1), mask_chip_key=bool(value & 2), signing_key=signing)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"raw": f"0x{self.raw:x}", "author_key_en": self.author_key_en,
+                "mask_chip_key": self.mask_chip_key, "signing_key": self.signing_key.name}
+
+
+@dataclass(frozen=True)
+class BuildVersion:
+    """CURRENT/COMMITTED firmware version: bytes [build, minor, major, reserved]."""
+
+    major: int
+    minor: int
+    build: int
+
+    def __str__(self) -> str:
+        return f"{self.major}.{self.minor}.{self.build}"
