@@ -1,0 +1,81 @@
+"""Certificates in, `cryptography` objects out: DER or PEM, one or many per input.
+
+Every real VCEK/VLEK has serial number 0, which RFC 5280 forbids. cryptography
+50 still loads it but emits a CryptographyDeprecationWarning on load and on
+`.serial_number`. firmgate accepts such certificates on purpose (they are what
+AMD issues), so that one warning is silenced here, by its exact message, for
+the whole process; all other warnings still reach the user.
+"""
+from __future__ import annotations
+
+import re
+import warnings
+
+from cryptography import x509
+from cryptography.utils import CryptographyDeprecationWarning
+
+from .errors import CertificateFormatError
+
+warnings.filterwarnings("ignore", message=r"Parsed a serial number which wasn't positive",
+                        category=CryptographyDeprecationWarning)
+
+MAX_CERT_SIZE = 16 * 1024          # a VCEK is ~1.4 KB, an ARK ~1.6 KB; bound hostile input
+MAX_CERTS = 16                     # per file or table
+MAX_BUNDLE_SIZE = MAX_CERT_SIZE * MAX_CERTS * 2  # PEM base64 overhead
+
+_PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n(.*?)-----END \1-----", re.S)
+
+
+def load_certificate(data: bytes, what: str = "certificate") -> x509.Certificate:
+    """Exactly one certificate, DER or PEM."""
+    certs = load_certificates(data, what)
+    if len(certs) != 1:
+        raise CertificateFormatError(f"{what}: expected one certificate, found {len(certs)}")
+    return certs[0]
+
+
+def load_certificates(data: bytes, what: str = "certificates") -> list[x509.Certificate]:
+    """All certificates in `data`: a single DER certificate, or PEM with one or more blocks."""
+    if not isinstance(data, (bytes, bytearray)):
+        raise CertificateFormatError(f"{what}: expected bytes")
+    data = bytes(data)
+    if len(data) > MAX_BUNDLE_SIZE:
+        raise CertificateFormatError(f"{what}: {len(data)} bytes is too large for a certificate bundle")
+    if b"-----BEGIN" in data:
+        certs = []
+        for m in _PEM_BLOCK.finditer(data):
+            if m.group(1) != b"CERTIFICATE":
+                continue        # a CRL or key block among certs is not a certificate; skipped on purpose
+            if len(certs) >= MAX_CERTS:
+                raise CertificateFormatError(f"{what}: more than {MAX_CERTS} certificates")
+            try:
+                certs.append(x509.load_pem_x509_certificate(m.group(0)))
+            except ValueError as exc:
+                raise CertificateFormatError(f"{what}: a PEM certificate does not parse: {exc}") from exc
+        if not certs:
+            raise CertificateFormatError(f"{what}: PEM input holds no CERTIFICATE block")
+        return certs
+    if len(data) > MAX_CERT_SIZE:
+        raise CertificateFormatError(f"{what}: {len(data)} bytes is too large for one DER certificate")
+    try:
+        return [x509.load_der_x509_certificate(data)]
+    except ValueError as exc:
+        raise CertificateFormatError(f"{what}: not a DER or PEM certificate ({exc})") from exc
+
+
+def load_crl(data: bytes, what: str = "CRL") -> x509.CertificateRevocationList:
+    """A CRL in DER or PEM."""
+    if len(data) > MAX_BUNDLE_SIZE:
+        raise CertificateFormatError(f"{what}: {len(data)} bytes is too large")
+    try:
+        if b"-----BEGIN X509 CRL-----" in data:
+            return x509.load_pem_x509_crl(data)
+        return x509.load_der_x509_crl(data)
+    except ValueError as exc:
+        raise CertificateFormatError(f"{what}: does not parse ({exc})") from exc
+
+
+def common_name(cert: x509.Certificate) -> str:
+    names = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    value = names[0].value if names else ""
+    return value if isinstance(value, str) else value.decode("utf-8", "replace")

@@ -1,0 +1,295 @@
+"""Evidence loading: the report plus whatever certificates came with it, from every shape firmgate reads.
+
+Shapes (all hostile input: sizes bounded, types checked, fail closed with a reason):
+- a raw 1184-byte report;
+- Trustee/CoCo `SnpEvidence` JSON (KBS-FACTS.md section 1): `attestation_report`
+  field by field, byte fields as arrays of integers; the raw report is rebuilt
+  with reserved bytes zero, then parsed and verified like any other;
+- firmgate's own JSON: `{"report": b64, "cert_table": b64|null, "certs": [b64 DER|PEM]}`;
+- the configfs-tsm JSON used by veraison: `{"outblob": b64, "auxblob": b64, "provider": ..}`.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+from cryptography import x509
+
+from .abi.certtable import GUIDS, parse_cert_table
+from .abi.fields import Product, TcbVersion, product_from_cpuid
+from .abi.report import LAYOUT, REPORT_SIZE, AttestationReport, encode_fields
+from .certs import MAX_CERT_SIZE, MAX_CERTS, load_certificates, load_crl
+from .errors import CertificateFormatError, EvidenceError, MalformedReport
+
+MAX_EVIDENCE_SIZE = 512 * 1024   # a Trustee JSON with a full chain is ~40 KB
+
+
+@dataclass(frozen=True)
+class Evidence:
+    report: AttestationReport
+    certs: tuple[x509.Certificate, ...] = ()
+    crls: tuple[x509.CertificateRevocationList, ...] = ()
+    shape: str = "raw"             # "raw" | "firmgate-json" | "snp-evidence" | "tsm"
+    cert_source: str | None = None  # "cert_table" | "cert_chain" | "certs" | None
+
+
+def load_evidence(data: bytes) -> Evidence:
+    """Evidence from a file's bytes: a raw report or one of the JSON shapes."""
+    if not isinstance(data, (bytes, bytearray)):
+        raise EvidenceError(f"evidence must be bytes, not {type(data).__name__}")
+    if len(data) > MAX_EVIDENCE_SIZE:
+        raise EvidenceError(f"evidence is {len(data)} bytes; at most {MAX_EVIDENCE_SIZE}")
+    # A raw report starts with its version (2..5 as a u32): never '{' or whitespace.
+    if bytes(data).lstrip()[:1] == b"{":
+        try:
+            obj = json.loads(bytes(data).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise EvidenceError(f"evidence looks like JSON but does not parse: {exc}") from None
+        return evidence_from_json(obj)
+    if len(data) != REPORT_SIZE:
+        raise MalformedReport(f"evidence is {len(data)} bytes: neither a {REPORT_SIZE}-byte report nor JSON")
+    return Evidence(report=AttestationReport.from_bytes(bytes(data)), shape="raw")
+
+
+def evidence_from_json(obj: Any) -> Evidence:
+    """Evidence from an already-parsed JSON value (the broker's `primary_evidence`)."""
+    if not isinstance(obj, dict):
+        raise EvidenceError("evidence JSON must be an object")
+    if "primary_evidence" in obj:      # the KBS composite wrapper; the inner object is the evidence
+        return evidence_from_json(obj["primary_evidence"])
+    if "attestation_report" in obj:
+        return _from_snp_evidence(obj)
+    if "outblob" in obj:
+        return _from_tsm(obj)
+    if "report" in obj:
+        return _from_firmgate(obj)
+    raise EvidenceError("evidence JSON has none of attestation_report (Trustee), report (firmgate), outblob (tsm)")
+
+
+# -- helpers ------------------------------------------------------------------------
+def _b64(value: Any, what: str, limit: int) -> bytes:
+    """Standard or URL-safe base64, padding optional (configfs-tsm tools write base64url)."""
+    if not isinstance(value, str):
+        raise EvidenceError(f"{what} must be a base64 string")
+    if len(value) > limit * 4 // 3 + 8:
+        raise EvidenceError(f"{what} is too large")
+    text = value.strip()
+    alt = b"-_" if ("-" in text or "_" in text) else b"+/"
+    try:
+        return base64.b64decode(text + "=" * (-len(text) % 4), altchars=alt, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise EvidenceError(f"{what} is not valid base64: {exc}") from None
+
+
+def _certs_from_table(blob: bytes) -> tuple[tuple[x509.Certificate, ...], tuple[x509.CertificateRevocationList, ...]]:
+    certs: list[x509.Certificate] = []
+    crls: list[x509.CertificateRevocationList] = []
+    for entry in parse_cert_table(blob):
+        if entry.kind == "CRL":
+            crls.append(load_crl(entry.data, "CRL in the certificate table"))
+        elif entry.kind != "OTHER":   # entries with other GUIDs are not ours to judge; ignored
+            certs.extend(load_certificates(entry.data, f"{entry.kind} in the certificate table"))
+    return tuple(certs), tuple(crls)
+
+
+# -- firmgate JSON ---------------------------------------------------------------------
+def _from_firmgate(obj: Mapping[str, Any]) -> Evidence:
+    unknown = set(obj) - {"report", "cert_table", "certs"}
+    if unknown:
+        raise EvidenceError(f"firmgate evidence JSON has unknown keys: {', '.join(sorted(unknown))}")
+    report = AttestationReport.from_bytes(_b64(obj["report"], "report", REPORT_SIZE))
+    certs: tuple[x509.Certificate, ...] = ()
+    crls: tuple[x509.CertificateRevocationList, ...] = ()
+    source = None
+    table = obj.get("cert_table")
+    if table is not None:
+        certs, crls = _certs_from_table(_b64(table, "cert_table", 64 * 1024))
+        source = "cert_table"
+    extra = obj.get("certs")
+    if extra is not None:
+        if not isinstance(extra, list) or len(extra) > MAX_CERTS:
+            raise EvidenceError(f"certs must be a list of at most {MAX_CERTS} base64 certificates")
+        more: list[x509.Certificate] = []
+        for i, item in enumerate(extra):
+            more.extend(load_certificates(_b64(item, f"certs[{i}]", MAX_CERT_SIZE * 2), f"certs[{i}]"))
+        certs += tuple(more)
+        source = source or "certs"
+    return Evidence(report=report, certs=certs, crls=crls, shape="firmgate-json", cert_source=source)
+
+
+# -- configfs-tsm (veraison) ---------------------------------------------------------------
+def _from_tsm(obj: Mapping[str, Any]) -> Evidence:
+    provider = obj.get("provider")
+    if provider is not None and (not isinstance(provider, str) or provider.strip() != "sev_guest"):
+        raise EvidenceError(f"configfs-tsm provider is {provider!r}; firmgate reads sev_guest")
+    report = AttestationReport.from_bytes(_b64(obj["outblob"], "outblob", REPORT_SIZE))
+    aux = obj.get("auxblob")
+    if aux is None:
+        return Evidence(report=report, shape="tsm")
+    certs, crls = _certs_from_table(_b64(aux, "auxblob", 64 * 1024))
+    return Evidence(report=report, certs=certs, crls=crls, shape="tsm", cert_source="cert_table")
+
+
+# -- Trustee SnpEvidence -----------------------------------------------------------------
+# JSON key -> report field (KBS-FACTS section 1). Byte arrays must have the exact size.
+_BYTE_FIELDS = ("family_id", "image_id", "report_data", "measurement", "host_data", "id_key_digest",
+                "author_key_digest", "report_id", "report_id_ma", "chip_id")
+_INT_FIELDS = {"version": "version", "guest_svn": "guest_svn", "policy": "policy", "vmpl": "vmpl",
+               "sig_algo": "signature_algo", "plat_info": "platform_info", "key_info": "key_info"}
+_TCB_FIELDS = ("current_tcb", "reported_tcb", "committed_tcb", "launch_tcb")
+_OPT_INT_FIELDS = ("cpuid_fam_id", "cpuid_mod_id", "cpuid_step", "launch_mit_vector", "current_mit_vector")
+_KNOWN_KEYS = set(_BYTE_FIELDS) | set(_INT_FIELDS) | set(_TCB_FIELDS) | set(_OPT_INT_FIELDS) | {
+    "current", "committed", "signature"}
+
+
+def _int(value: Any, what: str, bits: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << bits:
+        raise EvidenceError(f"attestation_report.{what} must be an unsigned {bits}-bit integer")
+    return value
+
+
+def _byte_array(value: Any, what: str, size: int) -> bytes:
+    if not isinstance(value, list) or len(value) != size:
+        raise EvidenceError(f"attestation_report.{what} must be an array of {size} integers")
+    if not all(type(v) is int and 0 <= v <= 255 for v in value):
+        raise EvidenceError(f"attestation_report.{what} must hold integers 0..255")
+    return bytes(value)
+
+
+def _tcb(value: Any, what: str, turin: bool) -> int:
+    if not isinstance(value, dict) or set(value) - {"fmc", "bootloader", "tee", "snp", "microcode"}:
+        raise EvidenceError(f"attestation_report.{what} must be an object fmc/bootloader/tee/snp/microcode")
+    parts = {k: _int(value.get(k), f"{what}.{k}", 8) for k in ("bootloader", "tee", "snp", "microcode")}
+    fmc = value.get("fmc")
+    if turin:
+        return TcbVersion.encode(Product.TURIN, fmc=_int(fmc if fmc is not None else 0, f"{what}.fmc", 8), **parts)
+    if fmc is not None:
+        raise EvidenceError(f"attestation_report.{what}.fmc is set, but the report is not from a Turin CPU")
+    return TcbVersion.encode(Product.MILAN, **parts)   # Milan and Genoa share this layout
+
+
+def _version(value: Any, what: str) -> tuple[int, int, int]:
+    if not isinstance(value, dict) or set(value) != {"major", "minor", "build"}:
+        raise EvidenceError(f"attestation_report.{what} must be an object major/minor/build")
+    return tuple(_int(value[k], f"{what}.{k}", 8) for k in ("major", "minor", "build"))  # type: ignore[return-value]
+
+
+def rebuild_report(ar: Mapping[str, Any]) -> bytes:
+    """The raw 1184 bytes from a Trustee `attestation_report` object (reserved bytes zero)."""
+    if not isinstance(ar, dict):
+        raise EvidenceError("attestation_report must be an object")
+    unknown = set(ar) - _KNOWN_KEYS
+    if unknown:
+        raise EvidenceError(f"attestation_report has unknown keys: {', '.join(sorted(unknown))}")
+    missing = (set(_BYTE_FIELDS) | set(_INT_FIELDS) | set(_TCB_FIELDS) | {"current", "committed", "signature"}) - set(ar)
+    if missing:
+        raise EvidenceError(f"attestation_report lacks: {', '.join(sorted(missing))}")
+    values: dict[str, int | bytes] = {}
+    for key, field in _INT_FIELDS.items():
+        values[field] = _int(ar[key], key, 8 * LAYOUT[field][1])
+    for key in _BYTE_FIELDS:
+        values[key] = _byte_array(ar[key], key, LAYOUT[key][1])
+    for key in _OPT_INT_FIELDS:
+        if ar.get(key) is not None:
+            values[key] = _int(ar[key], key, 8 * LAYOUT[key][1])
+    fam, mod = values.get("cpuid_fam_id"), values.get("cpuid_mod_id")
+    cpu = product_from_cpuid(int(fam), int(mod)) if isinstance(fam, int) and isinstance(mod, int) else None
+    # The layout of a TCB object's bytes follows the CPU; without CPUID (v2) a set fmc means Turin.
+    turin = cpu is Product.TURIN or (cpu is None and any(
+        isinstance(ar[k], dict) and ar[k].get("fmc") is not None for k in _TCB_FIELDS))
+    for key in _TCB_FIELDS:
+        values[key] = _tcb(ar[key], key, turin)
+    for key in ("current", "committed"):
+        major, minor, build = _version(ar[key], key)
+        values.update({f"{key}_major": major, f"{key}_minor": minor, f"{key}_build": build})
+    sig = ar["signature"]
+    if not isinstance(sig, dict) or set(sig) != {"r", "s"}:
+        raise EvidenceError("attestation_report.signature must be an object {r, s}")
+    values["signature_r"] = _byte_array(sig["r"], "signature.r", 72)
+    values["signature_s"] = _byte_array(sig["s"], "signature.s", 72)
+    return bytes(encode_fields(values))
+
+
+def _from_snp_evidence(obj: Mapping[str, Any]) -> Evidence:
+    unknown = set(obj) - {"attestation_report", "cert_chain"}
+    if unknown:
+        raise EvidenceError(f"SnpEvidence has unknown keys: {', '.join(sorted(unknown))}")
+    report = AttestationReport.from_bytes(rebuild_report(obj["attestation_report"]))
+    chain = obj.get("cert_chain")
+    if chain is None:
+        return Evidence(report=report, shape="snp-evidence")
+    if not isinstance(chain, list) or len(chain) > MAX_CERTS:
+        raise EvidenceError(f"cert_chain must be null or a list of at most {MAX_CERTS} entries")
+    certs: list[x509.Certificate] = []
+    crls: list[x509.CertificateRevocationList] = []
+    for i, entry in enumerate(chain):
+        if not isinstance(entry, dict) or set(entry) != {"cert_type", "data"}:
+            raise EvidenceError(f"cert_chain[{i}] must be an object {{cert_type, data}}")
+        kind = entry["cert_type"]
+        data = entry["data"]
+        if not isinstance(data, list) or len(data) > MAX_CERT_SIZE:
+            raise EvidenceError(f"cert_chain[{i}].data must be an array of at most {MAX_CERT_SIZE} bytes")
+        if not all(type(v) is int and 0 <= v <= 255 for v in data):
+            raise EvidenceError(f"cert_chain[{i}].data must hold integers 0..255")
+        blob = bytes(data)
+        if kind == "CRL":
+            crls.append(load_crl(blob, f"cert_chain[{i}] (CRL)"))
+        elif kind in ("ARK", "ASK", "VCEK", "VLEK"):
+            certs.extend(load_certificates(blob, f"cert_chain[{i}] ({kind})"))
+        elif kind == "Empty" or (isinstance(kind, dict) and set(kind) == {"OTHER"}):
+            continue   # not a certificate firmgate uses
+        else:
+            raise CertificateFormatError(f"cert_chain[{i}].cert_type {kind!r} is not a known CertType")
+    return Evidence(report=report, certs=tuple(certs), crls=tuple(crls), shape="snp-evidence",
+                    cert_source="cert_chain")
+
+
+def snp_evidence_json(report: bytes | AttestationReport,
+                      cert_chain: Iterable[tuple[str, bytes]] | None = None,
+                      product: Product | str | None = None) -> dict[str, Any]:
+    """The Trustee SnpEvidence JSON for a raw report (the inverse of rebuild_report).
+
+    `cert_chain`: (kind, DER) pairs, kind in ARK/ASK/VCEK/VLEK/CRL. For a v2 report the
+    TCB layout needs `product` when it is Turin (Milan/Genoa share a layout).
+    """
+    r = report if isinstance(report, AttestationReport) else AttestationReport.from_bytes(report)
+    prod = Product.parse(product) if isinstance(product, str) else product
+    prod = prod or r.cpuid_product or Product.MILAN
+
+    def arr(b: bytes) -> list[int]:
+        return list(b)
+
+    def tcb(value: int) -> dict[str, Any]:
+        t = TcbVersion.from_u64(value, prod)
+        return {"fmc": t.fmc, "bootloader": t.bootloader, "tee": t.tee, "snp": t.snp, "microcode": t.microcode}
+
+    raw = r.raw
+    ar: dict[str, Any] = {
+        "version": r.version, "guest_svn": r.guest_svn, "policy": r.policy.raw,
+        "family_id": arr(r.family_id), "image_id": arr(r.image_id), "vmpl": r.vmpl,
+        "sig_algo": r.signature_algo, "current_tcb": tcb(r.current_tcb), "plat_info": r.platform_info.raw,
+        "key_info": r.key_info.raw, "report_data": arr(r.report_data), "measurement": arr(r.measurement),
+        "host_data": arr(r.host_data), "id_key_digest": arr(r.id_key_digest),
+        "author_key_digest": arr(r.author_key_digest), "report_id": arr(r.report_id),
+        "report_id_ma": arr(r.report_id_ma), "reported_tcb": tcb(r.reported_tcb),
+        "cpuid_fam_id": r.cpuid_fam_id, "cpuid_mod_id": r.cpuid_mod_id, "cpuid_step": r.cpuid_step,
+        "chip_id": arr(r.chip_id), "committed_tcb": tcb(r.committed_tcb),
+        "current": {"major": r.current_build.major, "minor": r.current_build.minor, "build": r.current_build.build},
+        "committed": {"major": r.committed_build.major, "minor": r.committed_build.minor,
+                      "build": r.committed_build.build},
+        "launch_tcb": tcb(r.launch_tcb),
+        "launch_mit_vector": r.launch_mit_vector, "current_mit_vector": r.current_mit_vector,
+        "signature": {"r": arr(raw[0x2A0:0x2E8]), "s": arr(raw[0x2E8:0x330])},
+    }
+    chain = None
+    if cert_chain is not None:
+        chain = []
+        for kind, der in cert_chain:
+            if kind not in GUIDS:
+                raise ValueError(f"unknown cert_type {kind!r}")
+            chain.append({"cert_type": kind, "data": list(der)})
+    return {"attestation_report": ar, "cert_chain": chain}
+
