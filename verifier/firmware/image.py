@@ -223,8 +223,9 @@ def require_snp_firmware(payload: bytes) -> FirmwareImage:
     if img.sev_metadata is None:
         why = "no OVMF footer GUID table" if not img.footer_guids else "its OVMF footer table has no SEV metadata entry"
         raise FirmwareError(f"firmware has no SEV metadata ({why}): it cannot launch as an SEV-SNP guest")
-    if img.sev_es_reset_eip is None:
-        raise FirmwareError("firmware has no SEV-ES reset block in its OVMF footer table (APs could not start)")
+    if not img.sev_es_reset_eip:
+        raise FirmwareError("firmware has no SEV-ES reset block (AP reset vector) in its OVMF footer table: "
+                            "its vCPUs other than the first could not start")
     _check_sev_sections(img.sev_metadata, img.gpa)
     if any(s.type == "SNP_KERNEL_HASHES" for s in img.sev_metadata):
         gpa = img.sev_hash_table_gpa
