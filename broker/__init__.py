@@ -1,1 +1,33 @@
-"""firmgate key broker (Trustee KBS protocol 0.4.0 compatible)."""
+"""firmgate key broker (Trustee KBS protocol 0.4.0 compatible).
+
+`create_app(test_config)` is the application factory; production runs it under
+gunicorn: `gunicorn -w 4 -b 0.0.0.0:8080 'broker:create_app()'` with FIRMGATE_*
+environment variables (see docs/protocol.md), development via `firmgate serve`.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from flask import Flask
+
+from .config import DEFAULTS, from_env
+
+__all__ = ["create_app"]
+
+
+def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
+    app = Flask(__name__, instance_relative_config=True)
+    app.config.from_mapping(DEFAULTS)
+    app.config.from_mapping(from_env())
+    if test_config is not None:
+        app.config.from_mapping(test_config)
+    app.json.sort_keys = False  # type: ignore[attr-defined]  # keep JWE/JWKS member order as built
+
+    from . import admin, errors, kbs, metrics, ops, state
+    errors.register_error_handlers(app)
+    state.init_app(app)
+    metrics.init_app(app)
+    app.register_blueprint(kbs.bp)
+    app.register_blueprint(admin.bp)
+    app.register_blueprint(ops.bp)
+    return app

@@ -1,0 +1,56 @@
+"""The audit log: one row per auth, attest, release and denial (and admin change)."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session as OrmSession
+
+from verifier.verdict import Verdict
+
+from .db import AuditRecord, now_ms
+
+
+def verdict_facts(verdict: Verdict | None) -> tuple[str | None, str | None]:
+    """(firmware id, measurement hex) named by a verdict's facts, whatever the verifier calls them."""
+    if verdict is None:
+        return None, None
+    facts = verdict.facts or {}
+    fw = facts.get("firmware_id")
+    if fw is None and isinstance(facts.get("firmware"), dict):
+        fw = facts["firmware"].get("id")
+    meas = facts.get("measurement")
+    return (str(fw) if fw is not None else None), (str(meas) if meas is not None else None)
+
+
+def record(orm: OrmSession, *, event: str, outcome: str, reason: str, tenant: str | None = None,
+           session_id: str | None = None, resource: str | None = None, firmware_id: str | None = None,
+           measurement: str | None = None, verdict: Verdict | dict[str, Any] | None = None,
+           commit: bool = True) -> None:
+    vjson = None
+    if verdict is not None:
+        vjson = json.dumps(verdict.to_dict() if isinstance(verdict, Verdict) else verdict, default=str)
+        if isinstance(verdict, Verdict):
+            fw, meas = verdict_facts(verdict)
+            firmware_id = firmware_id or fw
+            measurement = measurement or meas
+    orm.add(AuditRecord(at=now_ms(), tenant=tenant, event=event, session_id=session_id, resource=resource,
+                        firmware_id=firmware_id, measurement=measurement, outcome=outcome,
+                        reason=reason[:4000], verdict_json=vjson))
+    if commit:
+        orm.commit()
+
+
+def read(orm: OrmSession, tenant: str | None, after_id: int = 0, limit: int = 100) -> list[dict[str, Any]]:
+    """A tenant's records (tenant=None: the operator's view of every record)."""
+    q = select(AuditRecord).where(AuditRecord.id > after_id).order_by(AuditRecord.id).limit(limit)
+    if tenant is not None:
+        q = q.where(AuditRecord.tenant == tenant)
+    out = []
+    for r in orm.execute(q).scalars():
+        out.append({"id": r.id, "at_ms": r.at, "tenant": r.tenant, "event": r.event, "session": r.session_id,
+                    "resource": r.resource, "firmware_id": r.firmware_id, "measurement": r.measurement,
+                    "outcome": r.outcome, "reason": r.reason,
+                    "verdict": json.loads(r.verdict_json) if r.verdict_json else None})
+    return out

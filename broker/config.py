@@ -1,0 +1,41 @@
+"""Broker configuration: defaults, then FIRMGATE_* environment, then the caller's mapping."""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+DEFAULTS: dict[str, Any] = {
+    "DATABASE_URL": None,            # None: sqlite file firmgate.db in the instance folder
+    "POLICIES_DIR": "policies",
+    "TRUST_ROOT_PEM": None,          # a simulated platform's root; trusted only when set
+    "MASTER_KEY": None,              # 32 bytes; or MASTER_KEY_FILE; or FIRMGATE_MASTER_KEY
+    "MASTER_KEY_FILE": None,
+    "OPERATOR_TOKEN": None,          # bearer token for tenant creation over the admin API
+    "SESSION_TTL": 300,              # seconds a session (its nonce, its cookie) lives: Trustee's 5 min
+    "TOKEN_TTL": 300,                # EAR token lifetime
+    "MAX_CONTENT_LENGTH": 64 * 1024,  # every route, except the two below
+    "ATTEST_MAX_BYTES": 16 * 1024 * 1024,  # evidence may carry a firmware add-on (OVMF is 2-4 MiB)
+    "UPLOAD_MAX_BYTES": 16 * 1024 * 1024,  # firmware upload over the admin API
+    "SECRET_MAX_BYTES": 1024 * 1024,
+    "APPRAISER": None,               # an appraisal.Appraiser; None: the real verifier over POLICIES_DIR
+}
+
+# Environment variable -> (key, converter)
+ENV: dict[str, tuple[str, Any]] = {
+    "FIRMGATE_DB": ("DATABASE_URL", str),
+    "FIRMGATE_POLICIES": ("POLICIES_DIR", str),
+    "FIRMGATE_TRUST_ROOT": ("TRUST_ROOT_PEM", str),
+    "FIRMGATE_MASTER_KEY_FILE": ("MASTER_KEY_FILE", str),
+    "FIRMGATE_OPERATOR_TOKEN": ("OPERATOR_TOKEN", str),
+    "FIRMGATE_SESSION_TTL": ("SESSION_TTL", int),
+    "FIRMGATE_TOKEN_TTL": ("TOKEN_TTL", int),
+}
+
+
+def from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    env = os.environ if environ is None else environ
+    out: dict[str, Any] = {}
+    for var, (key, conv) in ENV.items():
+        if env.get(var):
+            out[key] = conv(env[var])
+    return out

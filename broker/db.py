@@ -1,0 +1,207 @@
+"""Storage: SQLAlchemy 2 models, engine setup and the schema migration step.
+
+Everything that matters between requests lives here (sessions, nonces, secrets,
+firmware, audit, the token signing key), so several broker replicas can share
+one database. SQLite (a file) by default, PostgreSQL by URL.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    inspect,
+    select,
+    text,
+)
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# Bump with every schema change and add a step to MIGRATIONS.
+SCHEMA_VERSION = 1
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class SchemaVersion(Base):
+    __tablename__ = "fg_schema_version"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)  # always 1: one row
+    version: Mapped[int] = mapped_column(Integer)
+    migrated_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class Tenant(Base):
+    __tablename__ = "fg_tenants"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class ApiToken(Base):
+    """Admin API tokens: only the SHA-256 of the token is stored."""
+
+    __tablename__ = "fg_api_tokens"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    tenant: Mapped[str] = mapped_column(String(64), index=True)
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class Session(Base):
+    """One KBS session: created by /auth, its nonce consumed by exactly one /attest."""
+
+    __tablename__ = "fg_sessions"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)  # uuid4 hex, the cookie
+    nonce: Mapped[str] = mapped_column(String(64))
+    tee: Mapped[str] = mapped_column(String(32))
+    tenant_hint: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # new -> attesting (nonce consumed) -> attested | failed
+    state: Mapped[str] = mapped_column(String(16), default="new")
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    expires_at: Mapped[int] = mapped_column(BigInteger, index=True)
+    evidence_json: Mapped[str | None] = mapped_column(Text, nullable=True)  # primary evidence as sent
+    tee_pubkey_json: Mapped[str | None] = mapped_column(Text, nullable=True)
+    expected_report_data: Mapped[str | None] = mapped_column(String(128), nullable=True)  # hex
+    measurement: Mapped[str | None] = mapped_column(String(96), nullable=True)
+    token_jti: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
+class SessionVerdict(Base):
+    """A tenant's appraisal of a session's evidence, valid while the policy is unchanged."""
+
+    __tablename__ = "fg_session_verdicts"
+    __table_args__ = (UniqueConstraint("session_id", "tenant", "policy_id"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    session_id: Mapped[str] = mapped_column(String(32), index=True)
+    tenant: Mapped[str] = mapped_column(String(64))
+    policy_id: Mapped[str] = mapped_column(String(128))
+    accepted: Mapped[bool] = mapped_column(Boolean)
+    verdict_json: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class Secret(Base):
+    """A resource value, AES-256-GCM encrypted under the master key (AAD = tenant + path)."""
+
+    __tablename__ = "fg_secrets"
+    __table_args__ = (UniqueConstraint("tenant", "path"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    tenant: Mapped[str] = mapped_column(String(64), index=True)
+    path: Mapped[str] = mapped_column(String(256))  # "<repo>/<type>/<tag>", repo == tenant
+    nonce: Mapped[bytes] = mapped_column(LargeBinary(12))
+    ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    updated_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class FirmwareBlob(Base):
+    """Firmware bytes uploaded by a tenant (or sent by a guest) whose digest a policy allows."""
+
+    __tablename__ = "fg_firmware"
+    sha384: Mapped[str] = mapped_column(String(96), primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    source: Mapped[str] = mapped_column(String(80))  # "tenant:<name>" or "guest:<session>"
+    created_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class AuditRecord(Base):
+    __tablename__ = "fg_audit"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[int] = mapped_column(BigInteger, index=True)
+    tenant: Mapped[str | None] = mapped_column(String(64), index=True, nullable=True)
+    event: Mapped[str] = mapped_column(String(32))  # auth | attest | release | deny | admin
+    session_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    resource: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    firmware_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    measurement: Mapped[str | None] = mapped_column(String(96), nullable=True)
+    outcome: Mapped[str] = mapped_column(String(16))  # ok | denied | error
+    reason: Mapped[str] = mapped_column(Text)
+    verdict_json: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class KeyMaterial(Base):
+    """Broker keys shared by every replica (the EAR token key), encrypted under the master key."""
+
+    __tablename__ = "fg_keys"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    nonce: Mapped[bytes] = mapped_column(LargeBinary(12))
+    ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for `url`; SQLite gets WAL and a busy timeout so replicas and threads can share it."""
+    kwargs: dict[str, Any] = {"future": True}
+    if url.startswith("sqlite"):
+        kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
+    else:
+        kwargs.update(pool_pre_ping=True, pool_size=10, max_overflow=20)
+    engine = create_engine(url, **kwargs)
+    if engine.dialect.name == "sqlite":
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+    return engine
+
+
+# Ordered migration steps: MIGRATIONS[n] upgrades a schema at version n to n+1.
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
+
+
+class SchemaError(RuntimeError):
+    pass
+
+
+def _lock(conn: Connection) -> None:
+    # Replicas starting together: one migrates, the others wait (PostgreSQL advisory lock;
+    # SQLite serialises writers itself once the first write starts).
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(7310255)"))
+
+
+def migrate(engine: Engine) -> int:
+    """Create or upgrade the schema to SCHEMA_VERSION; returns the version found before."""
+    with engine.begin() as conn:
+        _lock(conn)
+        if not inspect(conn).has_table(SchemaVersion.__tablename__):
+            Base.metadata.create_all(conn)
+            conn.execute(SchemaVersion.__table__.insert().values(id=1, version=SCHEMA_VERSION, migrated_at=now_ms()))
+            return 0
+        found = conn.execute(select(SchemaVersion.version).where(SchemaVersion.id == 1)).scalar_one()
+        if found > SCHEMA_VERSION:
+            raise SchemaError(f"database schema version {found} is newer than this broker ({SCHEMA_VERSION})")
+        version = found
+        while version < SCHEMA_VERSION:
+            MIGRATIONS[version](conn)
+            version += 1
+        # New tables added since are created; existing ones are left to the steps above.
+        Base.metadata.create_all(conn)
+        conn.execute(SchemaVersion.__table__.update().where(SchemaVersion.id == 1)
+                     .values(version=SCHEMA_VERSION, migrated_at=now_ms()))
+        return int(found)
+
+
+def schema_version(engine: Engine) -> int | None:
+    with engine.connect() as conn:
+        if not inspect(conn).has_table(SchemaVersion.__tablename__):
+            return None
+        return int(conn.execute(select(SchemaVersion.version).where(SchemaVersion.id == 1)).scalar_one())

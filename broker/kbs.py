@@ -1,0 +1,339 @@
+"""The Trustee KBS protocol 0.4.0 routes: /auth, /attest, /resource (KBS-FACTS sections 2-5).
+
+Tenant selection (docs/protocol.md): the resource path's repository is the
+tenant. /auth and /attest carry no tenant for an unmodified guest, so /attest
+verifies the evidence (chain, signature, nonce/key binding, init-data) and
+appraises it against the hinted tenant (`extra-params.tenant` at /auth) or every
+tenant's policy; /resource then uses the repository tenant's appraisal under its
+CURRENT policy, re-appraising when the policy changed since.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import json
+import logging
+import re
+from email.utils import formatdate
+from typing import Any
+
+from flask import Blueprint, Response, current_app, jsonify, request
+from sqlalchemy import select
+from sqlalchemy.orm import Session as OrmSession
+
+from verifier.errors import FirmgateError
+from verifier.verdict import Verdict
+
+from . import audit, metrics, nonces, vault
+from .appraisal import Attested
+from .db import Session, SessionVerdict, now_ms
+from .errors import ApiError
+from .jwe import encrypt, load_tee_pubkey
+from .limits import json_body, valid_name
+from .release import decide, summarize_failures
+from .runtime_data import check_host_data, check_report_data, expected_report_data, initdata_host_data
+from .state import BrokerState, get_orm, state, sync_firmware
+from .tokens import TokenError, ear_claims, tee_pubkey_from_claims
+
+bp = Blueprint("kbs", __name__, url_prefix="/kbs/v0")
+log = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = "0.4.0"
+SUPPORTED_TEES = ("snp",)
+COOKIE = "kbs-session-id"
+SESSION_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+FIRMWARE_KEY = "firmgate-firmware"  # our guest's key inside additional_evidence (docs/protocol.md)
+
+
+def _set_cookie(resp: Response, session_id: str, expires_ms: int) -> None:
+    # Trustee's exact form: no Path/Secure/HttpOnly (KBS-FACTS section 5).
+    resp.headers.add("Set-Cookie", f"{COOKIE}={session_id}; Expires={formatdate(expires_ms / 1000, usegmt=True)}")
+
+
+def _deny(orm: OrmSession, variant: str, reason: str, *, event: str, tenant: str | None = None,
+          session_id: str | None = None, resource: str | None = None, verdict: Verdict | None = None,
+          measurement: str | None = None) -> ApiError:
+    audit.record(orm, event=event, outcome="denied", reason=reason, tenant=tenant, session_id=session_id,
+                 resource=resource, verdict=verdict, measurement=measurement)
+    metrics.count_event(event, "denied")
+    return ApiError(variant, reason)
+
+
+@bp.post("/auth")
+def auth() -> Response:
+    orm = get_orm()
+    body = json_body()
+    if body.get("version") != PROTOCOL_VERSION:
+        raise _deny(orm, "AttestationError", f"KBS Client Protocol Version Mismatch: this broker speaks "
+                    f"{PROTOCOL_VERSION}, the client sent {str(body.get('version'))[:32]!r}", event="auth")
+    tee = body.get("tee")
+    if tee not in SUPPORTED_TEES:
+        raise _deny(orm, "AttestationError", f"tee {str(tee)[:32]!r} is not supported (supported: "
+                    f"{', '.join(SUPPORTED_TEES)})", event="auth")
+    extra = body.get("extra-params")
+    hint = extra.get("tenant") if isinstance(extra, dict) else None
+    if hint is not None and not valid_name(hint):
+        raise ApiError("AttestationError", "extra-params.tenant is not a valid tenant name")
+    if now_ms() % 50 == 0:  # now and then, not on every request
+        nonces.purge_expired(orm)
+    row = nonces.new_session(orm, str(tee), int(current_app.config["SESSION_TTL"]), hint)
+    audit.record(orm, event="auth", outcome="ok", reason="challenge issued", tenant=hint, session_id=row.id)
+    metrics.count_event("auth", "ok")
+    resp = jsonify({"nonce": row.nonce, "extra-params": ""})
+    _set_cookie(resp, row.id, row.expires_at)
+    return resp
+
+
+def _cookie_session_id() -> str | None:
+    sid = request.cookies.get(COOKIE)
+    return sid if sid and SESSION_ID_RE.match(sid) else None
+
+
+def _parse_attestation(body: dict[str, Any]) -> tuple[Any, dict[str, Any], str, dict[str, Any], Any]:
+    """(init-data, runtime-data, additional_evidence, tee-pubkey, primary_evidence) or ApiError."""
+    rd, te = body.get("runtime-data"), body.get("tee-evidence")
+    if not isinstance(rd, dict) or not isinstance(rd.get("nonce"), str) or not isinstance(rd.get("tee-pubkey"), dict):
+        raise ApiError("SerdeError", "runtime-data must be {\"nonce\": string, \"tee-pubkey\": JWK}")
+    if not isinstance(te, dict) or "primary_evidence" not in te:
+        raise ApiError("SerdeError", "tee-evidence must be {\"primary_evidence\", \"additional_evidence\"}")
+    additional = te.get("additional_evidence", "")
+    if not isinstance(additional, str):
+        raise ApiError("SerdeError", "tee-evidence.additional_evidence must be a string")
+    return body.get("init-data"), rd, additional, rd["tee-pubkey"], te["primary_evidence"]
+
+
+def _guest_firmware(st: BrokerState, orm: OrmSession, additional: str, session_id: str) -> None:
+    """Firmware our guest client sent inside additional_evidence (bound by REPORT_DATA)."""
+    if not additional:
+        return
+    try:
+        extra = json.loads(additional)
+    except ValueError:
+        return  # device evidence in some other shape: not ours to judge here
+    if not isinstance(extra, dict) or FIRMWARE_KEY not in extra:
+        return
+    item = extra[FIRMWARE_KEY]
+    blob_b64 = item.get("addon") if isinstance(item, dict) else None
+    if not isinstance(blob_b64, str):
+        raise ApiError("AttestationError", f"additional_evidence.{FIRMWARE_KEY} must be {{\"addon\": base64}}")
+    try:
+        blob = base64.b64decode(blob_b64, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError("AttestationError", f"additional_evidence.{FIRMWARE_KEY}.addon is not base64") from None
+    if st.appraiser is None:
+        return
+    from .firmware_store import store_firmware
+    store_firmware(st, orm, blob, source=f"guest:{session_id}")
+
+
+def _appraise_into(st: BrokerState, orm: OrmSession, row: Session, attested: Attested, tenant: str,
+                   policy_id: str) -> Verdict:
+    assert st.appraiser is not None
+    expected = bytes.fromhex(row.expected_report_data or "")
+    verdict = st.appraiser.appraise(attested, tenant, expected)
+    orm.add(SessionVerdict(session_id=row.id, tenant=tenant, policy_id=policy_id, accepted=verdict.accepted,
+                           verdict_json=json.dumps(verdict.to_dict(), default=str), created_at=now_ms()))
+    orm.commit()
+    return verdict
+
+
+def _trust_vector(verdict: Verdict | None) -> dict[str, int]:
+    if verdict is not None and isinstance(verdict.facts.get("trust_vector"), dict):
+        return {str(k): int(v) for k, v in verdict.facts["trust_vector"].items()}
+    # AR4SI: 2 = affirming claims; hardware 2 = genuine; 97/33 = contraindicated/unrecognised.
+    ok = verdict is not None and verdict.accepted
+    return {"instance-identity": 2 if ok else 97, "configuration": 2 if ok else 97,
+            "executables": 2 if ok else 33, "file-system": 0, "hardware": 2, "runtime-opaque": 2 if ok else 0,
+            "storage-opaque": 0, "sourced-data": 0}
+
+
+@bp.post("/attest")
+def attest() -> Response:
+    st, orm = state(), get_orm()
+    sid = _cookie_session_id()
+    if sid is None:
+        raise _deny(orm, "AttestationError", "no kbs-session-id cookie: call /auth first", event="attest")
+    request.max_content_length = int(current_app.config["ATTEST_MAX_BYTES"])
+    body = json_body()
+    init_data, runtime_data, additional, jwk, primary = _parse_attestation(body)
+    consumed = nonces.consume(orm, sid)
+    if not consumed.ok or consumed.session is None:
+        hint = consumed.session.tenant_hint if consumed.session else None
+        raise _deny(orm, "AttestationError", consumed.reason, event="attest", session_id=sid, tenant=hint)
+    row = consumed.session
+    hint = row.tenant_hint
+
+    def fail(reason: str, measurement: str | None = None) -> ApiError:
+        row.state = "failed"
+        orm.commit()
+        return _deny(orm, "AttestationError", reason, event="attest", session_id=sid, tenant=hint,
+                     measurement=measurement)
+
+    if not hmac.compare_digest(runtime_data["nonce"].encode(), row.nonce.encode()):
+        raise fail("runtime-data.nonce is not this session's nonce")
+    try:
+        load_tee_pubkey(jwk)
+        expected = expected_report_data(row.nonce, jwk, additional)
+        host_expected = initdata_host_data(init_data)
+    except FirmgateError as exc:
+        raise fail(exc.diagnostics()) from None
+    if st.appraiser is None:
+        raise fail(st.appraiser_error or "appraisal unavailable")
+    try:
+        attested = st.appraiser.verify(primary)
+    except FirmgateError as exc:
+        raise fail(f"evidence rejected: {exc.diagnostics()}") from None
+    measurement = attested.measurement.hex()
+    try:
+        check_report_data(attested.report_data, expected)
+        if host_expected is not None:
+            check_host_data(attested.host_data, host_expected)
+        _guest_firmware(st, orm, additional, sid)
+    except FirmgateError as exc:
+        raise fail(exc.diagnostics(), measurement) from None
+    sync_firmware(st, orm)
+
+    row.evidence_json = json.dumps(primary, separators=(",", ":"))
+    row.tee_pubkey_json = json.dumps(jwk, separators=(",", ":"))
+    row.expected_report_data = expected.hex()
+    row.measurement = measurement
+    orm.commit()
+
+    # Appraise for the hinted tenant, or for every tenant (an unmodified guest names none).
+    candidates = [hint] if hint else st.appraiser.tenants()
+    verdicts: list[Verdict] = []
+    for tenant in candidates:
+        pid = st.appraiser.policy_id(tenant)
+        if pid is None:
+            continue
+        verdict = _appraise_into(st, orm, row, attested, tenant, pid)
+        verdicts.append(verdict)
+        if verdict.accepted or tenant == hint:
+            # A tenant sees attestations its policy accepted, or that named it; not other VMs' noise.
+            audit.record(orm, event="attest", outcome="ok" if verdict.accepted else "denied",
+                         reason="accepted by policy" if verdict.accepted else summarize_failures(verdict),
+                         tenant=tenant, session_id=sid, verdict=verdict, measurement=measurement)
+    accepted = sorted((v for v in verdicts if v.accepted), key=lambda v: len(v.warnings))
+    best = accepted[0] if accepted else (verdicts[0] if hint and verdicts else None)
+    status = "contraindicated"
+    if best is not None and best.accepted:
+        status = "warning" if best.warnings else "affirming"
+
+    ttl = int(current_app.config["TOKEN_TTL"])
+    claims = ear_claims(session_id=sid, status=status, trust_vector=_trust_vector(best),
+                        policy_id="firmgate:per-tenant", runtime_data=runtime_data, report_data=expected,
+                        init_data=init_data, host_data=attested.host_data, snp=attested.snp_claims, ttl_s=ttl)
+    token = st.token_key.sign(claims)
+    row.state = "attested"
+    row.token_jti = sid
+    row.expires_at = max(row.expires_at, claims["exp"] * 1000)
+    orm.commit()
+    audit.record(orm, event="attest", outcome="ok", reason=f"evidence verified; token status {status}",
+                 tenant=None, session_id=sid, measurement=measurement)
+    metrics.count_event("attest", status)
+    resp = jsonify({"token": token})
+    _set_cookie(resp, sid, row.expires_at)
+    return resp
+
+
+def _bearer() -> str | None:
+    h = request.headers.get("Authorization", "")
+    return h[7:].strip() if h[:7].lower() == "bearer " else None
+
+
+def _attested_session(orm: OrmSession, st: BrokerState) -> tuple[Session, dict[str, Any]]:
+    """The session this request proves (cookie first, then Bearer token, as Trustee) and its tee-pubkey."""
+    t = now_ms()
+    sid = _cookie_session_id()
+    if sid is not None:
+        row = orm.get(Session, sid)
+        if row is not None and row.state == "attested" and row.expires_at > t and row.tee_pubkey_json:
+            return row, json.loads(row.tee_pubkey_json)
+        if _bearer() is None:
+            raise ApiError("TokenNotFound", "the session is not attested or has expired; attest again")
+    token = _bearer()
+    if token is None:
+        raise ApiError("TokenNotFound", "no attested session cookie and no Bearer token")
+    try:
+        claims = st.token_key.verify(token)
+    except TokenError as exc:
+        raise ApiError("TokenVerifierError", exc.diagnostics()) from None
+    jwk = tee_pubkey_from_claims(claims)
+    row = orm.get(Session, claims["jti"])
+    if row is None or row.state != "attested" or jwk is None:
+        raise ApiError("TokenVerifierError", "the token's session is unknown or was purged; attest again")
+    return row, jwk
+
+
+def _verdict_for(st: BrokerState, orm: OrmSession, row: Session, tenant: str, policy_id: str) -> Verdict | None:
+    cached = orm.execute(select(SessionVerdict).where(
+        SessionVerdict.session_id == row.id, SessionVerdict.tenant == tenant,
+        SessionVerdict.policy_id == policy_id)).scalar_one_or_none()
+    if cached is not None:
+        return verdict_from_dict(json.loads(cached.verdict_json))
+    # Not appraised for this tenant, or its policy changed since: appraise now, under the current policy.
+    assert st.appraiser is not None
+    if not row.evidence_json:
+        return None
+    attested = st.appraiser.verify(json.loads(row.evidence_json))
+    return _appraise_into(st, orm, row, attested, tenant, policy_id)
+
+
+def verdict_from_dict(d: dict[str, Any]) -> Verdict:
+    from verifier.verdict import CheckResult, Outcome
+    checks = tuple(CheckResult(name=c["name"], outcome=Outcome(c["outcome"]), message=c["message"],
+                               expected=c.get("expected"), actual=c.get("actual")) for c in d.get("checks", []))
+    return Verdict(checks=checks, evidence_sha384=d.get("evidence_sha384", ""),
+                   policy_id=d.get("policy_id", ""), facts=d.get("facts") or {})
+
+
+@bp.get("/resource/<repo>/<rtype>/<tag>")
+def resource(repo: str, rtype: str, tag: str) -> Response:
+    st, orm = state(), get_orm()
+    if not all(valid_name(p) for p in (repo, rtype, tag)):
+        raise ApiError("InvalidRequestPath", "resource path must be <repository>/<type>/<tag> of [A-Za-z0-9._-]")
+    path = f"{repo}/{rtype}/{tag}"
+    try:
+        row, jwk = _attested_session(orm, st)
+    except ApiError as err:
+        raise _deny(orm, err.variant, err.detail, event="deny", resource=path, tenant=None) from None
+    tenant = repo
+    policy_id = st.appraiser.policy_id(tenant) if st.appraiser is not None else None
+    verdict: Verdict | None = None
+    path_allowed: tuple[bool, str] | None = None
+    if policy_id is not None and st.appraiser is not None:
+        try:
+            verdict = _verdict_for(st, orm, row, tenant, policy_id)
+        except FirmgateError as exc:
+            raise _deny(orm, "AttestationError", f"evidence no longer verifies: {exc.diagnostics()}",
+                        event="deny", tenant=tenant, session_id=row.id, resource=path,
+                        measurement=row.measurement) from None
+        if verdict is not None and verdict.accepted:
+            path_allowed = st.appraiser.release_allowed(tenant, verdict, path)
+    decision = decide(verdict=verdict, path_allowed=path_allowed, tenant_has_policy=policy_id is not None)
+    # Audit rows of a tenant-less denial go to the operator only: no tenant learns of other tenants' probes.
+    audit_tenant = tenant if policy_id is not None else None
+    if not decision.allowed:
+        raise _deny(orm, decision.variant, decision.reason, event="deny", tenant=audit_tenant,
+                    session_id=row.id, resource=path, verdict=verdict, measurement=row.measurement)
+    value = vault.get_secret(orm, st.box, tenant, vault.ResourcePath(repo, rtype, tag))
+    if value is None:
+        # Trustee answers a missing resource with 401 PluginInternalError; the guest was allowed it.
+        raise _deny(orm, "PluginInternalError", f"resource {path} has no value stored", event="deny",
+                    tenant=tenant, session_id=row.id, resource=path, verdict=verdict,
+                    measurement=row.measurement)
+    try:
+        body = encrypt(value, jwk)
+    except FirmgateError as exc:
+        raise _deny(orm, "JweError", exc.diagnostics(), event="deny", tenant=tenant, session_id=row.id,
+                    resource=path) from None
+    audit.record(orm, event="release", outcome="ok", reason=decision.reason, tenant=tenant, session_id=row.id,
+                 resource=path, verdict=verdict, measurement=row.measurement)
+    metrics.count_event("release", "ok")
+    return jsonify(body)
+
+
+@bp.get("/jwks")
+def jwks() -> Response:
+    return jsonify(state().token_key.jwks())

@@ -1,0 +1,49 @@
+"""Bounded JSON input: size (MAX_CONTENT_LENGTH, per route), nesting depth, element count."""
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from flask import request
+
+from .errors import ApiError
+
+MAX_DEPTH = 32
+MAX_ITEMS = 1_000_000  # every scalar, array element and object member counts
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def _check_shape(obj: Any) -> None:
+    stack: list[tuple[Any, int]] = [(obj, 1)]
+    items = 0
+    while stack:
+        node, depth = stack.pop()
+        items += 1
+        if items > MAX_ITEMS:
+            raise ValueError(f"more than {MAX_ITEMS} JSON values")
+        if isinstance(node, (dict, list)):
+            if depth > MAX_DEPTH:
+                raise ValueError(f"JSON nested deeper than {MAX_DEPTH}")
+            children = node.values() if isinstance(node, dict) else node
+            stack.extend((c, depth + 1) for c in children)
+
+
+def json_body(variant: str = "SerdeError", status: int | None = None) -> dict[str, Any]:
+    """The request body as a JSON object within the bounds, or an ApiError."""
+    raw = request.get_data(cache=False)  # raises 413 past max_content_length
+    try:
+        obj = json.loads(raw)
+        _check_shape(obj)
+    except RecursionError:
+        raise ApiError(variant, f"JSON nested deeper than {MAX_DEPTH}", status) from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(variant, f"request body is not valid JSON: {exc}", status) from None
+    if not isinstance(obj, dict):
+        raise ApiError(variant, "request body must be a JSON object", status)
+    return obj
+
+
+def valid_name(value: Any) -> bool:
+    """Tenant names and resource path segments: 1-64 of [A-Za-z0-9._-], not starting with '.' or '-'."""
+    return isinstance(value, str) and NAME_RE.match(value) is not None and ".." not in value

@@ -1,0 +1,62 @@
+"""KBS sessions and their nonces, all in the database (replicas share them).
+
+A nonce is 32 random bytes (base64), bound to one session, single-use and
+expiring. `consume` is one conditional UPDATE, so of two requests racing with
+the same session exactly one sees rowcount 1, on SQLite and PostgreSQL alike.
+"""
+from __future__ import annotations
+
+import base64
+import secrets
+import uuid
+from dataclasses import dataclass
+
+from sqlalchemy import delete, update
+from sqlalchemy.orm import Session as OrmSession
+
+from .db import Session, SessionVerdict, now_ms
+
+# Sessions are kept this long after they expire (audit has the history), then deleted.
+GRACE_MS = 3600 * 1000
+
+
+@dataclass(frozen=True)
+class Consumed:
+    ok: bool
+    reason: str
+    session: Session | None
+
+
+def new_session(orm: OrmSession, tee: str, ttl_s: int, tenant_hint: str | None) -> Session:
+    t = now_ms()
+    row = Session(id=uuid.uuid4().hex, nonce=base64.b64encode(secrets.token_bytes(32)).decode(),
+                  tee=tee, tenant_hint=tenant_hint, state="new", created_at=t, expires_at=t + ttl_s * 1000)
+    orm.add(row)
+    orm.commit()
+    return row
+
+
+def consume(orm: OrmSession, session_id: str) -> Consumed:
+    """Atomically move a live, unused session to `attesting`; say why not otherwise."""
+    t = now_ms()
+    res = orm.execute(update(Session)
+                      .where(Session.id == session_id, Session.state == "new", Session.expires_at > t)
+                      .values(state="attesting"))
+    orm.commit()
+    row = orm.get(Session, session_id, populate_existing=True)
+    if res.rowcount == 1 and row is not None:
+        return Consumed(True, "", row)
+    if row is None:
+        return Consumed(False, "unknown session (no /auth, or it was purged)", None)
+    if row.state != "new":
+        return Consumed(False, "the session's nonce was already used (replay); start again at /auth", row)
+    return Consumed(False, "the session expired; start again at /auth", row)
+
+
+def purge_expired(orm: OrmSession) -> None:
+    cutoff = now_ms() - GRACE_MS
+    old = [sid for (sid,) in orm.query(Session.id).filter(Session.expires_at < cutoff).limit(500)]
+    if old:
+        orm.execute(delete(SessionVerdict).where(SessionVerdict.session_id.in_(old)))
+        orm.execute(delete(Session).where(Session.id.in_(old)))
+        orm.commit()

@@ -1,0 +1,62 @@
+"""REPORT_DATA and HOST_DATA bindings of the KBS protocol 0.4.0 (KBS-FACTS sections 2-3).
+
+REPORT_DATA = SHA-384(JCS({"additional-evidence", "nonce", "tee-pubkey"})),
+zero-padded to 64 bytes, with the SESSION's nonce (not the one the guest
+claims). init-data, when present, is bound through HOST_DATA: its TOML names the
+digest algorithm; the digest is zero-padded or truncated to 32 bytes.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import tomllib
+from typing import Any
+
+import rfc8785
+
+from verifier.errors import EvidenceError
+
+REPORT_DATA_SIZE = 64
+HOST_DATA_SIZE = 32
+INITDATA_HASHES = {"sha256": hashlib.sha256, "sha384": hashlib.sha384, "sha512": hashlib.sha512}
+
+
+class BindingError(EvidenceError):
+    """The evidence does not bind what the session expects (nonce, key, init-data)."""
+
+
+def expected_report_data(nonce: str, tee_pubkey: dict[str, Any], additional_evidence: str) -> bytes:
+    obj = {"additional-evidence": additional_evidence, "nonce": nonce, "tee-pubkey": tee_pubkey}
+    digest = hashlib.sha384(rfc8785.dumps(obj)).digest()
+    return digest.ljust(REPORT_DATA_SIZE, b"\0")
+
+
+def check_report_data(actual: bytes, expected: bytes) -> None:
+    if len(actual) != REPORT_DATA_SIZE or not hmac.compare_digest(actual, expected):
+        raise BindingError(
+            "REPORT_DATA does not bind the session nonce and tee-pubkey: "
+            f"report has {actual[:48].hex()}, expected SHA-384(JCS(runtime-data)) = {expected[:48].hex()}")
+
+
+def initdata_host_data(init_data: Any) -> bytes | None:
+    """The HOST_DATA that `init-data` must produce, or None when it is absent."""
+    if init_data is None:
+        return None
+    if not isinstance(init_data, dict) or set(init_data) - {"format", "body"}:
+        raise BindingError("init-data must be null or {\"format\", \"body\"}")
+    if init_data.get("format") != "toml" or not isinstance(init_data.get("body"), str):
+        raise BindingError("init-data format must be \"toml\" with a string body")
+    body: str = init_data["body"]
+    try:
+        algorithm = tomllib.loads(body).get("algorithm")
+    except tomllib.TOMLDecodeError as exc:
+        raise BindingError(f"init-data body is not TOML: {exc}") from exc
+    if algorithm not in INITDATA_HASHES:
+        raise BindingError(f"init-data algorithm {algorithm!r} is not one of {', '.join(INITDATA_HASHES)}")
+    digest = INITDATA_HASHES[algorithm](body.encode()).digest()
+    return digest[:HOST_DATA_SIZE].ljust(HOST_DATA_SIZE, b"\0")
+
+
+def check_host_data(actual: bytes, expected: bytes) -> None:
+    if not hmac.compare_digest(actual, expected):
+        raise BindingError(f"HOST_DATA {actual.hex()} does not bind init-data (expected {expected.hex()})")

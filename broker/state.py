@@ -1,0 +1,122 @@
+"""Per-app handles (engine, secret box, token key, appraiser) and the per-request ORM session.
+
+Like flaskr/db.py: `init_app(app)` builds what lives as long as the process,
+`get_orm()` opens one ORM session per app context and `teardown_appcontext`
+closes it. Nothing here holds state that another replica would need.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from flask import Flask, current_app, g
+from sqlalchemy import select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session as OrmSession
+from sqlalchemy.orm import sessionmaker
+
+from .appraisal import Appraiser
+from .db import FirmwareBlob, make_engine, migrate
+from .secretbox import SecretBox, load_master_key, new_master_key
+from .tokens import TokenKey
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BrokerState:
+    engine: Engine
+    sessions: sessionmaker[OrmSession]
+    box: SecretBox
+    token_key: TokenKey
+    appraiser: Appraiser | None
+    appraiser_error: str | None
+    firmware_seen: set[str]
+
+
+def _master_key(app: Flask) -> bytes:
+    cfg = app.config
+    if cfg.get("MASTER_KEY"):
+        key = cfg["MASTER_KEY"]
+        return key if isinstance(key, bytes) else load_master_key(env=str(key))
+    if cfg.get("MASTER_KEY_FILE") or os.environ.get("FIRMGATE_MASTER_KEY"):
+        return load_master_key(cfg.get("MASTER_KEY_FILE"))
+    # Development default: a key file beside the default SQLite file, created once (0600).
+    path = os.path.join(app.instance_path, "master.key")
+    if not os.path.exists(path):
+        os.makedirs(app.instance_path, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(new_master_key())
+        log.warning("created a new master key in %s; back it up (secrets are unreadable without it)", path)
+    return load_master_key(path)
+
+
+def _appraiser(app: Flask) -> tuple[Appraiser | None, str | None]:
+    if app.config.get("APPRAISER") is not None:
+        return app.config["APPRAISER"], None
+    try:
+        from .appraisal import VerifierAppraiser
+        return VerifierAppraiser(app.config["POLICIES_DIR"], app.config.get("TRUST_ROOT_PEM")), None
+    except Exception as exc:  # noqa: BLE001 - the broker still serves admin/ops routes; attest says why
+        log.error("appraisal unavailable: %s", exc)
+        return None, f"appraisal unavailable: {exc}"
+
+
+def database_url(app: Flask) -> str:
+    url = app.config.get("DATABASE_URL")
+    if url:
+        return str(url)
+    os.makedirs(app.instance_path, exist_ok=True)
+    return "sqlite:///" + os.path.join(app.instance_path, "firmgate.db")
+
+
+def init_app(app: Flask) -> None:
+    engine = make_engine(database_url(app))
+    migrate(engine)
+    factory = sessionmaker(engine, expire_on_commit=False)
+    box = SecretBox(_master_key(app))
+    with factory() as orm:
+        token_key = TokenKey.load_or_create(orm, box)
+    appraiser, why = _appraiser(app)
+    app.extensions["firmgate"] = BrokerState(engine, factory, box, token_key, appraiser, why, set())
+    app.teardown_appcontext(_close_orm)
+
+
+def state() -> BrokerState:
+    st: BrokerState = current_app.extensions["firmgate"]
+    return st
+
+
+def get_orm() -> OrmSession:
+    if "fg_orm" not in g:
+        g.fg_orm = state().sessions()
+    orm: OrmSession = g.fg_orm
+    return orm
+
+
+def _close_orm(_exc: BaseException | None) -> None:
+    orm = g.pop("fg_orm", None)
+    if orm is not None:
+        orm.close()
+
+
+def sync_firmware(st: BrokerState, orm: OrmSession) -> None:
+    """Give the appraiser firmware bytes uploaded through any replica since we last looked."""
+    if st.appraiser is None:
+        return
+    digests = set(orm.execute(select(FirmwareBlob.sha384)).scalars())
+    for digest in digests - st.firmware_seen:
+        blob = orm.get(FirmwareBlob, digest)
+        if blob is not None:
+            try:
+                st.appraiser.add_firmware(blob.data)
+            except Exception as exc:  # noqa: BLE001 - one bad blob must not stop attestation
+                log.error("stored firmware %s not usable: %s", digest, exc)
+        st.firmware_seen.add(digest)
+
+
+def app_state_summary(st: BrokerState) -> dict[str, Any]:
+    return {"appraiser": "ok" if st.appraiser is not None else st.appraiser_error}

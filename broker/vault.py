@@ -1,0 +1,119 @@
+"""Tenants, their admin API tokens, and their secrets (sealed with the master key).
+
+Used by the admin API and by `firmgate tenant|secret` alike. A tenant only ever
+reaches rows whose `tenant` column is its own name: every query filters on it.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+
+from sqlalchemy import delete, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session as OrmSession
+
+from verifier.errors import UsageError
+
+from .db import ApiToken, Secret, Tenant, now_ms
+from .limits import valid_name
+from .secretbox import SecretBox
+
+TOKEN_PREFIX = "fgt_"
+
+
+class VaultError(UsageError):
+    pass
+
+
+@dataclass(frozen=True)
+class ResourcePath:
+    repo: str
+    type: str
+    tag: str
+
+    @classmethod
+    def parse(cls, text: str) -> "ResourcePath":
+        parts = text.split("/")
+        if len(parts) != 3 or not all(valid_name(p) for p in parts):
+            raise VaultError(f"resource path {text!r} must be REPO/TYPE/TAG of [A-Za-z0-9._-]")
+        return cls(*parts)
+
+    def __str__(self) -> str:
+        return f"{self.repo}/{self.type}/{self.tag}"
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def add_tenant(orm: OrmSession, name: str) -> str:
+    """Create tenant `name` and return its first API token (shown once, stored hashed)."""
+    if not valid_name(name):
+        raise VaultError(f"tenant name {name!r} must be 1-64 of [A-Za-z0-9._-]")
+    try:
+        orm.add(Tenant(name=name, created_at=now_ms()))
+        orm.flush()
+    except IntegrityError as exc:
+        orm.rollback()
+        raise VaultError(f"tenant {name} already exists") from exc
+    token = new_token(orm, name, commit=False)
+    orm.commit()
+    return token
+
+
+def new_token(orm: OrmSession, tenant: str, commit: bool = True) -> str:
+    token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    orm.add(ApiToken(tenant=tenant, token_sha256=token_hash(token), created_at=now_ms()))
+    if commit:
+        orm.commit()
+    return token
+
+
+def tenant_exists(orm: OrmSession, name: str) -> bool:
+    return orm.get(Tenant, name) is not None
+
+
+def tenant_for_token(orm: OrmSession, token: str) -> str | None:
+    """The tenant owning `token`, or None. The lookup is by hash; the final compare is constant time."""
+    if not token.startswith(TOKEN_PREFIX) or len(token) > 200:
+        return None
+    digest = token_hash(token)
+    row = orm.execute(select(ApiToken).where(ApiToken.token_sha256 == digest)).scalar_one_or_none()
+    if row is None or not hmac.compare_digest(row.token_sha256, digest):
+        return None
+    return row.tenant
+
+
+def put_secret(orm: OrmSession, box: SecretBox, tenant: str, path: ResourcePath, value: bytes) -> bool:
+    """Store (or replace) a secret; returns True if it replaced one."""
+    if path.repo != tenant:
+        raise VaultError(f"resource repository {path.repo!r} is not tenant {tenant!r}")
+    nonce, ct = box.seal(tenant, str(path), value)
+    t = now_ms()
+    row = orm.execute(select(Secret).where(Secret.tenant == tenant, Secret.path == str(path))).scalar_one_or_none()
+    if row is None:
+        orm.add(Secret(tenant=tenant, path=str(path), nonce=nonce, ciphertext=ct, created_at=t, updated_at=t))
+    else:
+        row.nonce, row.ciphertext, row.updated_at = nonce, ct, t
+    orm.commit()
+    return row is not None
+
+
+def get_secret(orm: OrmSession, box: SecretBox, tenant: str, path: ResourcePath) -> bytes | None:
+    if path.repo != tenant:
+        return None
+    row = orm.execute(select(Secret).where(Secret.tenant == tenant, Secret.path == str(path))).scalar_one_or_none()
+    return None if row is None else box.open(tenant, str(path), row.nonce, row.ciphertext)
+
+
+def list_secrets(orm: OrmSession, tenant: str) -> list[dict[str, object]]:
+    rows = orm.execute(select(Secret).where(Secret.tenant == tenant).order_by(Secret.path)).scalars()
+    return [{"path": r.path, "size": len(r.ciphertext) - 16, "updated_at_ms": r.updated_at} for r in rows]
+
+
+def rm_secret(orm: OrmSession, tenant: str, path: ResourcePath) -> bool:
+    res = orm.execute(delete(Secret).where(Secret.tenant == tenant, Secret.path == str(path)))
+    orm.commit()
+    return bool(res.rowcount)
