@@ -1,15 +1,143 @@
-"""`host-install` (and `firmgate host-install`); filled in by the host-install issue."""
+"""`host-install` (and `firmgate host-install`): argparse in, exit code out; decisions live in install.py."""
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any, Sequence
+
+from verifier.cli import print_json, run
+
+from .errors import BootFailed, InstallError
+from .install import InstallResult, install, recover, rollback, status
+from .vm import VmDir
+
+
+def _read_addon(path: str) -> bytes:
+    from verifier.firmware.addon import MAX_ADDON_SIZE
+
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+        if size > MAX_ADDON_SIZE:
+            raise InstallError(f"add-on {path} is {size} bytes, above the {MAX_ADDON_SIZE}-byte limit",
+                               "a UKI add-on with one firmware image is a few MiB")
+        return p.read_bytes()
+    except FileNotFoundError:
+        raise InstallError(f"add-on {path} does not exist", "pass the path of the guest's UKI add-on") from None
+    except IsADirectoryError:
+        raise InstallError(f"add-on {path} is a directory", "pass the add-on file itself") from None
+
+
+def _print_result(args: argparse.Namespace, result: InstallResult) -> int:
+    if args.json:
+        print_json(result.to_dict())
+    else:
+        digest = (result.in_force or "")[:16]
+        print(f"{result.status.upper()}: {args.vm} firmware {result.fwid!r} sha384:{digest}…"
+              + (f" ({result.reason})" if result.reason else ""))
+    return 0
+
+
+def _cmd_install(args: argparse.Namespace) -> int:
+    vm = VmDir.open(args.vm)
+    data = _read_addon(args.addon)
+    try:
+        result = install(vm, data, args.fwid, launch=not args.no_launch)
+    except BootFailed as exc:
+        if args.json and exc.result is not None:
+            print_json({**exc.result.to_dict(), "error": str(exc), "hint": exc.hint})
+        raise
+    return _print_result(args, result)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    st = status(args.vm)
+    if args.json:
+        print_json(st)
+        return 0
+    cur = st["in_force"]
+    print(f"vm:        {st['vm']}")
+    print(f"in force:  {cur['fwid']!r} sha384:{cur['digest']}" if cur["digest"] else "in force:  none")
+    print(f"previous:  {st['previous']['fwid']!r}" if st["previous"]["digest"] else "previous:  none")
+    print(f"qemu:      pid {st['qemu']['pid']} ({st['qemu']['status']})" if st["qemu"]["pid"] else "qemu:      not running")
+    if st["interrupted"]:
+        print(f"INTERRUPTED transaction after {st['interrupted'][-1]!r}: run `host-install recover`")
+    elif not st["consistent"]:
+        print("INCONSISTENT: firmware link disagrees with the journal: run `host-install recover`")
+    return 0
+
+
+def _cmd_rollback(args: argparse.Namespace) -> int:
+    return _print_result(args, rollback(args.vm, launch=not args.no_launch))
+
+
+def _cmd_recover(args: argparse.Namespace) -> int:
+    return _print_result(args, recover(args.vm, relaunch=not args.no_launch))
+
+
+def _cmd_listen(args: argparse.Namespace) -> int:
+    from .channel import Listener
+
+    vm = VmDir.open(args.vm)
+    listener = Listener(vm, launch=not args.no_launch)
+    print(f"listening on {listener.path}", flush=True)
+    try:
+        listener.serve(args.max_requests)
+    finally:
+        listener.close()
+    return 0
+
+
+def _add_commands(sub: "argparse._SubParsersAction[Any]") -> None:
+    def common(p: argparse.ArgumentParser, launch_help: str) -> None:
+        p.add_argument("--vm", required=True, metavar="DIR", help="the VM directory (holds vm.toml)")
+        p.add_argument("--json", action="store_true", help="print JSON")
+        p.add_argument("--no-launch", action="store_true", help=launch_help)
+
+    p = sub.add_parser("install", help="install the firmware from a guest's UKI add-on and relaunch the VM")
+    common(p, "switch the ROM without stopping or starting QEMU")
+    p.add_argument("--addon", required=True, metavar="ADDON", help="UKI add-on with .efifw section(s)")
+    p.add_argument("--fwid", help="which .efifw entry (needed when the add-on holds several)")
+    p.set_defaults(func=_cmd_install)
+    p = sub.add_parser("status", help="firmware in force, QEMU state, interrupted transactions")
+    common(p, "(no effect)")
+    p.set_defaults(func=_cmd_status)
+    p = sub.add_parser("rollback", help="return to the previous firmware and relaunch")
+    common(p, "switch the ROM without relaunching QEMU")
+    p.set_defaults(func=_cmd_rollback)
+    p = sub.add_parser("recover", help="finish or undo an install that a crash interrupted")
+    common(p, "do not relaunch QEMU")
+    p.set_defaults(func=_cmd_recover)
+    p = sub.add_parser("listen", help="serve framed update requests on <vm>/channel.sock")
+    common(p, "install without relaunching QEMU")
+    p.add_argument("--max-requests", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=_cmd_listen)
 
 
 def register(sub: "argparse._SubParsersAction[Any]") -> None:
-    """Add `firmgate host-install ...` (none yet)."""
+    """Add `firmgate host-install ...`."""
+    p = sub.add_parser("host-install", help="install guest-supplied firmware into a VM's ROM and relaunch it")
+    inner = p.add_subparsers(dest="host_install_command", metavar="ACTION", parser_class=type(p))
+    inner.required = True
+    _add_commands(inner)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from verifier.cli import _Parser
+
+    parser = _Parser(prog="host-install", description="install guest-supplied firmware into a VM's ROM")
+    parser.add_argument("--verbose", "-v", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="host_install_command", metavar="ACTION", parser_class=_Parser)
+    sub.required = True
+    _add_commands(sub)
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    print("host-install: not built yet", file=sys.stderr)
-    return 2
+    args = build_parser().parse_args(argv)
+    return run(args.func, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
