@@ -1,9 +1,268 @@
-"""Sub-commands; filled in by the issue that owns them."""
+"""`firmgate measure` and `firmgate addon build|inspect|extract`.
+
+Thin: read files (bounded), call verifier.firmware / verifier.measure, print.
+Errors are FirmgateError subclasses; verifier.cli turns them into one line and
+the exit code (2 for a bad add-on or firmware).
+"""
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from ..cli import print_json
+from ..errors import FirmwareError, UsageError
+from ..firmware.addon import MAX_ADDON_SIZE, Addon, build_addon, read_addon
+from ..firmware.image import IGVM_MAGIC, MAX_FIRMWARE_SIZE, inspect_firmware, require_snp_firmware
+from ..measure.cache import MeasurementCache
+from ..measure.launch import (SEV_SNP_MEASURE_VERSION, VCPU_TYPES, VMMS, KernelHashes, Shape, measure_prepared,
+                              prepare_firmware, shapes_product)
+
+# A table larger than this is a typo, not a policy (each shape is a few SHA-384s).
+MAX_SHAPES = 65536
+PROGRESS_MIN_SHAPES = 32
+
+
+def read_bounded(path: str, limit: int, what: str) -> bytes:
+    """Read a file of at most `limit` bytes; a missing or huge file is a usage/firmware error."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(limit + 1)
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
+    if len(data) > limit:
+        raise FirmwareError(f"{what} {path} is larger than {limit} bytes")
+    return data
+
+
+def write_file(path: str, data: bytes) -> None:
+    """Write through a temp file in the same directory, so a failed write leaves no half file."""
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def _is_pe(data: bytes) -> bool:
+    return data[:2] == b"MZ"
+
+
+# -- measure ------------------------------------------------------------------------
+def _int_list(text: str, what: str) -> list[int]:
+    out: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            if "-" in part[1:]:
+                lo, hi = (int(x, 0) for x in part.split("-", 1))
+                if hi < lo or hi - lo > MAX_SHAPES:
+                    raise ValueError
+                out.extend(range(lo, hi + 1))
+            else:
+                out.append(int(part, 0))
+        except ValueError as exc:
+            raise UsageError(f"{what}: {part!r} is not a number or range (e.g. 1,2,4 or 1-8)") from exc
+    return list(dict.fromkeys(out))
+
+
+def _str_list(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
+    out = [p.strip() for p in text.split(",") if p.strip()]
+    bad = [p for p in out if p not in allowed]
+    if bad or not out:
+        raise UsageError(f"{what}: unknown {', '.join(bad) or 'empty value'}; expected one of {', '.join(allowed)}")
+    return list(dict.fromkeys(out))
+
+
+def _firmware_from_file(path: str, fwid: str | None) -> tuple[bytes, str | None]:
+    """Raw firmware, or the selected entry of an add-on; returns (payload, fwid or None)."""
+    data = read_bounded(path, MAX_ADDON_SIZE, "firmware")
+    if _is_pe(data):
+        entry = read_addon(data).select(fwid)
+        return entry.payload, entry.fwid
+    if fwid is not None:
+        raise UsageError("--fwid applies to an add-on; FIRMWARE is a raw image")
+    if len(data) > MAX_FIRMWARE_SIZE:
+        raise FirmwareError(f"firmware {path} is larger than {MAX_FIRMWARE_SIZE} bytes")
+    return data, None
+
+
+def _progress_printer(enabled: bool) -> Callable[[int, int], None] | None:
+    if not enabled:
+        return None
+    last = [-1]
+
+    def show(done: int, total: int) -> None:
+        if total < PROGRESS_MIN_SHAPES:
+            return
+        tenth = done * 10 // total
+        if tenth != last[0] or done == total:
+            last[0] = tenth
+            print(f"measuring: {done}/{total} shapes", file=sys.stderr, flush=True)
+    return show
+
+
+def cmd_measure(args: argparse.Namespace) -> int:
+    vcpus = _int_list(args.vcpus, "--vcpus")
+    types = _str_list(args.vcpu_type, VCPU_TYPES, "--vcpu-type")
+    vmms = _str_list(args.vmm, VMMS, "--vmm")
+    features = _int_list(args.guest_features, "--guest-features")
+    if (args.initrd or args.append is not None) and not args.kernel:
+        raise UsageError("--initrd and --append need --kernel")
+    kh = KernelHashes.from_files(args.kernel, args.initrd, args.append) if args.kernel else None
+    count = len(vcpus) * len(types) * len(vmms) * len(features)
+    if count > MAX_SHAPES:
+        raise UsageError(f"{count} shapes requested, above the limit of {MAX_SHAPES}")
+    shapes = shapes_product(vcpus, types, vmms, features, kh)
+
+    payload, fwid = _firmware_from_file(args.firmware, args.fwid)
+    fw = prepare_firmware(payload)
+    cache = MeasurementCache(args.cache_dir) if args.cache_dir else None
+    table = measure_prepared(fw, shapes, cache=cache, progress=_progress_printer(not args.json))
+
+    if args.json:
+        print_json({
+            "firmware": {"path": args.firmware, "fwid": fwid, **fw.image.to_dict()},
+            "sev_snp_measure": SEV_SNP_MEASURE_VERSION,
+            "snp_ovmf_hash": table.seed.hex() if table.seed else None,
+            "measurements": [{
+                "shape": s.key(), "vmm": s.vmm, "vcpu_type": s.vcpu_type, "vcpus": s.vcpus,
+                "guest_features": f"{s.guest_features:#x}",
+                "kernel_hashes": None if s.kernel_hashes is None else {
+                    "kernel": s.kernel_hashes.kernel.hex(), "initrd": s.kernel_hashes.initrd.hex(),
+                    "cmdline": s.kernel_hashes.cmdline.hex()},
+                "measurement": m.hex()} for s, m in table.measurements.items()],
+        })
+        return 0
+    img = fw.image
+    print(f"firmware: {args.firmware}" + (f" (fwid {fwid})" if fwid else ""))
+    print(f"  size {img.size}, sha384 {img.sha384}")
+    print(f"  SEV metadata: {', '.join(f'{s.type}@{s.gpa:#x}+{s.size:#x}' for s in img.sev_metadata or ())}")
+    if table.seed:
+        print(f"  snp:ovmf-hash {table.seed.hex()}")
+    if kh:
+        print(f"  kernel hashes: kernel {kh.kernel.hex()} initrd {kh.initrd.hex()} cmdline {kh.cmdline.hex()}")
+    print(f"measurements (sev-snp-measure {SEV_SNP_MEASURE_VERSION}, mode snp):")
+    width = max(len(t) for t in types)
+    print(f"{'VMM':5} {'VCPU-TYPE':{width}} {'VCPUS':>5} {'FEATURES':>8}  MEASUREMENT")
+    for s, m in table.measurements.items():
+        print(f"{s.vmm:5} {s.vcpu_type:{width}} {s.vcpus:>5} {s.guest_features:>#8x}  {m.hex()}")
+    return 0
+
+
+# -- addon ------------------------------------------------------------------------------
+def cmd_addon_build(args: argparse.Namespace) -> int:
+    files, fwids = args.firmware or [], args.fwid or []
+    if not files or len(files) != len(fwids):
+        raise UsageError("give one --fwid for each --firmware (in the same order)")
+    entries = []
+    for path, fwid in zip(files, fwids):
+        payload = read_bounded(path, MAX_FIRMWARE_SIZE, "firmware")
+        if not args.unsafe_skip_firmware_check and payload[:4] != IGVM_MAGIC:
+            try:
+                require_snp_firmware(payload)
+            except FirmwareError as exc:
+                raise FirmwareError(f"{path}: {exc.diagnostics()} (--unsafe-skip-firmware-check to pack it anyway)"
+                                    ) from exc
+        entries.append((fwid, payload))
+    out = build_addon(entries)
+    write_file(args.output, out)
+    print(f"wrote {args.output}: {len(out)} bytes, {len(entries)} firmware image(s): {', '.join(fwids)}")
+    return 0
+
+
+def _addon_facts(path: str, addon: Addon) -> dict[str, Any]:
+    entries = []
+    for e in addon.entries:
+        facts: dict[str, Any] = {"fwid": e.fwid, "section_index": e.section_index, "size": e.size,
+                                 "sha384": e.sha384}
+        try:
+            facts["image"] = inspect_firmware(e.payload).to_dict()
+        except FirmwareError as exc:
+            facts["image"] = {"error": exc.diagnostics()}
+        try:
+            require_snp_firmware(e.payload)
+            facts["snp"] = "ok"
+        except FirmwareError as exc:
+            facts["snp"] = f"refused: {exc.diagnostics()}"
+        entries.append(facts)
+    return {
+        "path": path, "sha384": addon.sha384,
+        "sections": [{"index": s.index, "name": s.name, "virtual_size": s.virtual_size, "raw_size": s.raw_size}
+                     for s in addon.sections],
+        "efifw": entries,
+        "hwids": [{"chid": str(h.chid), "name": h.name, "fwid": h.fwid} for h in addon.hwids],
+    }
+
+
+def cmd_addon_inspect(args: argparse.Namespace) -> int:
+    addon = read_addon(read_bounded(args.addon, MAX_ADDON_SIZE, "add-on"))
+    facts = _addon_facts(args.addon, addon)
+    if args.json:
+        print_json(facts)
+        return 0
+    print(f"add-on: {args.addon}  sha384 {addon.sha384}")
+    print("sections: " + ", ".join(f"{s['name']}({s['virtual_size']})" for s in facts["sections"]))
+    for e in facts["efifw"]:
+        img = e["image"]
+        print(f".efifw [{e['section_index']}] fwid {e['fwid']}: {e['size']} bytes, sha384 {e['sha384']}")
+        if "kind" in img:
+            meta = img["sev_metadata"]
+            print(f"  kind {img['kind']}, SEV metadata: {len(meta)} sections" if meta is not None
+                  else f"  kind {img['kind']}, no SEV metadata")
+        print(f"  snp: {e['snp']}")
+    for h in facts["hwids"]:
+        print(f".hwids uefi-fw chid {h['chid']} name {h['name']} fwid {h['fwid']}")
+    return 0
+
+
+def cmd_addon_extract(args: argparse.Namespace) -> int:
+    addon = read_addon(read_bounded(args.addon, MAX_ADDON_SIZE, "add-on"))
+    entry = addon.select(args.fwid)
+    write_file(args.output, entry.payload)
+    print(f"wrote {args.output}: fwid {entry.fwid}, {entry.size} bytes, sha384 {entry.sha384}")
+    return 0
 
 
 def register(sub: "argparse._SubParsersAction[Any]") -> None:
-    """Add this module's sub-commands (none yet)."""
+    m = sub.add_parser("measure", help="expected SNP launch measurements of a firmware for a set of VM shapes")
+    m.add_argument("firmware", metavar="FIRMWARE", help="raw OVMF image, or a UKI add-on (see --fwid)")
+    m.add_argument("--fwid", help="which firmware of an add-on (needed when it holds several)")
+    m.add_argument("--vcpus", default="1", help="vCPU counts: 1,2,4 or 1-8 (default 1)")
+    m.add_argument("--vcpu-type", default="EPYC-v4",
+                   help=f"comma list of vCPU types (default EPYC-v4); known: {', '.join(VCPU_TYPES)}")
+    m.add_argument("--vmm", default="qemu", help="comma list of qemu, ec2, gce (default qemu)")
+    m.add_argument("--guest-features", default="0x1", help="SEV_FEATURES values, comma list (default 0x1)")
+    m.add_argument("--kernel", help="kernel measured through the SEV hashes table (QEMU -kernel)")
+    m.add_argument("--initrd", help="initrd (with --kernel)")
+    m.add_argument("--append", help="kernel command line (with --kernel)")
+    m.add_argument("--cache-dir", help="cache measurements here (protect it like the policy files)")
+    m.add_argument("--json", action="store_true", help="print JSON")
+    m.set_defaults(func=cmd_measure)
+
+    a = sub.add_parser("addon", help="build, inspect or extract UKI firmware add-ons (.efifw)")
+    asub = a.add_subparsers(dest="addon_command", metavar="ACTION", parser_class=type(a))
+    asub.required = True
+    b = asub.add_parser("build", help="write a PE add-on holding one .efifw section per firmware")
+    b.add_argument("--firmware", action="append", metavar="FILE", help="firmware image (repeatable)")
+    b.add_argument("--fwid", action="append", metavar="ID", help="its firmware id (one per --firmware)")
+    b.add_argument("-o", "--output", required=True, metavar="OUT.efi")
+    b.add_argument("--unsafe-skip-firmware-check", action="store_true",
+                   help="pack images that are not SNP-capable OVMF (for tests)")
+    b.set_defaults(func=cmd_addon_build)
+    i = asub.add_parser("inspect", help="list sections, firmware ids and image facts")
+    i.add_argument("addon", metavar="ADDON")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_addon_inspect)
+    x = asub.add_parser("extract", help="write one firmware image out of an add-on")
+    x.add_argument("addon", metavar="ADDON")
+    x.add_argument("--fwid")
+    x.add_argument("-o", "--output", required=True, metavar="FILE")
+    x.set_defaults(func=cmd_addon_extract)
+
+

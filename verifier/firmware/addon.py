@@ -312,8 +312,13 @@ def efifw_blob(fwid: str, payload: bytes) -> bytes:
     return header + raw_fwid + bytes(payload)
 
 
-def build_addon(entries: Sequence[tuple[str, bytes]]) -> bytes:
-    """A PE32+ x86-64 EFI application holding one `.efifw` section per (fwid, payload)."""
+def build_addon(entries: Sequence[tuple[str, bytes]], *,
+                extra_sections: Sequence[tuple[str, bytes]] = ()) -> bytes:
+    """A PE32+ x86-64 EFI application holding one `.efifw` section per (fwid, payload).
+
+    extra_sections: (name, contents) of other UKI sections to add after them
+    (e.g. `.hwids`); names are at most 8 bytes, as in the section table.
+    """
     if not entries:
         raise FirmwareError("an add-on needs at least one firmware image")
     fwids = [f for f, _ in entries]
@@ -321,6 +326,11 @@ def build_addon(entries: Sequence[tuple[str, bytes]]) -> bytes:
         raise FirmwareError(f"duplicate fwid among {_names(fwids)}")
     sections: list[tuple[bytes, bytes, int]] = [(b".text", _ENTRY_CODE, _SCN_CODE), (b".sbat", _ADDON_SBAT, _SCN_DATA)]
     sections += [(EFIFW_SECTION.encode(), efifw_blob(f, p), _SCN_DATA) for f, p in entries]
+    for name, content in extra_sections:
+        raw_name = name.encode("ascii")
+        if not 1 <= len(raw_name) <= 8:
+            raise FirmwareError(f"section name {name!r} must be 1..8 ASCII bytes")
+        sections.append((raw_name, bytes(content), _SCN_DATA))
     if len(sections) > MAX_SECTIONS:
         raise FirmwareError(f"too many firmware images ({len(entries)})")
 
@@ -345,7 +355,7 @@ def build_addon(entries: Sequence[tuple[str, bytes]]) -> bytes:
         else:
             size_init_data += raw_size
         file_off += raw_size
-        rva += _align(len(content), SECTION_ALIGNMENT)
+        rva += _align(max(len(content), 1), SECTION_ALIGNMENT)
     size_of_image = rva
     if file_off > MAX_ADDON_SIZE:
         raise FirmwareError(f"add-on would be {file_off} bytes, above the {MAX_ADDON_SIZE}-byte limit")

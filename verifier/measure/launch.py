@@ -235,9 +235,20 @@ def _metadata_digest(fw: PreparedFirmware, seed: bytes, vmm: str, kh: KernelHash
 def measurement_table(firmware: bytes, shapes: Iterable[Shape], *, cache: MeasurementCache | None = None,
                       progress: Progress | None = None) -> dict[Shape, bytes]:
     """{shape: 48-byte MEASUREMENT} for every shape, one pass over the firmware."""
+    return measure_prepared(prepare_firmware(firmware), shapes, cache=cache, progress=progress).measurements
+
+
+@dataclass(frozen=True)
+class Table:
+    seed: bytes | None                    # snp:ovmf-hash; None when every shape came from the cache
+    measurements: dict[Shape, bytes]
+
+
+def measure_prepared(fw: PreparedFirmware, shapes: Iterable[Shape], *, cache: MeasurementCache | None = None,
+                     progress: Progress | None = None) -> Table:
+    """measurement_table for a firmware already through prepare_firmware; also returns the seed."""
     wanted = list(dict.fromkeys(shapes))
     total = len(wanted)
-    fw = prepare_firmware(firmware)
     if any(s.kernel_hashes is not None for s in wanted):
         _check_kernel_hashes(fw)
     fw_digest = fw.image.sha384
@@ -252,7 +263,8 @@ def measurement_table(firmware: bytes, shapes: Iterable[Shape], *, cache: Measur
     if progress is not None:
         progress(done, total)
     if not todo:
-        return {s: out[s] for s in wanted}
+        return Table(seed=cache.get_seed(fw_digest) if cache is not None else None,
+                     measurements={s: out[s] for s in wanted})
 
     seed = cache.get_seed(fw_digest) if cache is not None else None
     if seed is None:
@@ -284,7 +296,7 @@ def measurement_table(firmware: bytes, shapes: Iterable[Shape], *, cache: Measur
                 done += 1
                 if progress is not None:
                     progress(done, total)
-    return {s: out[s] for s in wanted}
+    return Table(seed=seed, measurements={s: out[s] for s in wanted})
 
 
 def expected_measurement(firmware: bytes, shape: Shape) -> bytes:
