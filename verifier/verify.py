@@ -1,0 +1,362 @@
+"""VERIFY: the ARK -> ASK/ASVK -> VCEK/VLEK chain, its validity and revocation, and the report signature.
+
+Cryptography only (pyca `cryptography`); no X.509 or signature code of our own.
+Chain signatures are RSASSA-PSS with exactly SHA-384, MGF1-SHA-384, salt 48 (AMD
+VCEK spec 57230, section 2.2); the report is ECDSA P-384 over the raw bytes
+0x000-0x29F (SNP ABI 56860, Table 23 / section 7.3). Chain and signature
+failures raise (nothing is judged from evidence that cannot be trusted); the
+consistency checks (verifier.snpchecks) come back as named CheckResults.
+
+The chain's signatures are checked once per (leaf, intermediate, root) and
+cached; validity and revocation are re-checked on every call (they depend on time).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import SignatureAlgorithmOID
+
+from .abi.fields import Product, SigningKey, TcbVersion
+from .abi.report import SIGNED_SIZE, AttestationReport
+from .certs import common_name, load_certificates, load_crl
+from .errors import CertificateFormatError, ChainError, ExpiredError, RevokedError, SignatureError
+from .evidence import Evidence
+from .kds import AmdLeafInfo, parse_leaf
+from .options import VerifyOptions
+from .snpchecks import run_checks
+from .verdict import CheckResult, Outcome
+
+_PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA384()), salt_length=48)
+_ECDSA = ec.ECDSA(hashes.SHA384())
+
+
+@dataclass(frozen=True)
+class VerifiedReport:
+    """A report whose signature and chain verified, with every consistency check's result."""
+
+    report: AttestationReport
+    product: Product
+    signer: str                      # "VCEK" | "VLEK" (the leaf's kind)
+    leaf: x509.Certificate
+    leaf_info: AmdLeafInfo
+    intermediate: x509.Certificate
+    root: x509.Certificate
+    tcb: dict[str, TcbVersion]       # current/reported/committed/launch decoded for `product`
+    simulated: bool                  # the chain ends in a --trust-root, not a pinned AMD ARK
+    checks: tuple[CheckResult, ...]
+
+    @property
+    def accepted(self) -> bool:
+        return bool(self.checks) and all(c.outcome is not Outcome.FAIL for c in self.checks)
+
+    def facts(self) -> dict[str, Any]:
+        return {
+            "product": self.product.value,
+            "signer": self.signer,
+            "simulated": self.simulated,
+            "root": common_name(self.root),
+            "report_version": self.report.version,
+            "measurement": self.report.measurement.hex(),
+            "tcb": {k: v.to_dict() for k, v in self.tcb.items()},
+            "vmpl": self.report.vmpl,
+            "debug": self.report.policy.debug,
+        }
+
+
+# -- caches (bounded; thread-safe enough for a gunicorn worker's threads) ----------------
+class _Lru:
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.data: OrderedDict[Any, Any] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, key: Any) -> Any:
+        with self.lock:
+            value = self.data.get(key)
+            if value is not None:
+                self.data.move_to_end(key)
+            return value
+
+    def put(self, key: Any, value: Any) -> None:
+        with self.lock:
+            self.data[key] = value
+            self.data.move_to_end(key)
+            while len(self.data) > self.size:
+                self.data.popitem(last=False)
+
+
+@dataclass(frozen=True)
+class _ChainFacts:
+    leaf_key: ec.EllipticCurvePublicKey
+
+
+_CHAIN_CACHE = _Lru(1024)     # (leaf, intermediate, root) -> _ChainFacts, signatures already checked
+_INFO_CACHE = _Lru(4096)      # leaf cert -> AmdLeafInfo | CertificateFormatError
+_SHA_CACHE = _Lru(4096)       # cert -> sha256(DER) hex
+_CRL_CACHE = _Lru(256)        # (crl, root) -> True when its signature verified
+
+
+def clear_caches() -> None:
+    for c in (_CHAIN_CACHE, _INFO_CACHE, _SHA_CACHE, _CRL_CACHE):
+        with c.lock:
+            c.data.clear()
+
+
+def _sha(cert: x509.Certificate) -> str:
+    v = _SHA_CACHE.get(cert)
+    if v is None:
+        v = hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest()
+        _SHA_CACHE.put(cert, v)
+    return str(v)
+
+
+def _leaf_info(cert: x509.Certificate) -> AmdLeafInfo | None:
+    v = _INFO_CACHE.get(cert)
+    if v is None:
+        try:
+            v = parse_leaf(cert)
+        except CertificateFormatError as exc:
+            v = exc
+        _INFO_CACHE.put(cert, v)
+    return v if isinstance(v, AmdLeafInfo) else None
+
+
+# -- chain --------------------------------------------------------------------------------
+def _check_pss_signed(cert: x509.Certificate | x509.CertificateRevocationList, issuer: x509.Certificate,
+                      what: str) -> None:
+    """`cert` signed by `issuer` with RSASSA-PSS SHA-384 / MGF1-SHA-384 / salt 48, nothing else."""
+    if cert.signature_algorithm_oid != SignatureAlgorithmOID.RSASSA_PSS:
+        raise ChainError(f"{what}: signature algorithm is {cert.signature_algorithm_oid.dotted_string}; "
+                         "AMD's chain uses RSASSA-PSS")
+    try:
+        hash_alg = cert.signature_hash_algorithm
+    except UnsupportedAlgorithm as exc:
+        raise ChainError(f"{what}: unsupported signature hash") from exc
+    if not isinstance(hash_alg, hashes.SHA384):
+        raise ChainError(f"{what}: signature hash is {getattr(hash_alg, 'name', hash_alg)}; expected sha384")
+    params = cert.signature_algorithm_parameters
+    if not isinstance(params, padding.PSS) or not isinstance(params.mgf, padding.MGF1):
+        raise ChainError(f"{what}: RSASSA-PSS parameters are not MGF1")
+    key = issuer.public_key()
+    if not isinstance(key, rsa.RSAPublicKey):
+        raise ChainError(f"{what}: issuer {common_name(issuer)!r} does not have an RSA key")
+    tbs = cert.tbs_certlist_bytes if isinstance(cert, x509.CertificateRevocationList) else cert.tbs_certificate_bytes
+    try:
+        # The explicit salt length makes OpenSSL reject any other salt (and MGF1-SHA-384 is fixed).
+        key.verify(cert.signature, tbs, _PSS, hashes.SHA384())
+    except InvalidSignature:
+        raise ChainError(f"{what}: signature by {common_name(issuer)!r} does not verify "
+                         "(RSASSA-PSS SHA-384, MGF1-SHA-384, salt 48)") from None
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        return False
+    return bool(bc.ca)
+
+
+def _validate_chain(leaf: x509.Certificate, inter: x509.Certificate, root: x509.Certificate,
+                    leaf_kind: str) -> _ChainFacts:
+    key = (leaf, inter, root)
+    facts = _CHAIN_CACHE.get(key)
+    if facts is not None:
+        return facts  # type: ignore[no-any-return]
+    inter_name = "ASK" if leaf_kind == "VCEK" else "ASVK"
+    if root.issuer != root.subject:
+        raise ChainError(f"root {common_name(root)!r} is not self-signed")
+    _check_pss_signed(root, root, f"ARK {common_name(root)!r}")
+    if inter.issuer != root.subject:
+        raise ChainError(f"{inter_name} {common_name(inter)!r} is issued by {inter.issuer.rfc4514_string()!r}, "
+                         f"not by the ARK {common_name(root)!r}")
+    _check_pss_signed(inter, root, f"{inter_name} {common_name(inter)!r}")
+    if leaf.issuer != inter.subject:
+        raise ChainError(f"{leaf_kind} is issued by {leaf.issuer.rfc4514_string()!r}, "
+                         f"not by the {inter_name} {common_name(inter)!r}")
+    _check_pss_signed(leaf, inter, leaf_kind)
+    # AMD's ARK/ASK carry BasicConstraints CA=true; a leaf must not be a CA.
+    for cert, name in ((root, "ARK"), (inter, inter_name)):
+        if not _is_ca(cert):
+            raise ChainError(f"{name} {common_name(cert)!r} is not a CA certificate")
+    if _is_ca(leaf):
+        raise ChainError(f"{leaf_kind} certificate claims to be a CA")
+    pub = leaf.public_key()
+    if not isinstance(pub, ec.EllipticCurvePublicKey) or not isinstance(pub.curve, ec.SECP384R1):
+        raise ChainError(f"{leaf_kind} key is not ECDSA P-384")
+    facts = _ChainFacts(leaf_key=pub)
+    _CHAIN_CACHE.put(key, facts)
+    return facts
+
+
+def _check_validity(certs: Iterable[tuple[str, x509.Certificate]], now: dt.datetime) -> None:
+    for name, cert in certs:
+        nb, na = cert.not_valid_before_utc, cert.not_valid_after_utc
+        if now > na:
+            raise ExpiredError(f"{name} certificate {common_name(cert)!r} expired {na:%Y-%m-%d %H:%M:%S}Z "
+                               f"(checked at {now:%Y-%m-%d %H:%M:%S}Z)")
+        if now < nb:
+            raise ExpiredError(f"{name} certificate {common_name(cert)!r} is not valid before "
+                               f"{nb:%Y-%m-%d %H:%M:%S}Z (checked at {now:%Y-%m-%d %H:%M:%S}Z)")
+
+
+# -- selecting certificates ------------------------------------------------------------------
+def _pick_leaf(pool: list[x509.Certificate], report: AttestationReport
+               ) -> tuple[x509.Certificate, AmdLeafInfo] | None:
+    want = "VCEK" if report.key_info.signing_key is SigningKey.VCEK else "VLEK"
+    leaves = [(c, i) for c in pool if (i := _leaf_info(c)) is not None]
+    if not leaves:
+        return None
+    same = [(c, i) for c, i in leaves if i.kind == want]
+    if same:
+        # Several VCEKs (e.g. a KDS cache dir): the one for this chip, else the first.
+        for c, i in same:
+            if i.hwid is not None and report.chip_id.startswith(i.hwid):
+                return c, i
+        return same[0]
+    return leaves[0]   # wrong kind: report.signing_key will say so after the signature verifies
+
+
+def _find_chain(pool: list[x509.Certificate], options: VerifyOptions, product: Product, leaf: x509.Certificate,
+                kind: str) -> tuple[x509.Certificate, x509.Certificate, bool] | None:
+    """(intermediate, root, simulated) from the pool: pinned AMD certificates, else a --trust-root chain."""
+    store = options.trust_store
+    role = "ask" if kind == "VCEK" else "asvk"
+    if product in store.pins:
+        ark_pin, int_pin = store.pin_for(product, "ark"), store.pin_for(product, role)
+        ark = next((c for c in pool if _sha(c) == ark_pin), None)
+        inter = next((c for c in pool if _sha(c) == int_pin), None)
+        if ark is not None and inter is not None:
+            return inter, ark, False
+    for root in store.simulated_roots:
+        inter = next((c for c in pool if c.issuer == root.subject and c.subject == leaf.issuer
+                      and c.subject != root.subject), None)
+        if inter is not None:
+            return inter, root, True
+    return None
+
+
+def _fetched_certs(options: VerifyOptions, product: Product, kind: str) -> list[x509.Certificate]:
+    if options.fetcher is None:
+        return []
+    return load_certificates(options.fetcher.chain(product, kind), f"{kind} chain from {type(options.fetcher).__name__}")
+
+
+def _product_for_chain(report: AttestationReport, options: VerifyOptions, info: AmdLeafInfo | None) -> Product:
+    # Precedence only picks which pins to try; report.product then requires that all sources agree.
+    if options.product is not None:
+        return options.product
+    if report.cpuid_product is not None:
+        return report.cpuid_product
+    if info is not None:
+        return info.product
+    raise ChainError("the product is unknown: a version 2 report has no CPUID and no VCEK/VLEK was given; "
+                     "pass --product or the certificate (never guessed from the chip id)")
+
+
+def _revocation(options: VerifyOptions, evidence: Evidence, product: Product, kind: str, root: x509.Certificate,
+                inter: x509.Certificate, leaf: x509.Certificate, now: dt.datetime) -> CheckResult:
+    crls = list(evidence.crls) + list(options.crls)
+    if not crls and options.check_crl and options.fetcher is not None:
+        data = options.fetcher.crl(product, kind)
+        if data is not None:
+            crls.append(load_crl(data, f"{kind} CRL from {type(options.fetcher).__name__}"))
+    mine = [c for c in crls if c.issuer == root.subject]
+    if not mine:
+        if options.check_crl:
+            raise ChainError(f"no CRL issued by {common_name(root)!r} was given or found, and a CRL check was asked for")
+        return CheckResult("cert.revocation", Outcome.SKIP, "no CRL given; revocation not checked")
+    for crl in mine:
+        if _CRL_CACHE.get((crl, root)) is None:
+            _check_pss_signed(crl, root, "CRL")
+            _CRL_CACHE.put((crl, root), True)
+        if crl.next_update_utc is not None and now > crl.next_update_utc and options.check_crl:
+            raise ChainError(f"the CRL from {common_name(root)!r} is stale (next update {crl.next_update_utc:%Y-%m-%d})")
+        for name, cert in (("ASK/ASVK", inter), (kind, leaf)):
+            if crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None:
+                raise RevokedError(f"{name} {common_name(cert)!r} (serial {cert.serial_number}) is revoked by the "
+                                   f"CRL of {common_name(root)!r}")
+    return CheckResult("cert.revocation", Outcome.PASS, f"not revoked (CRL of {common_name(root)!r})")
+
+
+# -- the entry point -------------------------------------------------------------------------
+def verify_report(evidence: Evidence, options: VerifyOptions) -> VerifiedReport:
+    """Verify the chain and the signature (raising on failure), then run every consistency check."""
+    report = evidence.report
+    now = options.now or dt.datetime.now(dt.timezone.utc)
+    if now.tzinfo is None:
+        now = now.replace(tzinfo=dt.timezone.utc)
+    pool = list(evidence.certs) + list(options.certs)
+
+    picked = _pick_leaf(pool, report)
+    product = _product_for_chain(report, options, picked[1] if picked else None)
+    if picked is None:
+        if report.key_info.signing_key is SigningKey.VLEK:
+            raise ChainError("the report is VLEK-signed and no VLEK certificate was given "
+                             "(a VLEK cannot be fetched by chip id)")
+        if report.key_info.mask_chip_key:
+            raise ChainError("no VCEK was given and CHIP_ID is masked, so KDS cannot be asked for one")
+        if options.fetcher is None:
+            raise ChainError("no VCEK was given (in the evidence or with --certs) and no KDS access was allowed")
+        tcb = TcbVersion.from_u64(report.reported_tcb, product)
+        pool += load_certificates(options.fetcher.vcek(product, report.chip_id, tcb), "VCEK from KDS")
+        picked = _pick_leaf(pool, report)
+        if picked is None:
+            raise CertificateFormatError("the certificate fetched as a VCEK has no AMD VCEK extensions")
+    leaf, info = picked
+
+    found = _find_chain(pool, options, product, leaf, info.kind)
+    if found is None:
+        pool += _fetched_certs(options, product, info.kind)
+        found = _find_chain(pool, options, product, leaf, info.kind)
+    if found is None:
+        role = "ASK" if info.kind == "VCEK" else "ASVK"
+        raise ChainError(f"no {product} ARK and {role} matching firmgate's pins were given or found "
+                         f"(ARK sha256 {options.trust_store.pin_for(product, 'ark')[:16]}...); pass them with "
+                         "--certs, allow KDS, or --trust-root for a simulated platform")
+    inter, root, simulated = found
+    facts = _validate_chain(leaf, inter, root, info.kind)
+    _check_validity((("ARK", root), ("ASK/ASVK", inter), (info.kind, leaf)), now)
+    revocation = _revocation(options, evidence, product, info.kind, root, inter, leaf, now)
+
+    # ECDSA P-384 / SHA-384 over the raw signed bytes, never a re-serialised struct.
+    try:
+        facts.leaf_key.verify(encode_dss_signature(report.signature_r, report.signature_s),
+                              report.raw[:SIGNED_SIZE], _ECDSA)
+    except InvalidSignature:
+        raise SignatureError(f"the report signature does not verify with the {info.kind} "
+                             f"({common_name(leaf)!r}, {product})") from None
+
+    tcb = {w: TcbVersion.from_u64(getattr(report, f"{w}_tcb"), product)
+           for w in ("current", "reported", "committed", "launch")}
+    root_desc = (f"SIMULATED root {common_name(root)!r} trusted by --trust-root" if simulated
+                 else f"pinned AMD {common_name(root)!r}")
+    checks: list[CheckResult] = [
+        CheckResult("report.signature", Outcome.PASS, f"ECDSA P-384 signature verifies with the {info.kind}"),
+        CheckResult("cert.chain", Outcome.PASS,
+                    f"{info.kind} <- {common_name(inter)!r} <- {root_desc}", actual=_sha(root)),
+        CheckResult("cert.validity", Outcome.PASS, f"ARK, {'ASK' if info.kind == 'VCEK' else 'ASVK'} and "
+                    f"{info.kind} valid at {now:%Y-%m-%dT%H:%M:%S}Z"),
+        revocation,
+    ]
+    if simulated:
+        checks.append(CheckResult("trust.simulated", Outcome.WARN,
+                                  "the chain ends in a simulated root, not AMD's: this is not a real AMD platform",
+                                  expected="AMD ARK", actual=common_name(root)))
+    # For AMD chains the intermediate was selected by the pin of the leaf's role (ASK for a VCEK,
+    # ASVK for a VLEK) and the leaf's issuer name matched it; a simulated chain has no pinned role.
+    intermediate_role = None if simulated else ("ASK" if info.kind == "VCEK" else "ASVK")
+    checks += run_checks(report, info, product, tcb, options, intermediate_role)
+    return VerifiedReport(report=report, product=product, signer=info.kind, leaf=leaf, leaf_info=info,
+                          intermediate=inter, root=root, tcb=tcb, simulated=simulated, checks=tuple(checks))
