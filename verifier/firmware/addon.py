@@ -245,6 +245,10 @@ def read_addon(data: bytes) -> Addon:
             name = _section_name(sec.Name)
             vsize, rsize, rptr = sec.Misc_VirtualSize, sec.SizeOfRawData, sec.PointerToRawData
             sections.append(SectionInfo(index=index, name=name, virtual_size=vsize, raw_size=rsize))
+            # A loader reads SizeOfRawData bytes of every section: a file shorter than that is truncated.
+            if rptr + rsize > len(data):
+                raise FirmwareError(f"section {index} ({name}): raw data {rptr}+{rsize} runs past the end of "
+                                    f"the file ({len(data)} bytes): truncated add-on")
             if name not in (EFIFW_SECTION, HWIDS_SECTION):
                 continue
             # The stub sees VirtualSize bytes in memory; bytes beyond the raw data
