@@ -1,9 +1,249 @@
-"""Sub-commands; filled in by the issue that owns them."""
+"""`firmgate report show` and `firmgate verify`: thin argparse -> evidence/pipeline -> table or JSON."""
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import os
+import sys
+from pathlib import Path
 from typing import Any
+
+from cryptography import x509
+
+from ..abi.certtable import parse_cert_table
+from ..abi.fields import Product
+from ..certs import common_name, load_certificate, load_certificates, load_crl
+from ..errors import CertificateFormatError, EvidenceError, FetchError, FirmgateError, TrustError, UsageError
+from ..evidence import MAX_EVIDENCE_SIZE, Evidence, load_evidence
+from ..kds import parse_leaf
+from ..kds.fetch import HttpFetcher
+from ..options import VerifyOptions
+from ..pipeline import check_name_for, evidence_digest, verify_to_report
+from ..trust import DEFAULT_TRUST_STORE
+from ..verdict import CheckResult, Outcome, Verdict
+
+MAX_CERT_FILES = 64
 
 
 def register(sub: "argparse._SubParsersAction[Any]") -> None:
-    """Add this module's sub-commands (none yet)."""
+    r = sub.add_parser("report", help="read SEV-SNP attestation reports")
+    rsub = r.add_subparsers(dest="report_command", metavar="SUBCOMMAND")
+    rsub.required = True
+    s = rsub.add_parser("show", help="print every field of a report (raw, Trustee JSON, firmgate JSON or tsm JSON)")
+    s.add_argument("report", metavar="REPORT", help="report file, or - for stdin")
+    s.add_argument("--product", help="Milan, Genoa or Turin: decodes TCBs of a v2 report (no CPUID)")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=show_handler)
+
+    v = sub.add_parser("verify", help="verify a report's signature and chain against AMD's roots and run every check")
+    v.add_argument("report", metavar="REPORT", help="raw 1184-byte report or an evidence JSON file, or - for stdin")
+    v.add_argument("--certs", action="append", default=[], metavar="FILE|DIR",
+                   help="certificates (DER/PEM, one or many; a directory is read recursively): VCEK/VLEK, ASK/ASVK, "
+                        "ARK, CRLs; repeatable")
+    v.add_argument("--cert-table", metavar="FILE", help="extended-report certificate table (GUID table, auxblob)")
+    v.add_argument("--crl", action="append", default=[], metavar="FILE", help="an ARK-signed CRL (DER/PEM)")
+    v.add_argument("--check-crl", action="store_true", help="require a CRL (given, in the evidence, or from KDS)")
+    v.add_argument("--product", help="Milan, Genoa or Turin; must agree with CPUID and the certificate")
+    v.add_argument("--report-data", metavar="HEX", help="expected REPORT_DATA (up to 64 bytes, zero-padded)")
+    v.add_argument("--at", metavar="ISO8601", help="check certificate validity at this time (default: now)")
+    v.add_argument("--trust-root", metavar="PEM", help="also trust this self-signed SIMULATED root (results say so)")
+    v.add_argument("--no-provisional", action="store_true",
+                   help="fail (instead of warn) when COMMITTED_TCB differs from CURRENT_TCB")
+    v.add_argument("--offline", action="store_true", help="never contact AMD KDS; use the cache only")
+    v.add_argument("--kds-cache", metavar="DIR", help="KDS cache directory (default: $XDG_CACHE_HOME/firmgate/kds)")
+    v.add_argument("--json", action="store_true", help="print the verdict as JSON")
+    # Appraisal against an owner's policy is a later stage; the arguments are reserved now.
+    v.add_argument("--policy", metavar="FILE_OR_DIR", help=argparse.SUPPRESS)
+    v.add_argument("--tenant", metavar="T", help=argparse.SUPPRESS)
+    v.add_argument("--firmware", action="append", default=[], metavar="FILE", help=argparse.SUPPRESS)
+    v.set_defaults(func=verify_handler)
+
+
+# -- input helpers ---------------------------------------------------------------------------
+def _read(path: str, what: str, limit: int) -> bytes:
+    if path == "-":
+        data = sys.stdin.buffer.read(limit + 1)
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise UsageError(f"{what} {path}: no such file")
+        with p.open("rb") as f:
+            data = f.read(limit + 1)
+    if len(data) > limit:
+        raise UsageError(f"{what} {path}: larger than {limit} bytes")
+    return data
+
+
+def _load_evidence(path: str) -> Evidence:
+    return load_evidence(_read(path, "report", MAX_EVIDENCE_SIZE))
+
+
+def _cert_files(path: str) -> list[Path]:
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in (".pem", ".der", ".crt", ".cer",
+                                                                                        ".crl"))
+        if len(files) > MAX_CERT_FILES:
+            raise UsageError(f"--certs {path}: more than {MAX_CERT_FILES} certificate files")
+        return files
+    if p.is_file():
+        return [p]
+    raise UsageError(f"--certs {path}: no such file or directory")
+
+
+def _load_cert_args(paths: list[str], crl_paths: list[str]
+                    ) -> tuple[tuple[x509.Certificate, ...], tuple[x509.CertificateRevocationList, ...]]:
+    certs: list[x509.Certificate] = []
+    crls: list[x509.CertificateRevocationList] = []
+    for path in paths:
+        for f in _cert_files(path):
+            data = _read(str(f), "certificate file", 256 * 1024)
+            if f.suffix.lower() == ".crl" or b"BEGIN X509 CRL" in data:
+                crls.append(load_crl(data, str(f)))
+                continue
+            try:
+                certs.extend(load_certificates(data, str(f)))
+            except CertificateFormatError:
+                try:
+                    crls.append(load_crl(data, str(f)))   # a DER CRL with a .der name
+                except CertificateFormatError:
+                    raise CertificateFormatError(f"{f}: neither a certificate nor a CRL") from None
+    for path in crl_paths:
+        crls.append(load_crl(_read(path, "CRL", 256 * 1024), path))
+    return tuple(certs), tuple(crls)
+
+
+def _parse_at(text: str | None) -> dt.datetime | None:
+    if text is None:
+        return None
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise UsageError(f"--at {text!r} is not an ISO 8601 time (e.g. 2025-06-01T00:00:00Z)") from None
+    return when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)
+
+
+def _parse_hex(text: str | None) -> bytes | None:
+    if text is None:
+        return None
+    t = text.lower().removeprefix("0x")
+    try:
+        data = bytes.fromhex(t)
+    except ValueError:
+        raise UsageError("--report-data is not hex") from None
+    if len(data) > 64:
+        raise UsageError(f"--report-data is {len(data)} bytes; REPORT_DATA holds 64")
+    return data
+
+
+def _product(text: str | None) -> Product | None:
+    if text is None:
+        return None
+    try:
+        return Product.parse(text)
+    except FirmgateError:
+        raise UsageError(f"--product {text!r}: expected Milan, Genoa or Turin") from None
+
+
+def _kds_cache(arg: str | None) -> Path:
+    if arg:
+        return Path(arg)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "firmgate" / "kds"
+
+
+def options_from_args(args: argparse.Namespace) -> VerifyOptions:
+    certs, crls = _load_cert_args(args.certs, args.crl)
+    if args.cert_table:
+        for entry in parse_cert_table(_read(args.cert_table, "--cert-table", 64 * 1024)):
+            if entry.kind == "CRL":
+                crls += (load_crl(entry.data, f"{args.cert_table} (CRL)"),)
+            elif entry.kind != "OTHER":
+                certs += tuple(load_certificates(entry.data, f"{args.cert_table} ({entry.kind})"))
+    store = DEFAULT_TRUST_STORE
+    if args.trust_root:
+        root = load_certificate(_read(args.trust_root, "--trust-root", 64 * 1024), "--trust-root")
+        if root.issuer != root.subject:
+            raise UsageError(f"--trust-root {args.trust_root}: not a self-signed root certificate")
+        store = store.with_simulated_root(root)
+    return VerifyOptions(now=_parse_at(args.at), trust_store=store,
+                         fetcher=HttpFetcher(_kds_cache(args.kds_cache), offline=args.offline),
+                         certs=certs, crls=crls, product=_product(args.product),
+                         allow_provisional=not args.no_provisional, check_crl=args.check_crl,
+                         report_data=_parse_hex(args.report_data))
+
+
+# -- output --------------------------------------------------------------------------------
+_MARK = {Outcome.PASS: "ok", Outcome.WARN: "WARN", Outcome.FAIL: "FAILED", Outcome.SKIP: "skip"}
+
+
+def print_verdict(name: str, verdict: Verdict, out: Any = None) -> None:
+    out = out or sys.stdout
+    facts = verdict.facts
+    head = "OK" if verdict.accepted else "FAIL"
+    print(f"{head}: {name}", file=out)
+    if facts:
+        sim = "  ** SIMULATED platform: not AMD's roots **" if facts.get("simulated") else ""
+        print(f"  {facts.get('product')} {facts.get('signer')}, report v{facts.get('report_version')}, "
+              f"root {facts.get('root')!r}{sim}", file=out)
+    width = max((len(c.name) for c in verdict.checks), default=10)
+    for c in verdict.checks:
+        print(f"  {_MARK[c.outcome]:<6} {c.name:<{width}}  {c.message}", file=out)
+
+
+def verify_handler(args: argparse.Namespace) -> int:
+    from ..cli import print_json
+
+    for flag in ("policy", "tenant"):
+        if getattr(args, flag):
+            raise UsageError(f"--{flag} is not available yet: appraisal against an owner policy has not landed")
+    if args.firmware:
+        raise UsageError("--firmware is not available yet: appraisal against an owner policy has not landed")
+    evidence = _load_evidence(args.report)          # bad input: exit 2
+    options = options_from_args(args)
+    try:
+        verified = verify_to_report(evidence, options)
+        verdict = Verdict(checks=verified.checks, evidence_sha384=evidence_digest(evidence), facts=verified.facts())
+    except (EvidenceError, FetchError):
+        raise                                      # exit 2 / 3 with one line
+    except TrustError as exc:                      # rejected: still one verdict shape, exit 1
+        verdict = Verdict(checks=(CheckResult(check_name_for(exc), Outcome.FAIL, exc.diagnostics()),),
+                          evidence_sha384=evidence_digest(evidence))
+    if args.json:
+        print_json(verdict.to_dict())
+    else:
+        print_verdict(args.report, verdict)
+    return 0 if verdict.accepted else 1
+
+
+def show_handler(args: argparse.Namespace) -> int:
+    from ..cli import print_json
+
+    evidence = _load_evidence(args.report)
+    product = _product(args.product)
+    r = evidence.report
+    data = r.to_dict(product)
+    certs = []
+    for c in evidence.certs:
+        try:
+            info = parse_leaf(c)
+            kind = f"{info.kind} ({info.product_name}, {info.tcb()})"
+        except FirmgateError:
+            kind = "CA"
+        certs.append({"subject": common_name(c), "kind": kind, "not_after": c.not_valid_after_utc.isoformat()})
+    data["evidence_shape"] = evidence.shape
+    data["certificates"] = certs
+    if args.json:
+        print_json(data)
+        return 0
+    for key, value in data.items():
+        if isinstance(value, dict):
+            inner = ", ".join(f"{k}={v}" for k, v in value.items())
+            print(f"{key:<20} {inner}")
+        elif isinstance(value, list):
+            print(f"{key:<20} {len(value)}")
+            for item in value:
+                print(f"{'':<20}   {item['kind']}: {item['subject']} (not after {item['not_after']})")
+        else:
+            print(f"{key:<20} {value}")
+    return 0
