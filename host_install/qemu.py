@@ -164,8 +164,10 @@ class BootCheck:
     status: str | None
 
 
-def _marker_seen(vm: VmDir) -> bool:
-    marker = vm.config.boot_marker.encode()
+def _marker_seen(vm: VmDir, text: str) -> bool:
+    if not text:
+        return False
+    marker = text.encode()
     for log in (vm.debug_log, vm.serial_log):
         try:
             with open(log, "rb") as f:
@@ -189,7 +191,10 @@ def confirm_boot(vm: VmDir, timeout: float | None = None) -> BootCheck:
         if status in DEAD_STATES:
             hint = " (KVM cannot run this guest here: set accel = \"tcg\")" if status == "internal-error" else ""
             return BootCheck(False, f"VM entered state {status!r}{hint}", elapsed, status)
-        if status == "running" and _marker_seen(vm):
+        if _marker_seen(vm, vm.config.boot_fail_marker):
+            return BootCheck(False, f"the firmware crashed ({vm.config.boot_fail_marker!r} in its log)",
+                             elapsed, status)
+        if status == "running" and _marker_seen(vm, vm.config.boot_marker):
             return BootCheck(True, "running and the firmware printed its boot marker", elapsed, status)
         if elapsed > limit:
             why = ("the firmware printed no boot marker" if status == "running"

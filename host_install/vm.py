@@ -58,6 +58,8 @@ class VmConfig:
     serial_log: str = "serial.log"
     debug_log: str = "debug.log"
     boot_marker: str = "BdsDxe"      # text the firmware prints once it reached boot device selection
+    # text that proves the boot failed (edk2's CpuExceptionHandlerLib dump); "" = none
+    boot_fail_marker: str = "!!!! X64 Exception Type"
     boot_timeout: float = 60.0       # seconds for QMP "running" + the marker
     stop_timeout: float = 30.0       # seconds for a guest to honour system_powerdown
 
@@ -87,7 +89,7 @@ def _toml_value(value: Any) -> str:
 
 
 def _line_of(text: str, key: str) -> int | None:
-    pat = re.compile(rf'^\s*"?{re.escape(key)}"?\s*=', re.M)
+    pat = re.compile(rf'^[ \t]*"?{re.escape(key)}"?[ \t]*=', re.M)
     m = pat.search(text)
     return text.count("\n", 0, m.start()) + 1 if m else None
 
@@ -130,6 +132,8 @@ def parse_config(text: str, path: str = CONFIG_NAME) -> VmConfig:
         value = getattr(cfg, key)
         if not value or "," in value or "\0" in value:
             raise bad(key, f"{key} must be a non-empty path without ',' (QEMU option syntax)")
+    if not cfg.boot_marker:
+        raise bad("boot_marker", "boot_marker must not be empty (it is how a boot is confirmed)")
     if not cfg.qemu:
         raise bad("qemu", "qemu must name the QEMU binary")
     return cfg

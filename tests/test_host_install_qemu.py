@@ -1,0 +1,105 @@
+"""host-install against a real qemu-system-x86_64 (KVM when it works here, TCG otherwise).
+
+The VMs run OVMF as a plain x86 guest (no SNP hardware here); vm.toml still says
+snp = true, so every image must carry SEV metadata. A boot is confirmed by QMP
+"running" plus the firmware's own output; which ROM runs is read back over QMP.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from host_install import cli, qemu
+from host_install.errors import RecoveryNeeded
+from host_install.install import current_firmware, install, rollback, status
+from host_install.journal import Journal
+from host_install.vm import VmDir
+from verifier.firmware.addon import build_addon
+from vms.hostvm import FW_2025, FW_2026, PROBE_BYTES, broken_image, make_vm, needs_qemu, rom_tail, stop_quietly
+
+pytestmark = [pytest.mark.qemu, needs_qemu]
+
+
+@pytest.fixture()
+def vm(tmp_path: Path, firmware_dir: Path) -> Iterator[VmDir]:
+    v = make_vm(tmp_path / "vm", firmware_dir)
+    yield v
+    stop_quietly(v)
+
+
+def _running_rom_is(vm: VmDir, image: bytes, tmp: Path) -> None:
+    pid = qemu.running_pid(vm)
+    assert pid is not None
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    assert str(vm.firmware_link).encode() in cmdline
+    assert qemu.query_status(vm) == "running"
+    assert rom_tail(vm, tmp) == image[-PROBE_BYTES:]
+
+
+def test_install_relaunch_and_automatic_rollback(vm: VmDir, tmp_path: Path, firmware_dir: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    fw25, fw26 = (firmware_dir / FW_2025).read_bytes(), (firmware_dir / FW_2026).read_bytes()
+    assert fw25[-PROBE_BYTES:] != fw26[-PROBE_BYTES:]  # the read-back can tell them apart
+
+    # 1. first install: QEMU runs the 2025.02 ROM and the firmware printed its output
+    r1 = install(vm, build_addon([("edk2-2025.02", fw25)]))
+    assert r1.status == "installed" and r1.launched and r1.previous is None
+    _running_rom_is(vm, fw25, tmp_path)
+    assert b"BdsDxe" in vm.serial_log.read_bytes()
+    pid1 = qemu.running_pid(vm)
+
+    # 2. the 2026.08 image: a relaunch (new QEMU process) on the new ROM
+    addon26 = tmp_path / "fw26.efi"
+    addon26.write_bytes(build_addon([("edk2-2026.08", fw26)]))
+    assert cli.main(["install", "--vm", str(vm.path), "--addon", str(addon26)]) == 0
+    assert "INSTALLED" in capsys.readouterr().out
+    pid2 = qemu.running_pid(vm)
+    assert pid2 is not None and pid2 != pid1
+    _running_rom_is(vm, fw26, tmp_path)
+    assert current_firmware(vm).fwid == "edk2-2026.08"
+
+    # 3. an image that passes every static check but cannot boot: rolled back, VM running 2026.08
+    bad = tmp_path / "bad.efi"
+    bad.write_bytes(build_addon([("edk2-2026.08-broken", broken_image(firmware_dir))]))
+    rc = cli.main(["install", "--vm", str(vm.path), "--addon", str(bad)])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "did not boot" in err and "rolled back to 'edk2-2026.08'" in err and "hint:" in err
+    _running_rom_is(vm, fw26, tmp_path)
+    cur = current_firmware(vm)
+    assert cur.fwid == "edk2-2026.08" and cur.data == fw26
+    events = [r["event"] for r in Journal(vm.journal_path).records()]
+    assert events[-5:] == ["launched", "boot-failed", "switched", "launched", "rolled-back"]
+    st = status(vm)
+    assert st["consistent"] and st["qemu"]["status"] == "running"
+    assert st["in_force"]["fwid"] == "edk2-2026.08"
+
+
+def test_rollback_command_relaunches_previous(vm: VmDir, tmp_path: Path, firmware_dir: Path) -> None:
+    fw25, fw26 = (firmware_dir / FW_2025).read_bytes(), (firmware_dir / FW_2026).read_bytes()
+    install(vm, build_addon([("edk2-2025.02", fw25)]), launch=False)
+    install(vm, build_addon([("edk2-2026.08", fw26)]))
+    _running_rom_is(vm, fw26, tmp_path)
+    res = rollback(vm)
+    assert res.status == "installed" and res.fwid == "edk2-2025.02" and res.launched
+    _running_rom_is(vm, fw25, tmp_path)
+
+
+def test_boot_timeout_rolls_back(tmp_path: Path, firmware_dir: Path) -> None:
+    """No crash dump, no marker: the timeout alone triggers the rollback (and its relaunch
+    fails too here, because the marker is never printed: RecoveryNeeded, old firmware in force)."""
+    fw26 = (firmware_dir / FW_2026).read_bytes()
+    vm = make_vm(tmp_path / "vm", firmware_dir, boot_marker="NEVER-PRINTED", boot_timeout=3.0)
+    try:
+        install(vm, build_addon([("edk2-2026.08", fw26)]), launch=False)
+        with pytest.raises(RecoveryNeeded) as e:
+            install(vm, build_addon([("edk2-2025.02", (firmware_dir / FW_2025).read_bytes())]))
+        assert "not booted after 3s" in str(e.value)
+        assert "did not come back either" in str(e.value)
+        assert e.value.exit_code == 1
+        assert current_firmware(vm).data == fw26
+        assert status(vm)["consistent"]
+    finally:
+        stop_quietly(vm)
