@@ -1,9 +1,177 @@
-"""Sub-commands; filled in by the issue that owns them."""
+"""`firmgate serve`, `firmgate tenant add`, `firmgate secret put|list|rm`.
+
+The tenant and secret commands work on the broker's database directly (the
+operator's tools, run where the database and master key are); tenants use the
+admin API with their token for the same operations.
+"""
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+from pathlib import Path
 from typing import Any
+
+from verifier.errors import UsageError
+
+
+def _db_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--db", metavar="URL", default=os.environ.get("FIRMGATE_DB"),
+                   help="SQLAlchemy URL (default: sqlite file instance/firmgate.db, or FIRMGATE_DB)")
+    p.add_argument("--master-key-file", metavar="F", default=os.environ.get("FIRMGATE_MASTER_KEY_FILE"),
+                   help="32-byte master key file (or FIRMGATE_MASTER_KEY)")
+
+
+def _instance() -> Path:
+    # The same folder `create_app` uses for its default database and master key.
+    from flask import Flask
+    return Path(Flask("broker", instance_relative_config=True).instance_path)
+
+
+def _default_db() -> str:
+    return "sqlite:///" + str(_instance() / "firmgate.db")
+
+
+def _orm(args: argparse.Namespace) -> Any:
+    from sqlalchemy.orm import sessionmaker
+
+    from .db import make_engine, migrate
+    engine = make_engine(args.db or _default_db())
+    migrate(engine)
+    return sessionmaker(engine, expire_on_commit=False)()
+
+
+def _box(args: argparse.Namespace) -> Any:
+    from .secretbox import SecretBox, load_master_key
+    path = args.master_key_file
+    if not path and not os.environ.get("FIRMGATE_MASTER_KEY") and not args.db:
+        default = _instance() / "master.key"  # what `firmgate serve` creates by default
+        path = str(default) if default.is_file() else None
+    return SecretBox(load_master_key(path))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from . import create_app
+    cfg: dict[str, Any] = {"POLICIES_DIR": args.policies}
+    if args.db:
+        cfg["DATABASE_URL"] = args.db
+    if args.trust_root:
+        if not Path(args.trust_root).is_file():
+            raise UsageError(f"--trust-root {args.trust_root}: no such file")
+        cfg["TRUST_ROOT_PEM"] = args.trust_root
+        print("warning: trusting the simulated root in " + args.trust_root + "; results based on it are "
+              "not evidence of real AMD hardware", file=sys.stderr)
+    if args.master_key_file:
+        cfg["MASTER_KEY_FILE"] = args.master_key_file
+    if args.session_ttl:
+        cfg["SESSION_TTL"] = args.session_ttl
+    if not Path(args.policies).is_dir():
+        raise UsageError(f"--policies {args.policies}: no such directory")
+    app = create_app(cfg)
+    print(f"firmgate broker on http://{args.host}:{args.port} (development server; production: "
+          "gunicorn 'broker:create_app()')", file=sys.stderr)
+    from werkzeug.serving import run_simple
+    run_simple(args.host, args.port, app, threaded=True, use_reloader=False)
+    return 0
+
+
+def cmd_tenant_add(args: argparse.Namespace) -> int:
+    from . import audit, vault
+    orm = _orm(args)
+    token = vault.add_tenant(orm, args.tenant)
+    audit.record(orm, event="admin", outcome="ok", reason="tenant created (cli)", tenant=args.tenant)
+    print(f"tenant {args.tenant} created; its API token (shown once): ", file=sys.stderr)
+    print(token)
+    return 0
+
+
+def _read_value(args: argparse.Namespace) -> bytes:
+    if args.value is not None:
+        return args.value.encode()
+    if args.file:
+        try:
+            return Path(args.file).read_bytes()
+        except OSError as exc:
+            raise UsageError(f"cannot read {args.file}: {exc.strerror}") from exc
+    return sys.stdin.buffer.read()
+
+
+def cmd_secret_put(args: argparse.Namespace) -> int:
+    from . import audit, vault
+    path = vault.ResourcePath.parse(args.path)
+    value = _read_value(args)
+    if not value:
+        raise UsageError("empty secret value")
+    orm = _orm(args)
+    if not vault.tenant_exists(orm, path.repo):
+        raise UsageError(f"no tenant {path.repo}: run `firmgate tenant add {path.repo}` first")
+    replaced = vault.put_secret(orm, _box(args), path.repo, path, value)
+    audit.record(orm, event="admin", outcome="ok", reason="secret stored (cli)", tenant=path.repo,
+                 resource=str(path))
+    print(f"{'replaced' if replaced else 'stored'} {path}")
+    return 0
+
+
+def cmd_secret_list(args: argparse.Namespace) -> int:
+    from verifier.cli import print_json
+
+    from . import vault
+    rows = vault.list_secrets(_orm(args), args.tenant)
+    if args.json:
+        print_json(rows)
+    else:
+        for r in rows:
+            print(f"{r['path']}\t{r['size']} bytes")
+    return 0
+
+
+def cmd_secret_rm(args: argparse.Namespace) -> int:
+    from . import audit, vault
+    path = vault.ResourcePath.parse(args.path)
+    orm = _orm(args)
+    if not vault.rm_secret(orm, path.repo, path):
+        raise UsageError(f"no secret {path}")
+    audit.record(orm, event="admin", outcome="ok", reason="secret removed (cli)", tenant=path.repo,
+                 resource=str(path))
+    print(f"removed {path}")
+    return 0
 
 
 def register(sub: "argparse._SubParsersAction[Any]") -> None:
-    """Add this module's sub-commands (none yet)."""
+    p = sub.add_parser("serve", help="run the key broker (development server)")
+    p.add_argument("--policies", default=os.environ.get("FIRMGATE_POLICIES", "policies"), metavar="DIR")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--trust-root", metavar="PEM", default=os.environ.get("FIRMGATE_TRUST_ROOT"),
+                   help="also trust this (simulated) ARK; for demos and tests only")
+    p.add_argument("--session-ttl", type=int, metavar="S", help="session and nonce lifetime (default 300)")
+    _db_args(p)
+    p.set_defaults(func=cmd_serve)
+
+    t = sub.add_parser("tenant", help="manage broker tenants")
+    tsub = t.add_subparsers(dest="tenant_cmd", metavar="ACTION")
+    tsub.required = True
+    ta = tsub.add_parser("add", help="create a tenant and print its API token")
+    ta.add_argument("tenant")
+    _db_args(ta)
+    ta.set_defaults(func=cmd_tenant_add)
+
+    s = sub.add_parser("secret", help="manage a tenant's secrets")
+    ssub = s.add_subparsers(dest="secret_cmd", metavar="ACTION")
+    ssub.required = True
+    sp = ssub.add_parser("put", help="store a secret at TENANT/TYPE/TAG")
+    sp.add_argument("path", metavar="TENANT/TYPE/TAG")
+    src = sp.add_mutually_exclusive_group()
+    src.add_argument("--value", help="the value as text (else --file, else stdin)")
+    src.add_argument("--file", metavar="F")
+    _db_args(sp)
+    sp.set_defaults(func=cmd_secret_put)
+    sl = ssub.add_parser("list", help="list a tenant's secrets (no values)")
+    sl.add_argument("tenant")
+    sl.add_argument("--json", action="store_true")
+    _db_args(sl)
+    sl.set_defaults(func=cmd_secret_list)
+    sr = ssub.add_parser("rm", help="remove a secret")
+    sr.add_argument("path", metavar="TENANT/TYPE/TAG")
+    _db_args(sr)
+    sr.set_defaults(func=cmd_secret_rm)
