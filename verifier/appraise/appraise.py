@@ -1,0 +1,192 @@
+"""APPRAISE: a verified report + the tenant's policy in force -> Verdict.
+
+Every rule runs (no short-circuit) and gives one named CheckResult; the verdict
+keeps the verification's own checks first, so one list explains everything.
+The facts carry what an attestation result needs: status (affirming / warning /
+contraindicated), the AR4SI trustworthiness vector, the matched firmware and
+shape, product, signer, TCB, the policy's id and commit, and whether the
+platform was simulated.
+
+AR4SI: draft-ietf-rats-ar4si, section 2.3 (trustworthiness claims and their
+integer codes): 0 no claim; 2 affirming; 32..95 warning; 96..127 contraindicated.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Any
+
+from ..errors import FirmgateError
+from ..verdict import CheckResult, Outcome, Verdict
+from .checks import RULES, Context
+from .store import LoadedPolicy, PolicyStore
+
+log = logging.getLogger("firmgate.appraise")
+
+AFFIRMING, WARNING, CONTRAINDICATED = "affirming", "warning", "contraindicated"
+TRUST_CLAIMS = ("instance-identity", "configuration", "executables", "file-system", "hardware",
+                "runtime-opaque", "storage-opaque", "sourced-data")
+
+# Which AR4SI claim each check speaks to (checks not listed count towards "hardware":
+# they are the verification's chain / TCB / product checks).
+_CLAIM_OF: dict[str, str] = {
+    "report.signature": "instance-identity", "report.chip_id": "instance-identity",
+    "binding.report_data": "instance-identity", "report.report_data": "instance-identity",
+    "firmware.measurement": "executables", "firmware.revoked": "executables", "firmware.min_svn": "executables",
+    "firmware.supplied": "executables",
+    "guest.debug": "runtime-opaque",
+    "guest.migrate_ma": "configuration", "guest.smt": "configuration", "guest.single_socket": "configuration",
+    "guest.abi_min": "configuration", "guest.svn_min": "configuration", "guest.vmpl": "configuration",
+    "report.vmpl": "configuration", "binding.host_data": "configuration", "tcb.provisional": "configuration",
+    "tcb.committed_eq_current": "configuration",
+}
+# AR4SI codes per claim: (affirming, warning, contraindicated)
+_CODES: dict[str, tuple[int, int, int]] = {
+    "instance-identity": (2, 2, 96),   # 2 recognised, 96 not recognised (no warning tier defined)
+    "configuration": (2, 32, 96),      # 2 approved, 32 known vulnerabilities / unsafe-but-allowed, 96 unsupportable
+    "executables": (2, 32, 96),        # 2 approved executables only, 96 unrecognised or forbidden
+    "hardware": (2, 32, 96),           # 2 genuine, 32 known vulnerabilities (e.g. simulated, allowed), 96 contraindicated
+    "runtime-opaque": (2, 32, 96),     # 2 encrypted memory; debug on makes memory readable by the host
+}
+
+
+def trust_vector(checks: tuple[CheckResult, ...]) -> dict[str, int]:
+    """AR4SI vector: the worst outcome of the checks bearing on each claim; 0 = no claim made."""
+    worst: dict[str, Outcome] = {}
+    rank = {Outcome.SKIP: 0, Outcome.PASS: 1, Outcome.WARN: 2, Outcome.FAIL: 3}
+    for c in checks:
+        claim = _CLAIM_OF.get(c.name, "hardware")
+        if rank[c.outcome] > rank[worst.get(claim, Outcome.SKIP)]:
+            worst[claim] = c.outcome
+    out: dict[str, int] = {}
+    for claim in TRUST_CLAIMS:
+        o = worst.get(claim)
+        if o is None or o is Outcome.SKIP or claim not in _CODES:
+            out[claim] = 0
+        else:
+            a, w, x = _CODES[claim]
+            out[claim] = {Outcome.PASS: a, Outcome.WARN: w, Outcome.FAIL: x}[o]
+    return out
+
+
+def status_of(checks: tuple[CheckResult, ...]) -> str:
+    if not checks or any(c.outcome is Outcome.FAIL for c in checks):
+        return CONTRAINDICATED
+    if any(c.outcome is Outcome.WARN for c in checks):
+        return WARNING
+    return AFFIRMING
+
+
+def _supplied_check(loaded: LoadedPolicy, firmware: bytes) -> CheckResult:
+    """Firmware bytes that came with the evidence: extracted, accepted only if the policy lists their digest."""
+    try:
+        fw = loaded.add_firmware_bytes(firmware)
+    except FirmgateError as exc:
+        return CheckResult("firmware.supplied", Outcome.FAIL, f"firmware sent with the evidence refused: "
+                           f"{exc.diagnostics()}", "an allowed firmware digest", None)
+    return CheckResult("firmware.supplied", Outcome.PASS, f"firmware sent with the evidence is {fw.id} "
+                       f"(svn {fw.svn}); its measurements were added", fw.sha384, fw.sha384)
+
+
+def appraise(verified: Any, loaded: LoadedPolicy, *, expected_report_data: bytes | None = None,
+             expected_host_data: bytes | None = None, supplied_firmware: bytes | None = None) -> Verdict:
+    """Every rule of `loaded`'s policy applied to `verified` (a verifier.verify.VerifiedReport).
+
+    Never raises for a rejection: the reasons are the verdict's failed checks.
+    `supplied_firmware`: an add-on (or image) sent with the evidence; added to the
+    reference table first if its digest is allowed.
+    """
+    report = verified.report
+    pre: list[CheckResult] = []
+    if supplied_firmware is not None:
+        pre.append(_supplied_check(loaded, supplied_firmware))
+    table = loaded.table
+    match = table.lookup(report.measurement)
+    ctx = Context(verified=verified, policy=loaded.policy, match=match, missing_firmware=dict(table.missing),
+                  table_size=len(table), expected_report_data=expected_report_data,
+                  expected_host_data=expected_host_data)
+    results: list[CheckResult] = list(getattr(verified, "checks", ())) + pre
+    for rule in RULES:
+        try:
+            results.append(rule(ctx))
+        except Exception as exc:  # a rule bug must fail closed and name itself, never crash the broker
+            log.exception("rule %s raised", rule.__name__)
+            results.append(CheckResult(rule.__name__.replace("check_", "rule."), Outcome.FAIL,
+                                       f"rule could not be evaluated: {type(exc).__name__}"))
+    checks = tuple(results)
+    status = status_of(checks)
+    tcb = getattr(verified, "tcb", {}) or {}
+    facts: dict[str, Any] = {
+        "status": status,
+        "trust_vector": trust_vector(checks),
+        "tenant": loaded.tenant,
+        "policy": {"id": loaded.policy_id, "tenant": loaded.tenant, "commit": loaded.commit, "dirty": loaded.dirty,
+                   "sha256": loaded.digest},
+        "firmware": None if match is None else {"id": match.firmware.id, "svn": match.firmware.svn,
+                                                "sha384": match.firmware.sha384},
+        "shape": None if match is None else match.shape.key(),
+        "product": str(verified.product),
+        "signer": str(verified.signer),
+        "simulated": bool(getattr(verified, "simulated", False)),
+        "measurement": report.measurement.hex(),
+        "tcb": {k: v.to_dict() for k, v in tcb.items()},
+        "reasons": [c.message for c in checks if c.outcome is Outcome.FAIL],
+    }
+    return Verdict(checks=checks, evidence_sha384=hashlib.sha384(report.raw).hexdigest(),
+                   policy_id=loaded.policy_id, facts=facts)
+
+
+def release_allowed(loaded: LoadedPolicy, verdict: Verdict, resource_path: str) -> tuple[bool, str]:
+    """May the firmware this verdict matched receive `resource_path`, under the policy in force NOW?
+
+    The verdict may be minutes old (a bearer token): revocation and minimum svn are re-read
+    from `loaded`, so a policy change takes effect on the next resource request.
+    """
+    if not verdict.accepted:
+        return False, "the attestation was not accepted"
+    facts = verdict.facts or {}
+    if facts.get("tenant") != loaded.tenant:
+        return False, "the attestation was appraised for another tenant"
+    rule = loaded.policy.secret(resource_path)
+    if rule is None:
+        return False, f"the policy of tenant {loaded.tenant} lists no secret {resource_path}"
+    fwf = facts.get("firmware") or {}
+    fid, digest = fwf.get("id"), fwf.get("sha384")
+    if not isinstance(fid, str) or not isinstance(digest, str):
+        return False, "the attestation matched no firmware"
+    fw = loaded.policy.firmware_by_id(fid)
+    if fw is None or fw.sha384 != digest:
+        return False, f"firmware {fid} is no longer allowed by the policy"
+    if fw.id in loaded.policy.revoked:
+        return False, f"firmware {fid} is revoked"
+    if loaded.policy.min_firmware_svn is not None and fw.svn < loaded.policy.min_firmware_svn:
+        return False, f"firmware svn {fw.svn} below minimum {loaded.policy.min_firmware_svn}"
+    if rule.firmware is not None and fid not in rule.firmware:
+        return False, f"firmware {fid} may not receive {resource_path} (allowed: {', '.join(rule.firmware)})"
+    if rule.min_svn is not None and fw.svn < rule.min_svn:
+        return False, f"firmware svn {fw.svn} below minimum {rule.min_svn} for {resource_path}"
+    return True, f"firmware {fid} (svn {fw.svn}) may receive {resource_path}"
+
+
+def appraise_evidence(data: bytes, options: Any, store_or_loaded: PolicyStore | LoadedPolicy, tenant: str | None = None,
+                      *, expected_report_data: bytes | None = None, expected_host_data: bytes | None = None,
+                      firmware: bytes | None = None) -> Verdict:
+    """Parse + verify (raising EvidenceError / TrustError / FetchError as verify_report does), then appraise.
+
+    `data`: a raw report or any evidence JSON `verifier.evidence.load_evidence` reads.
+    `store_or_loaded`: a PolicyStore (then `tenant` is required) or one LoadedPolicy.
+    `firmware`: add-on or image bytes sent with the evidence (see appraise's supplied_firmware).
+    """
+    from ..evidence import load_evidence
+    from ..verify import verify_report
+    if isinstance(store_or_loaded, PolicyStore):
+        if tenant is None:
+            raise FirmgateError("a tenant is needed to pick the policy")
+        loaded = store_or_loaded.get(tenant)
+    else:
+        loaded = store_or_loaded
+        if tenant is not None and tenant != loaded.tenant:
+            raise FirmgateError(f"policy is for tenant {loaded.tenant!r}, not {tenant!r}")
+    verified = verify_report(load_evidence(data), options)
+    return appraise(verified, loaded, expected_report_data=expected_report_data,
+                    expected_host_data=expected_host_data, supplied_firmware=firmware)

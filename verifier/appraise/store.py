@@ -1,0 +1,266 @@
+"""Tenants' policies from a git working tree: load, reload on change, keep the last good one.
+
+`PolicyStore(directory)` loads every `<tenant>.toml` in `directory` and records
+the commit (`git rev-parse HEAD`) and whether the file differs from it (dirty),
+so every verdict can name the exact policy it used. `refresh()` is cheap (a
+stat per file, at most once per `min_interval` seconds) and runs inside
+`get()`, so a change on disk is picked up without a restart. A changed file
+that fails the check is refused: the last good policy stays in force, the
+errors are kept (`last_errors(tenant)`) and logged. A deleted file removes the
+tenant (deleting is a deliberate change, not a broken one).
+
+Thread-safe: the broker's worker threads share one store.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import FirmgateError, FirmwareError, PolicyErrors, PolicyFileError
+from .policy import FirmwareEntry, TenantPolicy, load_policy_file
+from .reference import ReferenceTable, extract_firmware
+
+log = logging.getLogger("firmgate.policy")
+
+GIT_TIMEOUT_S = 10
+MAX_UPLOADED = 64          # firmware images (bytes) the store keeps for "uploaded" entries
+
+
+class UnknownTenant(FirmgateError):
+    """No usable policy for this tenant (no file, or it never passed the check)."""
+
+    exit_code = 2
+
+
+@dataclass
+class LoadedPolicy:
+    """One tenant's policy in force, with where it came from and its reference table."""
+
+    policy: TenantPolicy
+    commit: str | None            # git HEAD when loaded; None outside a git work tree
+    dirty: bool                   # the file differs from HEAD (or is untracked)
+    table: ReferenceTable
+    loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def tenant(self) -> str:
+        return self.policy.tenant
+
+    @property
+    def digest(self) -> str:
+        return self.policy.digest
+
+    @property
+    def policy_id(self) -> str:
+        """Changes whenever the policy in force changes: tenant@commit, plus the file digest if dirty."""
+        if self.commit and not self.dirty:
+            return f"{self.tenant}@{self.commit}"
+        base = f"{self.tenant}@{self.commit}+dirty" if self.commit else f"{self.tenant}"
+        return f"{base}:sha256:{self.digest}"
+
+    def allows_firmware_digest(self, sha384_hex: str) -> bool:
+        fw = self.policy.firmware_by_digest(sha384_hex)
+        return fw is not None and fw.id not in self.policy.revoked
+
+    def add_firmware_bytes(self, data: bytes, fwid: str | None = None) -> FirmwareEntry:
+        """Firmware that came with the evidence or an upload: extracted, accepted only if allowed, measured."""
+        return self.table.add_firmware_bytes(data, fwid)
+
+
+def _git(directory: Path, *args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(directory), *args], capture_output=True, timeout=GIT_TIMEOUT_S,
+                             check=False, env={**os.environ, "GIT_OPTIONAL_LOCKS": "0", "LC_ALL": "C"})
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.decode("utf-8", "replace")
+
+
+def git_state(directory: Path) -> tuple[str | None, set[str]]:
+    """(HEAD commit or None, absolute paths under `directory` that differ from HEAD or are untracked)."""
+    head = _git(directory, "rev-parse", "--verify", "-q", "HEAD")
+    top = _git(directory, "rev-parse", "--show-toplevel")
+    if head is None or top is None:
+        return None, set()
+    status = _git(directory, "status", "--porcelain=v1", "-z", "--untracked-files=all", "--", ".") or ""
+    dirty: set[str] = set()
+    root = Path(top.strip())
+    entries = status.split("\0")
+    i = 0
+    while i < len(entries):
+        e = entries[i]
+        i += 1
+        if len(e) < 4:
+            continue
+        code, path = e[:2], e[3:]
+        if "R" in code or "C" in code:
+            i += 1  # the rename's source path follows
+        dirty.add(str((root / path).resolve()))
+    return head.strip(), dirty
+
+
+def _stat_key(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+class PolicyStore:
+    def __init__(self, directory: str | Path, *, cache_dir: str | Path | None = None,
+                 min_interval: float = 1.0) -> None:
+        self.directory = Path(directory)
+        if not self.directory.is_dir():
+            raise UnknownTenant(f"policy directory {self.directory} does not exist")
+        self.min_interval = min_interval
+        self._cache: Any = None
+        if cache_dir is not None:
+            from ..measure.cache import MeasurementCache
+            self._cache = MeasurementCache(cache_dir)
+        self._lock = threading.RLock()
+        self._loaded: dict[str, LoadedPolicy] = {}
+        self._errors: dict[str, list[PolicyFileError]] = {}
+        self._seen: dict[str, tuple[int, int, int] | None] = {}   # tenant -> stat key of the file last read
+        self._head_seen: tuple[int, int, int] | None = None
+        self._gitdir: Path | None = None
+        self._gitdir_checked = False
+        self._checked_at = 0.0
+        self._uploaded: dict[str, bytes] = {}   # sha384 hex -> firmware payload, survives reloads
+        self.refresh(force=True)
+
+    # -- reading -------------------------------------------------------------------
+    def tenants(self) -> list[str]:
+        self.refresh()
+        with self._lock:
+            return sorted(self._loaded)
+
+    def get(self, tenant: str, *, refresh: bool = True) -> LoadedPolicy:
+        if refresh:
+            self.refresh()
+        with self._lock:
+            loaded = self._loaded.get(tenant)
+            if loaded is None:
+                errs = self._errors.get(tenant)
+                if errs:
+                    raise PolicyErrors(errs)
+                raise UnknownTenant(f"no policy for tenant {tenant!r}")
+            return loaded
+
+    def last_errors(self, tenant: str) -> list[PolicyFileError]:
+        """Errors of the tenant's newest file if it was refused (empty when the file in force is current)."""
+        with self._lock:
+            return list(self._errors.get(tenant, ()))
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            return {t: {"policy_id": lp.policy_id, "commit": lp.commit, "dirty": lp.dirty,
+                        "loaded_at": lp.loaded_at, "refused": [e.diagnostics() for e in self._errors.get(t, ())]}
+                    for t, lp in self._loaded.items()} | {
+                t: {"policy_id": None, "refused": [e.diagnostics() for e in errs]}
+                for t, errs in self._errors.items() if t not in self._loaded}
+
+    # -- reloading -----------------------------------------------------------------
+    def _head_key(self) -> tuple[int, int, int] | None:
+        # HEAD moves when a commit lands; its reflog file changes on every commit and checkout.
+        if not self._gitdir_checked:
+            gitdir = _git(self.directory, "rev-parse", "--absolute-git-dir")
+            self._gitdir = Path(gitdir.strip()) if gitdir else None
+            self._gitdir_checked = True
+        gd = self._gitdir
+        if gd is None:
+            return None
+        return _stat_key(gd / "logs" / "HEAD") or _stat_key(gd / "HEAD")
+
+    def refresh(self, *, force: bool = False) -> bool:
+        """Pick up changed, new and deleted policy files. Returns True if anything was (re)considered."""
+        now = time.monotonic()
+        with self._lock:
+            if not force and now - self._checked_at < self.min_interval:
+                return False
+            self._checked_at = now
+            files = {p.stem: p for p in sorted(self.directory.glob("*.toml")) if p.is_file()}
+            keys = {t: _stat_key(p) for t, p in files.items()}
+            head_key = self._head_key()
+            head_moved = head_key != self._head_seen
+            changed = [t for t in files if keys[t] != self._seen.get(t, ())]
+            removed = [t for t in list(self._loaded) + list(self._errors) if t not in files]
+            if not changed and not removed and not head_moved:
+                return False
+            self._head_seen = head_key
+            for t in set(removed):
+                self._loaded.pop(t, None)
+                self._errors.pop(t, None)
+                self._seen.pop(t, None)
+                log.info("policy for tenant %s removed (file deleted)", t)
+            commit, dirty = git_state(self.directory)
+            for t in changed:
+                self._reload(t, files[t], keys[t], commit, dirty)
+            if head_moved:  # same bytes, new commit: the verdict must name the new commit
+                for t, lp in list(self._loaded.items()):
+                    if t in changed or t not in files:
+                        continue
+                    is_dirty = str(files[t].resolve()) in dirty
+                    if (lp.commit, lp.dirty) != (commit, is_dirty):
+                        self._loaded[t] = LoadedPolicy(lp.policy, commit, is_dirty, lp.table, lp.loaded_at)
+            return True
+
+    def _reload(self, tenant: str, path: Path, key: tuple[int, int, int] | None, commit: str | None,
+                dirty: set[str]) -> None:
+        self._seen[tenant] = key
+        policy, errors = load_policy_file(path)
+        table: ReferenceTable | None = None
+        if policy is not None:
+            try:
+                table = ReferenceTable(policy, self._cache)
+                table.load_files()
+                for digest, payload in self._uploaded.items():
+                    fw = policy.firmware_by_digest(digest)
+                    if fw is not None and fw.id not in policy.revoked:
+                        table.add_payload(fw, payload)
+            except FirmgateError as exc:
+                errors = [PolicyFileError(str(path), None, "firmware", exc.diagnostics())]
+        if errors or policy is None or table is None:
+            self._errors[tenant] = errors
+            if tenant in self._loaded:
+                log.warning("policy change for tenant %s refused; keeping %s in force:\n%s", tenant,
+                            self._loaded[tenant].policy_id, "\n".join(e.diagnostics() for e in errors))
+            else:
+                log.warning("policy for tenant %s refused (no earlier good version):\n%s", tenant,
+                            "\n".join(e.diagnostics() for e in errors))
+            return
+        self._errors.pop(tenant, None)
+        lp = LoadedPolicy(policy, commit, str(path.resolve()) in dirty, table)
+        previous = self._loaded.get(tenant)
+        self._loaded[tenant] = lp
+        log.info("policy for tenant %s loaded: %s (%d reference measurements)%s", tenant, lp.policy_id,
+                 len(table), f", replacing {previous.policy_id}" if previous else "")
+
+    # -- firmware arriving from outside ----------------------------------------------------
+    def add_firmware(self, data: bytes, fwid: str | None = None) -> list[str]:
+        """Firmware bytes (an add-on or an image) for every tenant whose policy allows their digest.
+
+        Returns the tenants that accepted it; raises FirmwareError if none does.
+        """
+        payload = extract_firmware(data, fwid)
+        digest = hashlib.sha384(payload).hexdigest()
+        accepted: list[str] = []
+        with self._lock:
+            for t, lp in self._loaded.items():
+                if lp.allows_firmware_digest(digest):
+                    lp.table.add_firmware_bytes(payload)
+                    accepted.append(t)
+            if not accepted:
+                raise FirmwareError(f"firmware sha384 {digest[:16]}... is not allowed by any tenant's policy")
+            if digest not in self._uploaded and len(self._uploaded) < MAX_UPLOADED:
+                self._uploaded[digest] = payload
+        return accepted
