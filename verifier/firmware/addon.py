@@ -18,8 +18,10 @@ NUL-terminated strings.
 """
 from __future__ import annotations
 
+import array
 import hashlib
 import struct
+import sys
 import uuid
 from dataclasses import dataclass
 from typing import Sequence
@@ -388,9 +390,16 @@ def build_addon(entries: Sequence[tuple[str, bytes]], *,
     image = bytes(dos) + b"PE\0\0" + coff + opt + table
     image += bytes(size_of_headers - len(image)) + body
 
-    # Let pefile compute the PE checksum: it is the reference we read with.
-    pe = pefile.PE(data=image, fast_load=True)
-    pe.OPTIONAL_HEADER.CheckSum = pe.generate_checksum()
-    out = bytes(pe.write())
-    pe.close()
-    return out
+    # PE/COFF "CheckSum": 16-bit ones'-complement sum of the file (CheckSum field
+    # counted as zero, which it is here) plus the file length. Summing first and
+    # folding after equals the word-by-word end-around-carry loop (pefile's
+    # generate_checksum, which tests compare against), in a fraction of the time.
+    words = array.array("H", image)
+    if sys.byteorder == "big":
+        words.byteswap()
+    total = sum(words)
+    while total > 0xFFFF:
+        total = (total & 0xFFFF) + (total >> 16)
+    checksum = total + len(image)
+    checksum_at = pe_offset + 4 + 20 + 64
+    return image[:checksum_at] + struct.pack("<I", checksum) + image[checksum_at + 4:]
