@@ -7,7 +7,6 @@ inside verifier types beyond what this module extracts into `Attested`.
 from __future__ import annotations
 
 import hashlib
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,9 +26,22 @@ class Attested:
     handle: Any = field(repr=False, compare=False)  # the verifier's VerifiedReport, for appraisal
 
 
+@dataclass(frozen=True)
+class Parsed:
+    """Evidence that parsed, not yet verified: enough to check the bindings before any signature work."""
+
+    report_data: bytes
+    host_data: bytes
+    measurement: bytes
+    handle: Any = field(repr=False, compare=False)  # the verifier's Evidence
+
+
 class Appraiser(Protocol):
-    def verify(self, primary_evidence: Any) -> Attested:
-        """Parse and verify (chain + signature); raises FirmgateError with the reason."""
+    def parse(self, primary_evidence: Any) -> Parsed:
+        """Parse the guest's primary evidence; raises FirmgateError (EvidenceError) with the reason."""
+
+    def verify(self, parsed: Parsed) -> Attested:
+        """Verify chain and signature; raises FirmgateError with the reason."""
 
     def tenants(self) -> list[str]:
         """Tenants that have a loadable policy."""
@@ -48,12 +60,8 @@ class Appraiser(Protocol):
         sha384 digests of the firmware images taken. Raises FirmwareError when no policy allows them."""
 
 
-def _report_of(verified: Any) -> Any:
-    return getattr(verified, "report", verified)
-
-
 def snp_claims(report: Any) -> dict[str, Any]:
-    """The `snp` part of the EAR annotated evidence (Trustee-like names), from a parsed report."""
+    """The `snp` part of the EAR annotated evidence (Trustee's names), from a parsed AttestationReport."""
     pol = report.policy
     claims: dict[str, Any] = {
         "measurement": report.measurement.hex(),
@@ -63,66 +71,70 @@ def snp_claims(report: Any) -> dict[str, Any]:
         "reported_tcb": f"{report.reported_tcb:016x}",
         "guest_svn": report.guest_svn,
         "vmpl": report.vmpl,
-        "policy": int(getattr(pol, "value", getattr(pol, "raw", 0)) or 0) if not isinstance(pol, int) else pol,
+        "policy_abi_major": pol.abi_major,
+        "policy_abi_minor": pol.abi_minor,
+        "policy_smt_allowed": pol.smt,
+        "policy_migrate_ma": pol.migrate_ma,
+        "policy_debug_allowed": pol.debug,
+        "policy_single_socket": pol.single_socket,
     }
-    for name in ("debug", "migrate_ma", "smt", "single_socket", "abi_major", "abi_minor"):
-        if hasattr(pol, name):
-            claims[f"policy_{name}"] = getattr(pol, name)
     return claims
 
 
 class VerifierAppraiser:
     """The real verifier, with the tenants' policies from a directory (re-read when they change)."""
 
-    def __init__(self, policies_dir: str, trust_root_pem: str | None = None) -> None:
+    def __init__(self, policies_dir: str, trust_root_pem: str | None = None, kds_cache: str | None = None,
+                 kds_offline: bool = True, measure_cache: str | None = None) -> None:
+        from verifier.appraise.store import PolicyStore
         self.policies_dir = Path(policies_dir)
-        self.trust_root_pem = trust_root_pem
-        self._lock = threading.Lock()
-        from verifier.appraise.store import PolicyStore  # landed by the policy issue
-        self._store = PolicyStore(self.policies_dir)
-        self._options = self._make_options()
+        self._options = self._make_options(trust_root_pem, kds_cache, kds_offline)
+        self._store = PolicyStore(self.policies_dir, cache_dir=measure_cache)
 
-    def _make_options(self) -> Any:
-        from verifier import options as vopts
-        kwargs: dict[str, Any] = {}
-        if self.trust_root_pem:
-            kwargs["trust_root_pem"] = Path(self.trust_root_pem).read_bytes()
-        return vopts.default_options(**kwargs)
+    @staticmethod
+    def _make_options(trust_root_pem: str | None, kds_cache: str | None, kds_offline: bool) -> Any:
+        from cryptography import x509
 
-    def verify(self, primary_evidence: Any) -> Attested:
+        from verifier.options import default_options
+        root = None
+        if trust_root_pem:
+            try:
+                root = x509.load_pem_x509_certificate(Path(trust_root_pem).read_bytes())
+            except (OSError, ValueError) as exc:
+                raise EvidenceError(f"--trust-root {trust_root_pem}: not a readable PEM certificate") from exc
+        return default_options(trust_root=root, kds_cache=Path(kds_cache) if kds_cache else None,
+                               offline=kds_offline)
+
+    def parse(self, primary_evidence: Any) -> Parsed:
         from verifier.evidence import evidence_from_json
-        from verifier.verify import verify_report
         try:
             evidence = evidence_from_json(primary_evidence)
         except FirmgateError:
             raise
-        except (ValueError, TypeError, KeyError) as exc:  # a parser bug must not become a 500
-            raise EvidenceError(f"evidence does not parse: {exc}") from exc
-        verified = verify_report(evidence, self._options)
-        report = _report_of(verified)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:  # a parser gap must not become a 500
+            raise EvidenceError(f"evidence does not parse: {type(exc).__name__}") from exc
+        r = evidence.report
+        return Parsed(bytes(r.report_data), bytes(r.host_data), bytes(r.measurement), evidence)
+
+    def verify(self, parsed: Parsed) -> Attested:
+        from verifier.verify import verify_report
+        verified = verify_report(parsed.handle, self._options)
+        report = verified.report
         return Attested(report_data=bytes(report.report_data), host_data=bytes(report.host_data),
                         measurement=bytes(report.measurement), snp_claims=snp_claims(report), handle=verified)
 
     def tenants(self) -> list[str]:
-        return sorted(p.stem for p in self.policies_dir.glob("*.toml"))
+        return list(self._store.tenants())
 
     def _loaded(self, tenant: str) -> Any | None:
-        if not (self.policies_dir / f"{tenant}.toml").is_file():
+        try:
+            return self._store.get(tenant)
+        except FirmgateError:  # no file, or never a good version: no policy
             return None
-        with self._lock:
-            try:
-                return self._store.get(tenant)
-            except FirmgateError:
-                return None
 
     def policy_id(self, tenant: str) -> str | None:
         loaded = self._loaded(tenant)
-        if loaded is None:
-            return None
-        pid = getattr(loaded, "policy_id", None) or getattr(loaded, "digest", None)
-        if pid:
-            return str(pid)
-        return hashlib.sha256((self.policies_dir / f"{tenant}.toml").read_bytes()).hexdigest()
+        return None if loaded is None else str(loaded.policy_id)
 
     def appraise(self, attested: Attested, tenant: str, expected_report_data: bytes) -> Verdict:
         from verifier.appraise.appraise import appraise
@@ -140,5 +152,8 @@ class VerifierAppraiser:
         return bool(ok), str(why)
 
     def add_firmware(self, data: bytes) -> list[str]:
-        with self._lock:
-            return list(self._store.add_firmware(data))
+        from verifier.appraise.reference import extract_firmware
+        payload = extract_firmware(data)  # FirmwareError for something that is no firmware
+        self._store.add_firmware(data)    # FirmwareError unless some policy allows the digest
+        # The digest only: which tenants took it is not the uploader's business.
+        return [hashlib.sha384(payload).hexdigest()]

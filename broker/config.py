@@ -8,6 +8,9 @@ DEFAULTS: dict[str, Any] = {
     "DATABASE_URL": None,            # None: sqlite file firmgate.db in the instance folder
     "POLICIES_DIR": "policies",
     "TRUST_ROOT_PEM": None,          # a simulated platform's root; trusted only when set
+    "MEASURE_CACHE": None,           # directory for the reference-measurement cache; None: no cache
+    "KDS_CACHE": None,               # directory for AMD KDS certificates; None: no KDS access
+    "KDS_OFFLINE": True,             # True: only what is already in KDS_CACHE (no network)
     "MASTER_KEY": None,              # 32 bytes; or MASTER_KEY_FILE; or FIRMGATE_MASTER_KEY
     "MASTER_KEY_FILE": None,
     "OPERATOR_TOKEN": None,          # bearer token for tenant creation over the admin API
@@ -25,6 +28,9 @@ ENV: dict[str, tuple[str, Any]] = {
     "FIRMGATE_DB": ("DATABASE_URL", str),
     "FIRMGATE_POLICIES": ("POLICIES_DIR", str),
     "FIRMGATE_TRUST_ROOT": ("TRUST_ROOT_PEM", str),
+    "FIRMGATE_MEASURE_CACHE": ("MEASURE_CACHE", str),
+    "FIRMGATE_KDS_CACHE": ("KDS_CACHE", str),
+    "FIRMGATE_KDS_OFFLINE": ("KDS_OFFLINE", lambda v: v.lower() not in ("0", "false", "no")),
     "FIRMGATE_MASTER_KEY_FILE": ("MASTER_KEY_FILE", str),
     "FIRMGATE_OPERATOR_TOKEN": ("OPERATOR_TOKEN", str),
     "FIRMGATE_SESSION_TTL": ("SESSION_TTL", int),

@@ -181,14 +181,22 @@ def attest() -> Response:
     if st.appraiser is None:
         raise fail(st.appraiser_error or "appraisal unavailable")
     try:
-        attested = st.appraiser.verify(primary)
+        parsed = st.appraiser.parse(primary)
     except FirmgateError as exc:
         raise fail(f"evidence rejected: {exc.diagnostics()}") from None
-    measurement = attested.measurement.hex()
+    measurement = parsed.measurement.hex()
     try:
-        check_report_data(attested.report_data, expected)
+        # The bindings first: cheap, and a replayed or foreign report stops here.
+        check_report_data(parsed.report_data, expected)
         if host_expected is not None:
-            check_host_data(attested.host_data, host_expected)
+            check_host_data(parsed.host_data, host_expected)
+    except FirmgateError as exc:
+        raise fail(exc.diagnostics(), measurement) from None
+    try:
+        attested = st.appraiser.verify(parsed)
+    except FirmgateError as exc:
+        raise fail(f"evidence rejected: {exc.diagnostics()}", measurement) from None
+    try:
         _guest_firmware(st, orm, additional, sid)
     except FirmgateError as exc:
         raise fail(exc.diagnostics(), measurement) from None
@@ -276,7 +284,7 @@ def _verdict_for(st: BrokerState, orm: OrmSession, row: Session, tenant: str, po
     assert st.appraiser is not None
     if not row.evidence_json:
         return None
-    attested = st.appraiser.verify(json.loads(row.evidence_json))
+    attested = st.appraiser.verify(st.appraiser.parse(json.loads(row.evidence_json)))
     return _appraise_into(st, orm, row, attested, tenant, policy_id)
 
 

@@ -59,7 +59,9 @@ def _appraiser(app: Flask) -> tuple[Appraiser | None, str | None]:
         return app.config["APPRAISER"], None
     try:
         from .appraisal import VerifierAppraiser
-        return VerifierAppraiser(app.config["POLICIES_DIR"], app.config.get("TRUST_ROOT_PEM")), None
+        return VerifierAppraiser(app.config["POLICIES_DIR"], app.config.get("TRUST_ROOT_PEM"),
+                                 app.config.get("KDS_CACHE"), bool(app.config.get("KDS_OFFLINE", True)),
+                                 app.config.get("MEASURE_CACHE")), None
     except Exception as exc:  # noqa: BLE001 - the broker still serves admin/ops routes; attest says why
         log.error("appraisal unavailable: %s", exc)
         return None, f"appraisal unavailable: {exc}"

@@ -18,7 +18,7 @@ from test_broker_support import (KBS_ERR, Guest, LiveServer, DbSpec, admin, db, 
                                  http, random_master_key)
 
 from broker import create_app
-from broker.appraisal import Attested
+from broker.appraisal import Attested, Parsed
 from verifier.errors import FirmwareError, MalformedReport
 from verifier.verdict import CheckResult, Outcome, Verdict
 
@@ -36,11 +36,16 @@ class FakeAppraiser:
         self.firmware: set[str] = set()
         self.verify_calls = 0
 
-    def verify(self, primary: Any) -> Attested:
-        self.verify_calls += 1
+    def parse(self, primary: Any) -> Parsed:
         if not isinstance(primary, dict) or not isinstance(primary.get("fake"), dict):
             raise MalformedReport("not fake evidence")
         f = primary["fake"]
+        return Parsed(bytes.fromhex(f["report_data"]), bytes.fromhex(f.get("host_data", "00" * 32)),
+                      bytes.fromhex(f["measurement"]), f)
+
+    def verify(self, parsed: Parsed) -> Attested:
+        self.verify_calls += 1
+        f = parsed.handle
         return Attested(report_data=bytes.fromhex(f["report_data"]), host_data=bytes.fromhex(f.get("host_data", "00" * 32)),
                         measurement=bytes.fromhex(f["measurement"]), snp_claims={"measurement": f["measurement"]},
                         handle=f)
