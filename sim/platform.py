@@ -116,10 +116,11 @@ class SimPlatform:
         self.chip_id = (chip_id if chip_id is not None else default_chip).ljust(64, b"\0")
         self.hwid = hwid if hwid is not None else self.chip_id[:hw_size]
         p = self.product.value
-        label = f"{p}-{key_label}"
-        self.ark_key = _rsa_key(f"ark-{label}")
-        self.int_key = _rsa_key(f"{'ask' if signer == 'VCEK' else 'asvk'}-{label}")
-        self.leaf_key = _ec_key(f"{signer}-{label}", leaf_curve)
+        # RSA keys are shared across products (keygen dominates test time); a key_label gives a
+        # platform keys of its own (e.g. a second, untrusted root).
+        self.ark_key = _rsa_key(f"ark-{key_label}")
+        self.int_key = _rsa_key(f"{'ask' if signer == 'VCEK' else 'asvk'}-{key_label}")
+        self.leaf_key = _ec_key(f"{signer}-{p}-{key_label}", leaf_curve)
         start = self.now - dt.timedelta(days=365)
         far = self.now + dt.timedelta(days=365 * 20)
         self.ark = self._ca_cert(_name(f"SIM-ARK-{p}"), _name(f"SIM-ARK-{p}"), self.ark_key, self.ark_key,

@@ -3,21 +3,37 @@
 Every real VCEK/VLEK has serial number 0, which RFC 5280 forbids. cryptography
 50 still loads it but emits a CryptographyDeprecationWarning on load and on
 `.serial_number`. firmgate accepts such certificates on purpose (they are what
-AMD issues), so that one warning is silenced here, by its exact message, for
-the whole process; all other warnings still reach the user.
+AMD issues), so that one warning is silenced, by its exact category and message:
+process-wide at import, and again around each load (pytest and `-W` reset the
+global filters). All other warnings still reach the user.
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import warnings
+from typing import Iterator
 
 from cryptography import x509
 from cryptography.utils import CryptographyDeprecationWarning
 
 from .errors import CertificateFormatError
 
-warnings.filterwarnings("ignore", message=r"Parsed a serial number which wasn't positive",
-                        category=CryptographyDeprecationWarning)
+_SERIAL_WARNING = r"Parsed a serial number which wasn't positive"
+warnings.filterwarnings("ignore", message=_SERIAL_WARNING, category=CryptographyDeprecationWarning)
+
+
+@contextlib.contextmanager
+def _serial_zero_ok() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_SERIAL_WARNING, category=CryptographyDeprecationWarning)
+        yield
+
+
+def serial_number(cert: x509.Certificate) -> int:
+    """cert.serial_number without the serial-0 deprecation warning."""
+    with _serial_zero_ok():
+        return cert.serial_number
 
 MAX_CERT_SIZE = 16 * 1024          # a VCEK is ~1.4 KB, an ARK ~1.6 KB; bound hostile input
 MAX_CERTS = 16                     # per file or table
@@ -49,7 +65,8 @@ def load_certificates(data: bytes, what: str = "certificates") -> list[x509.Cert
             if len(certs) >= MAX_CERTS:
                 raise CertificateFormatError(f"{what}: more than {MAX_CERTS} certificates")
             try:
-                certs.append(x509.load_pem_x509_certificate(m.group(0)))
+                with _serial_zero_ok():
+                    certs.append(x509.load_pem_x509_certificate(m.group(0)))
             except ValueError as exc:
                 raise CertificateFormatError(f"{what}: a PEM certificate does not parse: {exc}") from exc
         if not certs:
@@ -58,7 +75,8 @@ def load_certificates(data: bytes, what: str = "certificates") -> list[x509.Cert
     if len(data) > MAX_CERT_SIZE:
         raise CertificateFormatError(f"{what}: {len(data)} bytes is too large for one DER certificate")
     try:
-        return [x509.load_der_x509_certificate(data)]
+        with _serial_zero_ok():
+            return [x509.load_der_x509_certificate(data)]
     except ValueError as exc:
         raise CertificateFormatError(f"{what}: not a DER or PEM certificate ({exc})") from exc
 

@@ -29,7 +29,7 @@ from cryptography.x509.oid import SignatureAlgorithmOID
 
 from .abi.fields import Product, SigningKey, TcbVersion
 from .abi.report import SIGNED_SIZE, AttestationReport
-from .certs import common_name, load_certificates, load_crl
+from .certs import common_name, load_certificates, load_crl, serial_number
 from .errors import CertificateFormatError, ChainError, ExpiredError, RevokedError, SignatureError
 from .evidence import Evidence
 from .kds import AmdLeafInfo, parse_leaf
@@ -278,14 +278,16 @@ def _revocation(options: VerifyOptions, evidence: Evidence, product: Product, ki
             raise ChainError(f"no CRL issued by {common_name(root)!r} was given or found, and a CRL check was asked for")
         return CheckResult("cert.revocation", Outcome.SKIP, "no CRL given; revocation not checked")
     for crl in mine:
-        if _CRL_CACHE.get((crl, root)) is None:
+        crl_key = (hashlib.sha256(crl.public_bytes(Encoding.DER)).digest(), root)   # CRLs are not hashable
+        if _CRL_CACHE.get(crl_key) is None:
             _check_pss_signed(crl, root, "CRL")
-            _CRL_CACHE.put((crl, root), True)
+            _CRL_CACHE.put(crl_key, True)
         if crl.next_update_utc is not None and now > crl.next_update_utc and options.check_crl:
             raise ChainError(f"the CRL from {common_name(root)!r} is stale (next update {crl.next_update_utc:%Y-%m-%d})")
         for name, cert in (("ASK/ASVK", inter), (kind, leaf)):
-            if crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None:
-                raise RevokedError(f"{name} {common_name(cert)!r} (serial {cert.serial_number}) is revoked by the "
+            serial = serial_number(cert)
+            if crl.get_revoked_certificate_by_serial_number(serial) is not None:
+                raise RevokedError(f"{name} {common_name(cert)!r} (serial {serial}) is revoked by the "
                                    f"CRL of {common_name(root)!r}")
     return CheckResult("cert.revocation", Outcome.PASS, f"not revoked (CRL of {common_name(root)!r})")
 
