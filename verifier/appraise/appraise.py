@@ -77,6 +77,31 @@ def status_of(checks: tuple[CheckResult, ...]) -> str:
     return AFFIRMING
 
 
+def snp_claims(report: Any, reported: Any | None) -> dict[str, Any]:
+    """The `snp` part of an EAR's annotated evidence, with the claim names Trustee's SNP verifier uses."""
+    pol = report.policy
+    out: dict[str, Any] = {
+        "measurement": report.measurement.hex(),
+        "report_data": report.report_data.hex(),
+        "host_data": report.host_data.hex(),
+        "chip_id": report.chip_id.hex(),
+        "guest_svn": report.guest_svn,
+        "vmpl": report.vmpl,
+        "policy_abi_major": pol.abi_major,
+        "policy_abi_minor": pol.abi_minor,
+        "policy_smt_allowed": pol.smt,
+        "policy_migrate_ma": pol.migrate_ma,
+        "policy_debug_allowed": pol.debug,
+        "policy_single_socket": pol.single_socket,
+        "platform_smt_enabled": report.platform_info.smt_en,
+        "platform_tsme_enabled": report.platform_info.tsme_en,
+    }
+    if reported is not None:
+        for k, v in reported.components().items():
+            out[f"reported_tcb_{k}"] = v
+    return out
+
+
 def _supplied_check(loaded: LoadedPolicy, firmware: bytes) -> CheckResult:
     """Firmware bytes that came with the evidence: extracted, accepted only if the policy lists their digest."""
     try:
@@ -130,6 +155,9 @@ def appraise(verified: Any, loaded: LoadedPolicy, *, expected_report_data: bytes
         "simulated": bool(getattr(verified, "simulated", False)),
         "measurement": report.measurement.hex(),
         "tcb": {k: v.to_dict() for k, v in tcb.items()},
+        "report_data": report.report_data.hex(),
+        "host_data": report.host_data.hex(),
+        "snp": snp_claims(report, tcb.get("reported")),
         "reasons": [c.message for c in checks if c.outcome is Outcome.FAIL],
     }
     return Verdict(checks=checks, evidence_sha384=hashlib.sha384(report.raw).hexdigest(),

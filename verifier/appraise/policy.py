@@ -291,13 +291,14 @@ def _floors(errs: _Errors, path: P, v: Any, products: tuple[Product, ...] | None
     return tuple(out)
 
 
-def _firmware(errs: _Errors, doc: dict[str, Any]) -> tuple[tuple[FirmwareEntry, ...], int | None, frozenset[str]]:
+def _firmware(errs: _Errors, doc: dict[str, Any]
+              ) -> tuple[list[tuple[int, FirmwareEntry]], int | None, frozenset[str]]:
     if "firmware" not in doc:
         errs.add(("firmware",), "missing [firmware] (with at least one [[firmware.allowed]] entry)")
-        return (), None, frozenset()
+        return [], None, frozenset()
     fw = _table(errs, ("firmware",), doc["firmware"], {"allowed", "revoked", "min_svn"})
     min_svn = _int(errs, ("firmware", "min_svn"), fw["min_svn"], 0, 2**32 - 1) if "min_svn" in fw else None
-    entries: list[FirmwareEntry] = []
+    entries: list[tuple[int, FirmwareEntry]] = []   # (index in firmware.allowed, entry)
     seen_ids: dict[str, int] = {}
     seen_digests: dict[str, str] = {}
     allowed = fw.get("allowed")
@@ -336,7 +337,7 @@ def _firmware(errs: _Errors, doc: dict[str, Any]) -> tuple[tuple[FirmwareEntry, 
                     loc = None
             if fwid is not None and digest is not None and svn is not None and loc is not None:
                 seen_digests[digest] = fwid
-                entries.append(FirmwareEntry(fwid, digest, svn, loc))
+                entries.append((i, FirmwareEntry(fwid, digest, svn, loc)))
         if len(allowed) > MAX_LIST:
             errs.add(("firmware", "allowed"), f"at most {MAX_LIST} firmware entries")
     revoked: set[str] = set()
@@ -347,7 +348,7 @@ def _firmware(errs: _Errors, doc: dict[str, Any]) -> tuple[tuple[FirmwareEntry, 
                 errs.add(p, f"revoked names unknown firmware id {s!r}")
             return s
         revoked = set(_list(errs, ("firmware", "revoked"), fw["revoked"], rev, nonempty=False))
-    return tuple(entries), min_svn, frozenset(revoked)
+    return entries, min_svn, frozenset(revoked)
 
 
 def _shapes(errs: _Errors, doc: dict[str, Any]) -> tuple[ShapeRule, ...]:
@@ -543,9 +544,9 @@ def read_firmware_file(path: Path, fwid: str | None = None) -> bytes:
     return data
 
 
-def _check_files(errs: _Errors, firmware: tuple[FirmwareEntry, ...], base: Path) -> None:
+def _check_files(errs: _Errors, firmware: list[tuple[int, FirmwareEntry]], base: Path) -> None:
     """Every firmware file named in the policy exists and has the listed digest."""
-    for i, fw in enumerate(firmware):
+    for i, fw in firmware:
         if fw.uploaded:
             continue
         p: P = ("firmware", "allowed", i, "bytes")
@@ -615,15 +616,18 @@ def parse_policy(text: str | bytes, path: str | Path, *, tenant: str | None = No
     description = ""
     if "description" in top:
         description = _str(errs, ("description",), top["description"]) or ""
-    firmware, min_svn, revoked = _firmware(errs, top)
+    located, min_svn, revoked = _firmware(errs, top)
+    firmware = tuple(f for _, f in located)
     shapes = _shapes(errs, top)
     platform = _platform(errs, top)
     guest = _guest(errs, top)
     secrets = _secrets(errs, top, tenant, {f.id for f in firmware})
     if check_files:
-        _check_files(errs, firmware, Path(spath).parent)
+        _check_files(errs, located, Path(spath).parent)
     for p, why in errs.items:
-        errors.append(PolicyFileError(spath, index.line(p) or (1 if not p else None), _dotted(p) or None, why))
+        # A missing top-level section has no line of its own: point at the file's start.
+        line = index.line(p) or (1 if len(p) <= 1 else None)
+        errors.append(PolicyFileError(spath, line, _dotted(p) or None, why))
     if errors:
         errors.sort(key=lambda e: (e.line or 0))
         return None, errors
