@@ -1,9 +1,96 @@
-"""Sub-commands; filled in by the issue that owns them."""
+"""`firmgate guest attest` and `firmgate guest request-update`: the guest's commands."""
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 from typing import Any
+
+from verifier.errors import UsageError
+
+MAX_ADDON = 64 * 1024 * 1024
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_ADDON + 1)
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
+    if len(data) > MAX_ADDON:
+        raise UsageError(f"{what} {path} is larger than {MAX_ADDON} bytes")
+    return data
+
+
+def cmd_attest(args: argparse.Namespace) -> int:
+    from broker.guest import KbsSession, TeeKey, attest, default_source, fetch_resource, write_secret
+    from broker.guest.http import parse_resource_path
+    try:
+        parse_resource_path(args.resource)
+        session = KbsSession(args.broker)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    addon = _read(args.addon, "add-on") if args.addon else None
+    key = TeeKey.generate(args.key_type)
+    source = default_source(args.tsm_root)
+    att = attest(session, source, key, addon=addon, evidence_shape=args.evidence, tenant=args.tenant)
+    print(f"attested via {source.name}: token status {att.status}", file=sys.stderr)
+    secret = fetch_resource(session, args.resource, key, bearer=att.token if args.bearer else None)
+    if args.output and args.output != "-":
+        path = write_secret(args.output, secret)
+        print(f"secret {args.resource} written to {path} (mode 0600, {len(secret)} bytes)", file=sys.stderr)
+    else:
+        sys.stdout.buffer.write(secret)
+        sys.stdout.flush()
+    return 0
+
+
+def cmd_request_update(args: argparse.Namespace) -> int:
+    from host_install.channel import request_update
+    from verifier.cli import print_json
+    addon = _read(args.addon, "add-on")
+    if not Path(args.socket).exists():
+        raise UsageError(f"no update channel at {args.socket} (is `host-install listen` running for this VM?)")
+    answer = request_update(args.socket, addon, args.fwid)
+    if args.json:
+        print_json(answer)
+    elif answer.get("ok") is True:
+        res = answer.get("result") or {}
+        print(f"{answer.get('status')}: firmware {res.get('fwid')} ({str(res.get('in_force'))[:16]}…) in force")
+    else:
+        hint = f" (hint: {answer['hint']})" if answer.get("hint") else ""
+        print(f"error: host refused the update ({answer.get('status')}): {answer.get('error')}{hint}",
+              file=sys.stderr)
+    if answer.get("ok") is True:
+        return 0
+    code = answer.get("exit_code")
+    return code if isinstance(code, int) and code in (1, 2, 3) else 1
 
 
 def register(sub: "argparse._SubParsersAction[Any]") -> None:
-    """Add this module's sub-commands (none yet)."""
+    g = sub.add_parser("guest", help="the guest's side: attest and fetch a secret; ask the host for a firmware update")
+    gsub = g.add_subparsers(dest="guest_cmd", metavar="ACTION")
+    gsub.required = True
+    a = gsub.add_parser("attest", help="attest to the broker and fetch one resource (KBS protocol 0.4.0)")
+    a.add_argument("--broker", required=True, metavar="URL", help="e.g. http://broker:8080")
+    a.add_argument("--resource", required=True, metavar="REPO/TYPE/TAG")
+    a.add_argument("-o", "--output", metavar="FILE", help="write the secret here (mode 0600); default: stdout")
+    a.add_argument("--tsm-root", metavar="DIR", help="configfs-tsm report directory "
+                   "(default /sys/kernel/config/tsm/report, else /dev/sev-guest)")
+    a.add_argument("--key-type", choices=("p256", "p384", "p521", "rsa"), default="p256",
+                   help="this run's key (default p256, as Trustee guests)")
+    a.add_argument("--addon", metavar="FILE", help="send this UKI firmware add-on in additional_evidence "
+                   "(bound by REPORT_DATA) for a broker that does not have its bytes yet")
+    a.add_argument("--evidence", choices=("snp", "firmgate"), default="snp",
+                   help="evidence JSON shape: Trustee SnpEvidence (default) or firmgate's own")
+    a.add_argument("--tenant", help="tenant hint sent at /auth (extra-params.tenant)")
+    a.add_argument("--bearer", action="store_true",
+                   help="fetch with Authorization: Bearer <token> and no cookie (as CoCo pods do)")
+    a.set_defaults(func=cmd_attest)
+    r = gsub.add_parser("request-update", help="ask the host (host-install listen) to install this firmware add-on")
+    r.add_argument("--addon", required=True, metavar="FILE")
+    r.add_argument("--socket", default="/run/firmgate/update.sock", metavar="PATH",
+                   help="the host's update channel (a unix socket forwarded into the guest)")
+    r.add_argument("--fwid", help="which .efifw entry to install (default: the only one)")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(func=cmd_request_update)
