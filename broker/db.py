@@ -26,6 +26,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from verifier.errors import FirmgateError
+
 # Bump with every schema change and add a step to MIGRATIONS.
 SCHEMA_VERSION = 1
 
@@ -167,8 +169,8 @@ def make_engine(url: str) -> Engine:
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
 
 
-class SchemaError(RuntimeError):
-    pass
+class SchemaError(FirmgateError):
+    """The database schema is newer than this code (or a migration step is missing)."""
 
 
 def _lock(conn: Connection) -> None:
@@ -191,6 +193,8 @@ def migrate(engine: Engine) -> int:
             raise SchemaError(f"database schema version {found} is newer than this broker ({SCHEMA_VERSION})")
         version = found
         while version < SCHEMA_VERSION:
+            if version not in MIGRATIONS:
+                raise SchemaError(f"no migration step from schema version {version}")
             MIGRATIONS[version](conn)
             version += 1
         # New tables added since are created; existing ones are left to the steps above.
