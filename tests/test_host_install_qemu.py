@@ -13,7 +13,7 @@ import pytest
 
 from host_install import cli, qemu
 from host_install.errors import RecoveryNeeded
-from host_install.install import current_firmware, install, rollback, status
+from host_install.install import current_firmware, install, status
 from host_install.journal import Journal
 from host_install.vm import VmDir
 from verifier.firmware.addon import build_addon
@@ -75,16 +75,6 @@ def test_install_relaunch_and_automatic_rollback(vm: VmDir, tmp_path: Path, firm
     st = status(vm)
     assert st["consistent"] and st["qemu"]["status"] == "running"
     assert st["in_force"]["fwid"] == "edk2-2026.08"
-
-
-def test_rollback_command_relaunches_previous(vm: VmDir, tmp_path: Path, firmware_dir: Path) -> None:
-    fw25, fw26 = (firmware_dir / FW_2025).read_bytes(), (firmware_dir / FW_2026).read_bytes()
-    install(vm, build_addon([("edk2-2025.02", fw25)]), launch=False)
-    install(vm, build_addon([("edk2-2026.08", fw26)]))
-    _running_rom_is(vm, fw26, tmp_path)
-    res = rollback(vm)
-    assert res.status == "installed" and res.fwid == "edk2-2025.02" and res.launched
-    _running_rom_is(vm, fw25, tmp_path)
 
 
 def test_boot_timeout_rolls_back(tmp_path: Path, firmware_dir: Path) -> None:

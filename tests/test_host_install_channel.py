@@ -1,0 +1,162 @@
+"""The update request channel: frame bounds, the listener, request_update (no QEMU: --no-launch)."""
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from host_install import channel
+from host_install.channel import (ANSWER_MAGIC, MAX_BODY, MAX_HEADER, REQUEST_MAGIC, Listener, encode_frame,
+                                  read_frame, request_update)
+from host_install.errors import ChannelError, InstallFailed
+from host_install.install import current_firmware
+from host_install.vm import VmDir
+from verifier.firmware.addon import build_addon
+
+REPO = Path(__file__).resolve().parent.parent
+FW_2026 = "edk2-2026.08-OVMF.amdsev.fd"
+
+
+def _pair() -> tuple[socket.socket, socket.socket]:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    b.settimeout(5)
+    return a, b
+
+
+def test_frame_round_trip() -> None:
+    a, b = _pair()
+    with a, b:
+        a.sendall(encode_frame(REQUEST_MAGIC, {"version": 1, "op": "install", "fwid": "x"}, b"\x01\x02"))
+        header, body = read_frame(b, REQUEST_MAGIC)
+    assert header == {"version": 1, "op": "install", "fwid": "x"} and body == b"\x01\x02"
+
+
+@pytest.mark.parametrize("raw, why", [
+    (struct.pack("<4sII", b"XXXX", 2, 0) + b"{}", "bad frame magic"),
+    (struct.pack("<4sII", REQUEST_MAGIC, 0, 0), "header_len 0 is outside"),
+    (struct.pack("<4sII", REQUEST_MAGIC, MAX_HEADER + 1, 0), f"header_len {MAX_HEADER + 1} is outside"),
+    # the body length is refused before a single body byte is read
+    (struct.pack("<4sII", REQUEST_MAGIC, 2, MAX_BODY + 1) + b"{}", f"body_len {MAX_BODY + 1} is above"),
+    (struct.pack("<4sII", REQUEST_MAGIC, 4, 0) + b"\xff\xfe{}", "not UTF-8 JSON"),
+    (struct.pack("<4sII", REQUEST_MAGIC, 2, 0) + b"[]", "not a JSON object"),
+    (struct.pack("<4sII", REQUEST_MAGIC, 2, 10) + b"{}abc", "peer closed the connection after 3 of 10"),
+    (b"FG", "after 2 of 12 bytes"),
+])
+def test_bad_frames_are_refused(raw: bytes, why: str) -> None:
+    a, b = _pair()
+    with a, b:
+        a.sendall(raw)
+        a.shutdown(socket.SHUT_WR)
+        with pytest.raises(ChannelError, match=why) as e:
+            read_frame(b, REQUEST_MAGIC)
+    assert e.value.exit_code == 2 and e.value.hint
+
+
+def test_encode_refuses_oversized(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(channel, "MAX_BODY", 16)
+    with pytest.raises(ChannelError, match="above the channel limit"):
+        encode_frame(REQUEST_MAGIC, {}, b"x" * 17)
+    with pytest.raises(ChannelError, match="frame header is"):
+        encode_frame(REQUEST_MAGIC, {"k": "v" * MAX_HEADER})
+
+
+@pytest.fixture()
+def served(tmp_path: Path) -> Iterator[tuple[VmDir, list[dict[str, Any]]]]:
+    vm = VmDir.create(tmp_path / "vm", snp=True)
+    listener = Listener(vm, launch=False)
+    answers: list[dict[str, Any]] = []
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            try:
+                answers.append(listener.serve_one())
+            except OSError:
+                return
+
+    t = threading.Thread(target=loop, daemon=True)
+    t.start()
+    try:
+        yield vm, answers
+    finally:
+        stop.set()
+        listener.sock.shutdown(socket.SHUT_RDWR)
+        listener.close()
+        t.join(5)
+
+
+def test_request_update_installs_and_reports_errors(served: tuple[VmDir, list[dict[str, Any]]],
+                                                    firmware_dir: Path) -> None:
+    vm, answers = served
+    assert (vm.channel_path.stat().st_mode & 0o777) == 0o600
+    data = (firmware_dir / FW_2026).read_bytes()
+    addon = build_addon([("edk2-2026.08", data)])
+    ok = request_update(vm.channel_path, addon)
+    assert ok["ok"] is True and ok["exit_code"] == 0 and ok["status"] == "installed"
+    assert ok["result"]["fwid"] == "edk2-2026.08" and ok["result"]["launched"] is False
+    assert current_firmware(vm).data == data
+    unknown = request_update(vm.channel_path, addon, fwid="nope")
+    assert unknown["ok"] is False and unknown["exit_code"] == 2 and unknown["status"] == "rejected"
+    assert "no firmware with fwid 'nope'" in unknown["error"] and unknown["hint"]
+    junk = request_update(vm.channel_path, b"not a PE file")
+    assert junk["exit_code"] == 2 and "add-on rejected" in junk["error"]
+    # a hostile raw frame gets an error answer, and the listener keeps serving
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(str(vm.channel_path))
+        s.sendall(struct.pack("<4sII", REQUEST_MAGIC, 2, MAX_BODY + 1) + b"{}")
+        header, body = read_frame(s, ANSWER_MAGIC)
+    assert header["exit_code"] == 2 and "body_len" in header["error"] and body == b""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(str(vm.channel_path))
+        s.sendall(encode_frame(REQUEST_MAGIC, {"version": 9, "op": "install"}))
+        header, _ = read_frame(s, ANSWER_MAGIC)
+    assert header["exit_code"] == 2 and "unsupported request version" in header["error"]
+    again = request_update(vm.channel_path, addon)
+    assert again["ok"] and again["status"] == "unchanged"
+    deadline = time.monotonic() + 5  # the listener records an answer just after sending it
+    while len(answers) < 6 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [a["exit_code"] for a in answers] == [0, 2, 2, 2, 2, 0]
+
+
+def test_second_listener_is_refused(served: tuple[VmDir, list[dict[str, Any]]]) -> None:
+    vm, _ = served
+    with pytest.raises(InstallFailed, match="already serves"):
+        Listener(vm, launch=False)
+
+
+def test_request_update_without_listener(tmp_path: Path) -> None:
+    with pytest.raises(InstallFailed, match="No such file") as e:
+        request_update(tmp_path / "none.sock", b"x")
+
+
+def test_listen_command(tmp_path: Path, firmware_dir: Path) -> None:
+    vm = VmDir.create(tmp_path / "vm", snp=True)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "host_install.cli", "listen", "--vm", str(vm.path),
+                             "--no-launch", "--max-requests", "1"], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        assert b"listening on" in proc.stdout.readline()
+        answer = request_update(vm.channel_path, build_addon([("fw", (firmware_dir / FW_2026).read_bytes())]))
+        assert answer["ok"] and answer["result"]["fwid"] == "fw"
+        assert proc.wait(30) == 0
+        assert not vm.channel_path.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        for f in (proc.stdout, proc.stderr):
+            if f:
+                f.close()
