@@ -8,7 +8,7 @@ from pathlib import Path
 from cryptography import x509
 
 from .abi.fields import Product
-from .kds.fetch import CertFetcher, HttpFetcher
+from .kds.fetch import CertFetcher, DirFetcher, FirstOf, HttpFetcher
 from .trust import DEFAULT_TRUST_STORE, TrustStore
 
 
@@ -31,11 +31,18 @@ def default_options(*, now: dt.datetime | None = None, trust_root: x509.Certific
                     certs: tuple[x509.Certificate, ...] = (), crls: tuple[x509.CertificateRevocationList, ...] = (),
                     product: Product | str | None = None, kds_cache: Path | None = None, offline: bool = True,
                     fetcher: CertFetcher | None = None, allow_provisional: bool = True, check_crl: bool = False,
-                    report_data: bytes | None = None) -> VerifyOptions:
-    """Options with AMD's pins; a KDS client only if a cache dir is given (offline unless offline=False)."""
+                    report_data: bytes | None = None, trust_dir: Path | None = None) -> VerifyOptions:
+    """Options with AMD's pins. Certificates missing from the evidence come from `trust_dir`
+    (`<dir>/<product>/{ark,ask,asvk}.pem`, see DirFetcher), then from KDS if a cache dir is
+    given (offline unless offline=False). Without either, no I/O at all."""
     store = DEFAULT_TRUST_STORE if trust_root is None else DEFAULT_TRUST_STORE.with_simulated_root(trust_root)
-    if fetcher is None and kds_cache is not None:
-        fetcher = HttpFetcher(kds_cache, offline=offline)
+    if fetcher is None:
+        sources: list[CertFetcher] = []
+        if trust_dir is not None:
+            sources.append(DirFetcher(trust_dir))
+        if kds_cache is not None:
+            sources.append(HttpFetcher(kds_cache, offline=offline))
+        fetcher = sources[0] if len(sources) == 1 else FirstOf(*sources) if sources else None
     prod = Product.parse(product) if isinstance(product, str) else product
     return VerifyOptions(now=now, trust_store=store, fetcher=fetcher, certs=certs, crls=crls, product=prod,
                          allow_provisional=allow_provisional, check_crl=check_crl, report_data=report_data)

@@ -17,7 +17,7 @@ from typing import Protocol
 
 from ..abi.fields import Product, TcbVersion
 from ..errors import FetchError
-from . import chain_url, crl_url, vcek_url
+from . import KDS_BASE, chain_url, crl_url, vcek_url
 
 MAX_RESPONSE = 64 * 1024
 CRL_MAX_AGE = 24 * 3600     # seconds a cached CRL is reused before asking KDS again
@@ -40,15 +40,18 @@ class CertFetcher(Protocol):
 class HttpFetcher:
     """AMD KDS over HTTPS with an on-disk cache. `offline=True` serves the cache only."""
 
-    def __init__(self, cache_dir: Path, *, offline: bool = False, timeout: float = 15.0) -> None:
+    def __init__(self, cache_dir: Path, *, offline: bool = False, timeout: float = 15.0,
+                 base_url: str = KDS_BASE) -> None:
         self.cache_dir = Path(cache_dir)
         self.offline = offline
         self.timeout = timeout
+        self.base_url = base_url.rstrip("/")   # tests point this at a loopback server
 
     def _path(self, url: str) -> Path:
         return self.cache_dir / (hashlib.sha256(url.encode()).hexdigest()[:40] + ".bin")
 
     def _get(self, url: str, max_age: float | None = None) -> bytes:
+        url = self.base_url + url.removeprefix(KDS_BASE)
         path = self._path(url)
         if path.is_file() and (max_age is None or self.offline or time.time() - path.stat().st_mtime < max_age):
             return path.read_bytes()[:MAX_RESPONSE]
@@ -116,3 +119,39 @@ class DirFetcher:
 
     def crl(self, product: Product, signer: str) -> bytes | None:
         return self._read(product, "crl.der" if signer == "VCEK" else "crl-vlek.der")
+
+
+class FirstOf:
+    """Ask several fetchers in order (e.g. a trust directory, then KDS); the first answer wins."""
+
+    def __init__(self, *fetchers: CertFetcher) -> None:
+        self.fetchers = fetchers
+
+    def _first(self, call: str, *args: object) -> bytes | None:
+        errors: list[str] = []
+        for f in self.fetchers:
+            try:
+                result: bytes | None = getattr(f, call)(*args)
+            except FetchError as exc:
+                errors.append(exc.diagnostics())
+                continue
+            if result is not None:
+                return result
+        if errors:
+            raise FetchError("; ".join(errors))
+        return None
+
+    def vcek(self, product: Product, chip_id: bytes, tcb: TcbVersion) -> bytes:
+        data = self._first("vcek", product, chip_id, tcb)
+        if data is None:
+            raise FetchError("no source had the VCEK")
+        return data
+
+    def chain(self, product: Product, signer: str) -> bytes:
+        data = self._first("chain", product, signer)
+        if data is None:
+            raise FetchError(f"no source had the {product} {signer} chain")
+        return data
+
+    def crl(self, product: Product, signer: str) -> bytes | None:
+        return self._first("crl", product, signer)
