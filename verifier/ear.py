@@ -219,6 +219,17 @@ def _from_cbor_claims(obj: Mapping[Any, Any]) -> dict[str, Any]:
     return out
 
 
+def _thaw(obj: Any, depth: int = 0) -> Any:
+    """cbor2 decodes maps as frozendict and arrays as tuples: back to the dicts and lists JSON gives."""
+    if depth > 32:
+        raise ValueError("CWT claims nest too deeply")
+    if isinstance(obj, Mapping):
+        return {k: _thaw(v, depth + 1) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_thaw(v, depth + 1) for v in obj]
+    return obj
+
+
 def _sig_structure(protected: bytes, payload: bytes) -> bytes:
     # RFC 9052 section 4.4: Sig_structure for COSE_Sign1, empty external_aad.
     return cbor2.dumps(["Signature1", protected, b"", payload])
@@ -258,18 +269,18 @@ def verify_ear_cwt(token: bytes, public: Mapping[str, Any] | ec.EllipticCurvePub
         raise EarError(f"CWT does not decode as CBOR ({type(exc).__name__})") from exc
     if isinstance(obj, cbor2.CBORTag) and obj.tag == CWT_TAG:
         obj = obj.value
-    if not (isinstance(obj, cbor2.CBORTag) and obj.tag == COSE_SIGN1_TAG and isinstance(obj.value, list)
+    if not (isinstance(obj, cbor2.CBORTag) and obj.tag == COSE_SIGN1_TAG and isinstance(obj.value, (list, tuple))
             and len(obj.value) == 4):
         raise EarError("not a COSE_Sign1 (tag 18, four elements)")
     protected, unprotected, payload, sig = obj.value
-    if not (isinstance(protected, bytes) and isinstance(unprotected, dict) and isinstance(payload, bytes)
+    if not (isinstance(protected, bytes) and isinstance(unprotected, Mapping) and isinstance(payload, bytes)
             and isinstance(sig, bytes)):
         raise EarError("COSE_Sign1 elements have the wrong types")
     try:
         header = cbor2.loads(protected) if protected else {}
     except (cbor2.CBORDecodeError, ValueError, TypeError, RecursionError) as exc:
         raise EarError("protected header does not decode") from exc
-    if not isinstance(header, dict) or header.get(1) != cose_alg:
+    if not isinstance(header, Mapping) or header.get(1) != cose_alg:
         raise EarError(f"protected header alg is not {alg} ({cose_alg}), as the key requires")
     n = (pub.curve.key_size + 7) // 8
     if len(sig) != 2 * n:
@@ -280,7 +291,7 @@ def verify_ear_cwt(token: bytes, public: Mapping[str, Any] | ec.EllipticCurvePub
     except InvalidSignature:
         raise EarError("EAR CWT signature does not verify with the given key") from None
     try:
-        raw = cbor2.loads(payload)
+        raw = _thaw(cbor2.loads(payload))
     except (cbor2.CBORDecodeError, ValueError, TypeError, RecursionError) as exc:
         raise EarError("CWT payload does not decode") from exc
     if not isinstance(raw, dict):

@@ -136,7 +136,7 @@ def appraise(verified: Any, loaded: LoadedPolicy, *, expected_report_data: bytes
             results.append(rule(ctx))
         except Exception as exc:  # a rule bug must fail closed and name itself, never crash the broker
             log.exception("rule %s raised", rule.__name__)
-            results.append(CheckResult(rule.__name__.replace("check_", "rule."), Outcome.FAIL,
+            results.append(CheckResult("rule." + rule.__name__.removeprefix("check_"), Outcome.FAIL,
                                        f"rule could not be evaluated: {type(exc).__name__}"))
     checks = tuple(results)
     status = status_of(checks)
