@@ -86,7 +86,7 @@ def check_chip_id(report: AttestationReport, info: AmdLeafInfo, product: Product
 
 
 def check_reported_tcb(cert_tcb: TcbVersion, reported: TcbVersion) -> CheckResult:
-    if cert_tcb.components() != reported.components():
+    if not cert_tcb.same(reported):
         return CheckResult("tcb.reported_matches_cert", FAIL,
                            f"the certificate's TCB ({cert_tcb}) is not REPORTED_TCB ({reported})",
                            expected=str(cert_tcb), actual=str(reported))
@@ -103,7 +103,7 @@ def check_cert_le_current(cert_tcb: TcbVersion, current: TcbVersion) -> CheckRes
 
 
 def check_committed(committed: TcbVersion, current: TcbVersion, options: VerifyOptions) -> CheckResult:
-    if committed.components() == current.components():
+    if committed.same(current):
         return CheckResult("tcb.committed_eq_current", PASS, "COMMITTED_TCB equals CURRENT_TCB", actual=str(current))
     msg = (f"provisional firmware: COMMITTED_TCB ({committed}) differs from CURRENT_TCB ({current})")
     if options.allow_provisional:
@@ -122,12 +122,17 @@ def check_report_data(report: AttestationReport, options: VerifyOptions) -> Chec
     return CheckResult("report.report_data", PASS, "REPORT_DATA matches", actual=report.report_data.hex())
 
 
-def run_checks(report: AttestationReport, info: AmdLeafInfo, product: Product, tcb: dict[str, TcbVersion],
-               options: VerifyOptions, intermediate_role: str | None) -> list[CheckResult]:
-    # The certificate's TCB in the chosen product's layout (an fmcSPL only counts on Turin).
-    cert_tcb = info.tcb() if info.product is product else TcbVersion(
+def cert_tcb_for(info: AmdLeafInfo, product: Product) -> TcbVersion:
+    """The certificate's TCB in the chosen product's layout (an fmcSPL only counts on Turin)."""
+    return info.tcb() if info.product is product else TcbVersion(
         bootloader=info.bl_spl, tee=info.tee_spl, snp=info.snp_spl, microcode=info.ucode_spl,
         fmc=info.fmc_spl if product is Product.TURIN else None)
+
+
+def run_checks(report: AttestationReport, info: AmdLeafInfo, product: Product, tcb: dict[str, TcbVersion],
+               options: VerifyOptions, intermediate_role: str | None,
+               cert_tcb: TcbVersion | None = None) -> list[CheckResult]:
+    cert_tcb = cert_tcb or cert_tcb_for(info, product)
     out = [
         check_signing_key(report, info, intermediate_role),
         check_product(report, info, options, product),

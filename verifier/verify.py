@@ -17,7 +17,7 @@ import hashlib
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -34,7 +34,7 @@ from .errors import CertificateFormatError, ChainError, ExpiredError, RevokedErr
 from .evidence import Evidence
 from .kds import AmdLeafInfo, parse_leaf
 from .options import VerifyOptions
-from .snpchecks import run_checks
+from .snpchecks import cert_tcb_for, run_checks
 from .verdict import CheckResult, Outcome
 
 _PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA384()), salt_length=48)
@@ -108,7 +108,7 @@ _CRL_CACHE = _Lru(256)        # (crl, root) -> True when its signature verified
 
 
 def clear_caches() -> None:
-    for c in (_CHAIN_CACHE, _INFO_CACHE, _SHA_CACHE, _CRL_CACHE):
+    for c in (_CHAIN_CACHE, _INFO_CACHE, _SHA_CACHE, _CRL_CACHE, _SELECT_CACHE):
         with c.lock:
             c.data.clear()
 
@@ -200,17 +200,6 @@ def _validate_chain(leaf: x509.Certificate, inter: x509.Certificate, root: x509.
     return facts
 
 
-def _check_validity(certs: Iterable[tuple[str, x509.Certificate]], now: dt.datetime) -> None:
-    for name, cert in certs:
-        nb, na = cert.not_valid_before_utc, cert.not_valid_after_utc
-        if now > na:
-            raise ExpiredError(f"{name} certificate {common_name(cert)!r} expired {na:%Y-%m-%d %H:%M:%S}Z "
-                               f"(checked at {now:%Y-%m-%d %H:%M:%S}Z)")
-        if now < nb:
-            raise ExpiredError(f"{name} certificate {common_name(cert)!r} is not valid before "
-                               f"{nb:%Y-%m-%d %H:%M:%S}Z (checked at {now:%Y-%m-%d %H:%M:%S}Z)")
-
-
 # -- selecting certificates ------------------------------------------------------------------
 def _pick_leaf(pool: list[x509.Certificate], report: AttestationReport
                ) -> tuple[x509.Certificate, AmdLeafInfo] | None:
@@ -292,14 +281,45 @@ def _revocation(options: VerifyOptions, evidence: Evidence, product: Product, ki
     return CheckResult("cert.revocation", Outcome.PASS, f"not revoked (CRL of {common_name(root)!r})")
 
 
+_NO_CRL = CheckResult("cert.revocation", Outcome.SKIP, "no CRL given; revocation not checked")
+
+
 # -- the entry point -------------------------------------------------------------------------
-def verify_report(evidence: Evidence, options: VerifyOptions) -> VerifiedReport:
-    """Verify the chain and the signature (raising on failure), then run every consistency check."""
+@dataclass(frozen=True)
+class _Selected:
+    """The chain chosen for a report and what the hot path needs from it (all computed once)."""
+
+    pool: tuple[x509.Certificate, ...]   # the exact objects the selection was made from (identity-checked)
+    store: Any
+    leaf: x509.Certificate
+    info: AmdLeafInfo
+    inter: x509.Certificate
+    root: x509.Certificate
+    simulated: bool
+    product: Product
+    leaf_key: ec.EllipticCurvePublicKey
+    windows: tuple[tuple[str, str, dt.datetime, dt.datetime], ...]   # (role, CN, not before, not after)
+    leaf_cn: str
+    inter_cn: str
+    root_cn: str
+    root_sha: str
+    cert_tcb: TcbVersion
+
+
+# Selection memo keyed by the *identity* of the certificate objects (hashing a Certificate costs
+# ~15 us, more than the rest of the hot path); entries hold strong references, so ids stay unique.
+_SELECT_CACHE = _Lru(256)
+
+
+def _select(evidence: Evidence, options: VerifyOptions) -> _Selected:
     report = evidence.report
-    now = options.now or dt.datetime.now(dt.timezone.utc)
-    if now.tzinfo is None:
-        now = now.replace(tzinfo=dt.timezone.utc)
     pool = list(evidence.certs) + list(options.certs)
+    key = (tuple(map(id, pool)), id(options.trust_store), options.product, report.cpuid_fam_id,
+           report.cpuid_mod_id, report.key_info.raw, report.chip_id)
+    hit = _SELECT_CACHE.get(key)
+    if hit is not None and hit.store is options.trust_store and len(hit.pool) >= len(pool) and all(
+            a is b for a, b in zip(hit.pool, pool)):
+        return hit  # type: ignore[no-any-return]
 
     picked = _pick_leaf(pool, report)
     product = _product_for_chain(report, options, picked[1] if picked else None)
@@ -329,25 +349,57 @@ def verify_report(evidence: Evidence, options: VerifyOptions) -> VerifiedReport:
                          "--certs, allow KDS, or --trust-root for a simulated platform")
     inter, root, simulated = found
     facts = _validate_chain(leaf, inter, root, info.kind)
-    _check_validity((("ARK", root), ("ASK/ASVK", inter), (info.kind, leaf)), now)
-    revocation = _revocation(options, evidence, product, info.kind, root, inter, leaf, now)
+    inter_role = "ASK" if info.kind == "VCEK" else "ASVK"
+    windows = tuple((role, common_name(c), c.not_valid_before_utc, c.not_valid_after_utc)
+                    for role, c in (("ARK", root), (inter_role, inter), (info.kind, leaf)))
+    sel = _Selected(pool=tuple(pool), store=options.trust_store, leaf=leaf, info=info, inter=inter, root=root,
+                    simulated=simulated, product=product, leaf_key=facts.leaf_key, windows=windows,
+                    leaf_cn=common_name(leaf), inter_cn=common_name(inter), root_cn=common_name(root),
+                    root_sha=_sha(root), cert_tcb=cert_tcb_for(info, product))
+    _SELECT_CACHE.put(key, sel)
+    return sel
+
+
+def _check_windows(windows: tuple[tuple[str, str, dt.datetime, dt.datetime], ...], now: dt.datetime) -> None:
+    for role, cn, nb, na in windows:
+        if now > na:
+            raise ExpiredError(f"{role} certificate {cn!r} expired {na:%Y-%m-%d %H:%M:%S}Z "
+                               f"(checked at {now:%Y-%m-%d %H:%M:%S}Z)")
+        if now < nb:
+            raise ExpiredError(f"{role} certificate {cn!r} is not valid before "
+                               f"{nb:%Y-%m-%d %H:%M:%S}Z (checked at {now:%Y-%m-%d %H:%M:%S}Z)")
+
+
+def verify_report(evidence: Evidence, options: VerifyOptions) -> VerifiedReport:
+    """Verify the chain and the signature (raising on failure), then run every consistency check."""
+    report = evidence.report
+    now = options.now or dt.datetime.now(dt.timezone.utc)
+    if now.tzinfo is None:
+        now = now.replace(tzinfo=dt.timezone.utc)
+    sel = _select(evidence, options)
+    leaf, info, inter, root, simulated, product = sel.leaf, sel.info, sel.inter, sel.root, sel.simulated, sel.product
+    _check_windows(sel.windows, now)
+    if evidence.crls or options.crls or options.check_crl:
+        revocation = _revocation(options, evidence, product, info.kind, root, inter, leaf, now)
+    else:
+        revocation = _NO_CRL
 
     # ECDSA P-384 / SHA-384 over the raw signed bytes, never a re-serialised struct.
     try:
-        facts.leaf_key.verify(encode_dss_signature(report.signature_r, report.signature_s),
+        sel.leaf_key.verify(encode_dss_signature(report.signature_r, report.signature_s),
                               report.raw[:SIGNED_SIZE], _ECDSA)
     except InvalidSignature:
         raise SignatureError(f"the report signature does not verify with the {info.kind} "
-                             f"({common_name(leaf)!r}, {product})") from None
+                             f"({sel.leaf_cn!r}, {product})") from None
 
     tcb = {w: TcbVersion.from_u64(getattr(report, f"{w}_tcb"), product)
            for w in ("current", "reported", "committed", "launch")}
-    root_desc = (f"SIMULATED root {common_name(root)!r} trusted by --trust-root" if simulated
-                 else f"pinned AMD {common_name(root)!r}")
+    root_desc = (f"SIMULATED root {sel.root_cn!r} trusted by --trust-root" if simulated
+                 else f"pinned AMD {sel.root_cn!r}")
     checks: list[CheckResult] = [
         CheckResult("report.signature", Outcome.PASS, f"ECDSA P-384 signature verifies with the {info.kind}"),
         CheckResult("cert.chain", Outcome.PASS,
-                    f"{info.kind} <- {common_name(inter)!r} <- {root_desc}", actual=_sha(root)),
+                    f"{info.kind} <- {sel.inter_cn!r} <- {root_desc}", actual=sel.root_sha),
         CheckResult("cert.validity", Outcome.PASS, f"ARK, {'ASK' if info.kind == 'VCEK' else 'ASVK'} and "
                     f"{info.kind} valid at {now:%Y-%m-%dT%H:%M:%S}Z"),
         revocation,
@@ -355,10 +407,10 @@ def verify_report(evidence: Evidence, options: VerifyOptions) -> VerifiedReport:
     if simulated:
         checks.append(CheckResult("trust.simulated", Outcome.WARN,
                                   "the chain ends in a simulated root, not AMD's: this is not a real AMD platform",
-                                  expected="AMD ARK", actual=common_name(root)))
+                                  expected="AMD ARK", actual=sel.root_cn))
     # For AMD chains the intermediate was selected by the pin of the leaf's role (ASK for a VCEK,
     # ASVK for a VLEK) and the leaf's issuer name matched it; a simulated chain has no pinned role.
     intermediate_role = None if simulated else ("ASK" if info.kind == "VCEK" else "ASVK")
-    checks += run_checks(report, info, product, tcb, options, intermediate_role)
+    checks += run_checks(report, info, product, tcb, options, intermediate_role, sel.cert_tcb)
     return VerifiedReport(report=report, product=product, signer=info.kind, leaf=leaf, leaf_info=info,
                           intermediate=inter, root=root, tcb=tcb, simulated=simulated, checks=tuple(checks))

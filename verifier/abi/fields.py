@@ -9,6 +9,7 @@ must be as the spec says, everything else is decoded and left to the checks.
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,10 +76,14 @@ class TcbVersion:
 
     @classmethod
     def from_u64(cls, value: int, product: Product | str) -> "TcbVersion":
-        if not 0 <= value < 1 << 64:
+        return _decode_tcb(value, _as_product(product))
+
+    @classmethod
+    def _from_u64(cls, value: int, product: Product) -> "TcbVersion":
+        if not isinstance(value, int) or not 0 <= value < 1 << 64:
             raise MalformedReport(f"TCB_VERSION {value} does not fit in 64 bits")
         b = value.to_bytes(8, "little")
-        if _as_product(product) is Product.TURIN:
+        if product is Product.TURIN:
             if any(b[4:7]):
                 raise MalformedReport(f"TCB_VERSION 0x{value:016x}: reserved bytes 4..6 are not zero (Turin layout)")
             return cls(bootloader=b[1], tee=b[2], snp=b[3], microcode=b[7], fmc=b[0], raw=value)
@@ -104,21 +109,39 @@ class TcbVersion:
 
     def components(self) -> dict[str, int]:
         """Named SPLs, fmc only where the layout has it (comparisons iterate over this)."""
-        out = {"bootloader": self.bootloader, "tee": self.tee, "snp": self.snp, "microcode": self.microcode}
+        return dict(self._components)
+
+    @functools.cached_property
+    def _components(self) -> tuple[tuple[str, int], ...]:
+        out = [("bootloader", self.bootloader), ("tee", self.tee), ("snp", self.snp), ("microcode", self.microcode)]
         if self.fmc is not None:
-            out["fmc"] = self.fmc
-        return out
+            out.insert(0, ("fmc", self.fmc))
+        return tuple(out)
+
+    @functools.cached_property
+    def _text(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in self._components)
 
     def le(self, other: "TcbVersion") -> bool:
         """Every component of self <= the same component of other (a partial order, not u64 <)."""
-        mine, theirs = self.components(), other.components()
-        return mine.keys() == theirs.keys() and all(mine[k] <= theirs[k] for k in mine)
+        mine, theirs = self._components, other._components
+        return len(mine) == len(theirs) and all(a[0] == b[0] and a[1] <= b[1] for a, b in zip(mine, theirs))
+
+    def same(self, other: "TcbVersion") -> bool:
+        """Equal in every named component (raw bits outside the layout are not components)."""
+        return self._components == other._components
 
     def __str__(self) -> str:
-        return " ".join(f"{k}={v}" for k, v in self.components().items())
+        return self._text
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.components(), "raw": f"0x{self.raw:016x}"}
+
+
+@functools.lru_cache(maxsize=4096)
+def _decode_tcb(value: int, product: Product) -> TcbVersion:
+    # Reports from one platform repeat the same few TCB values: decode each once.
+    return TcbVersion._from_u64(value, product)
 
 
 # GUEST_POLICY (SNP ABI Table 9). Bit 17 is reserved and must be one; 63:26 must be zero.
