@@ -1,9 +1,458 @@
-"""Sub-commands; filled in by the issue that owns them."""
+"""`firmgate demo`: the whole flow on one machine, with real parts wherever this machine has them.
+
+Real: the OVMF image (Debian's, or --firmware), the UKI add-ons, host-install
+with its journal and (when qemu-system-x86_64 exists) a real QEMU boot of each
+firmware, the policy repo (git) and `firmgate policy check`, the broker over
+HTTP on loopback with SQLite, the guest client's KBS exchange and JWE
+decryption. Simulated, and said so: the SEV-SNP hardware (sim.host signs
+reports with a simulated chain whose root the broker trusts by --trust-root).
+
+The story (docs/demo.md explains each step):
+  1 v1 add-on -> host-install            2 attest -> secret released
+  3 an unlisted firmware -> denied       4 a replayed nonce -> denied
+  5 owner commits v2 + min_svn 2         6 host-install v2 -> released
+  7 host-install v1 -> denied (svn below the minimum)
+Exit 0 only if every step did what it should.
+"""
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from verifier.errors import FirmgateError, UsageError
+
+TENANT = "demo"
+RESOURCE = f"{TENANT}/key/disk"
+SECRET = b"demo disk key: 3f1c9a (released only to firmware the owner allows)\n"
+FIRMWARE_CANDIDATES = ("/usr/share/ovmf/OVMF.fd", "/usr/share/qemu/OVMF.fd", "/usr/share/edk2/ovmf/OVMF.fd",
+                       "/usr/share/OVMF/OVMF.fd", "/usr/share/edk2/x64/OVMF.fd")
+PAGE = 4096
+QEMU = "qemu-system-x86_64"
+
+
+@dataclass
+class Step:
+    n: int
+    title: str
+    expect: str                    # what must happen: "installed", "released", "denied", "committed"
+    outcome: str = "not run"       # what happened
+    ok: bool = False
+    detail: str = ""
+    seconds: float = 0.0
+    facts: dict[str, Any] = field(default_factory=dict)
+
+
+class Story:
+    def __init__(self, quiet: bool) -> None:
+        self.steps: list[Step] = []
+        self.quiet = quiet
+        self.notes: list[str] = []
+
+    def say(self, text: str = "") -> None:
+        if not self.quiet:
+            print(text, flush=True)
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+        self.say(f"   note: {text}")
+
+    def step(self, title: str, expect: str, fn: Callable[[Step], None]) -> Step:
+        st = Step(len(self.steps) + 1, title, expect)
+        self.steps.append(st)
+        self.say(f"\n[{st.n}] {title}  (expect: {expect})")
+        t0 = time.monotonic()
+        try:
+            fn(st)
+        except FirmgateError as exc:
+            st.outcome, st.detail = "error", exc.diagnostics()
+        except Exception as exc:  # noqa: BLE001 - a broken part must show as a failed step, not a traceback
+            st.outcome, st.detail = "error", f"{type(exc).__name__}: {exc}"
+        st.seconds = time.monotonic() - t0
+        st.ok = st.outcome == st.expect
+        self.say(f"    -> {st.outcome.upper()}{': ' + st.detail if st.detail else ''}")
+        if not st.ok:
+            self.say(f"    !! expected {st.expect}, got {st.outcome}")
+        return st
+
+
+# -- firmware ----------------------------------------------------------------------------
+def find_firmware(explicit: str | None) -> Path:
+    from verifier.firmware.image import require_snp_firmware
+    cands = [explicit] if explicit else list(FIRMWARE_CANDIDATES)
+    why: list[str] = []
+    for c in cands:
+        p = Path(c)
+        if not p.is_file():
+            why.append(f"{c}: not found")
+            continue
+        try:
+            require_snp_firmware(p.read_bytes())
+            return p
+        except FirmgateError as exc:
+            why.append(f"{c}: {exc.diagnostics()}")
+    raise UsageError("no OVMF image with SEV metadata found (" + "; ".join(why) +
+                     "); install Debian's `ovmf` package or pass --firmware FILE")
+
+
+def padding_page(image: bytes) -> int:
+    """Offset of the last all-0xFF 4 KiB page in the first half of the image (OVMF's NVRAM / fault-tolerant
+    -write spare area: never executed from a -bios ROM, outside the SEV metadata and the reset vector)."""
+    half = len(image) // 2
+    for off in range(half - PAGE, PAGE - 1, -PAGE):
+        if image[off:off + PAGE] == b"\xff" * PAGE:
+            return off
+    raise UsageError("the firmware has no all-0xFF 4 KiB page in its first half to derive a second image from")
+
+
+def derive(image: bytes, marker: bytes) -> bytes:
+    """A second, valid image: `image` with `marker` written at the end of its last padding page.
+    Same code, same SEV metadata, so it boots the same; the page hash differs, so MEASUREMENT differs."""
+    off = padding_page(image)
+    out = bytearray(image)
+    out[off + PAGE - len(marker):off + PAGE] = marker
+    return bytes(out)
+
+
+# -- broker ------------------------------------------------------------------------------
+class LoopbackBroker:
+    """The real broker app (broker.create_app) on a real HTTP server on 127.0.0.1, in a thread."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        from werkzeug.serving import make_server
+
+        from broker import create_app
+        self.app = create_app(config)
+        self.server = make_server("127.0.0.1", 0, self.app, threaded=True)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, name="demo-broker", daemon=True)
+
+    def __enter__(self) -> "LoopbackBroker":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.server.shutdown()
+        self.thread.join(5)
+
+
+def _cli(argv: list[str]) -> tuple[int, str]:
+    """Run a `firmgate` sub-command in-process (as an operator would on the shell); (exit code, output)."""
+    from verifier.cli import main
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            code = main(argv)
+        except SystemExit as exc:  # argparse
+            code = int(exc.code or 0)
+    return code, out.getvalue().strip()
+
+
+def _git(repo: Path, *args: str) -> str:
+    env = dict(os.environ, GIT_AUTHOR_NAME="demo owner", GIT_AUTHOR_EMAIL="owner@demo.invalid",
+               GIT_COMMITTER_NAME="demo owner", GIT_COMMITTER_EMAIL="owner@demo.invalid")
+    r = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, env=env, timeout=30)
+    if r.returncode != 0:
+        raise UsageError(f"git {' '.join(args)} failed: {r.stderr.strip()}")
+    return r.stdout.strip()
+
+
+def policy_text(v1: tuple[str, str], v2: tuple[str, str] | None, vcpus: int, vcpu_type: str) -> str:
+    """The owner's policy: v1 (bytes in the repo); with v2, v2 (bytes from the guest's add-on) + min_svn 2."""
+    fw = [f'''[[firmware.allowed]]
+id = "{v1[0]}"
+sha384 = "{v1[1]}"
+svn = 1
+bytes = "firmware/v1.efi"          # the add-on the owner committed beside this file
+''']
+    if v2 is not None:
+        fw.append(f'''[[firmware.allowed]]
+id = "{v2[0]}"
+sha384 = "{v2[1]}"
+svn = 2
+bytes = "firmware/v2.efi"
+''')
+    return f'''# Tenant "{TENANT}" for `firmgate demo`. It trusts a SIMULATED SEV-SNP platform
+# (--trust-root, not AMD): the flow is real, the hardware is not.
+version = 1
+description = "firmgate demo tenant"
+
+[firmware]
+min_svn = {2 if v2 else 1}
+
+{chr(10).join(fw)}
+[[shapes]]
+vmm = "qemu"
+vcpus = [{vcpus}]
+vcpu_types = ["{vcpu_type}"]
+guest_features = 0x1
+
+[platform]
+products = ["Milan"]
+signers = ["VCEK"]
+vmpls = [0]
+allow_simulated_platform = true
+
+[guest]
+unsafe_allow_debug = false
+
+[[secrets]]
+path = "{RESOURCE}"
+'''
+
+
+# -- the demo ------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _workspace(path: str | None) -> Iterator[Path]:
+    if path:
+        p = Path(path)
+        p.mkdir(parents=True, exist_ok=True)
+        if any(p.iterdir()):
+            raise UsageError(f"--workdir {p} is not empty")
+        yield p.absolute()
+    else:
+        # Short path: unix sockets under the VM directory must fit sun_path.
+        d = tempfile.mkdtemp(prefix="fgdemo-", dir="/tmp" if os.path.isdir("/tmp") else None)
+        try:
+            yield Path(d)
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def run_demo(firmware: str | None = None, workdir: str | None = None, *, quiet: bool = False,
+             use_qemu: bool | None = None) -> dict[str, Any]:
+    from broker.guest import BrokerDenied, KbsSession, TeeKey, attest, fetch_resource
+    from broker.guest.evidence import TsmSource
+    from host_install import qemu
+    from host_install.install import install
+    from host_install.vm import VmDir
+    from verifier.firmware.addon import build_addon
+
+    from .host import SimSnpHost
+    from .platform import SimPlatform
+
+    t_start = time.monotonic()
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no access log in the story
+    story = Story(quiet)
+    fw_path = find_firmware(firmware)
+    base = fw_path.read_bytes()
+    have_qemu = shutil.which(QEMU) is not None if use_qemu is None else use_qemu
+    with _workspace(workdir) as ws:
+        story.say("firmgate demo: a VM brings its own firmware, attests, and gets its key\n")
+        story.say(f"workspace      {ws}")
+        story.say(f"firmware v1    {fw_path} ({len(base) // 1024} KiB, sha384 {hashlib.sha384(base).hexdigest()[:16]}…)")
+        v1_img = base
+        v2_img = derive(base, b"firmgate-demo-v2")
+        bad_img = derive(base, b"tampered-by-host")
+        fwids = {"v1": "ovmf-demo-v1", "v2": "ovmf-demo-v2", "bad": "ovmf-unlisted"}
+        story.say(f"firmware v2    v1 with 16 bytes changed at {padding_page(base) + PAGE - 16:#x} (padding page; "
+                  "same code and SEV metadata, different MEASUREMENT)")
+        story.say(f"unlisted       v1 with other 16 bytes there (an image the owner never listed)")
+        addons = {k: build_addon([(fwids[k], img)]) for k, img in (("v1", v1_img), ("v2", v2_img), ("bad", bad_img))}
+        digests = {k: hashlib.sha384(img).hexdigest() for k, img in (("v1", v1_img), ("v2", v2_img), ("bad", bad_img))}
+        for k, blob in addons.items():
+            (ws / f"{fwids[k]}.efi").write_bytes(blob)
+
+        # The simulated platform and its root (the broker trusts it only because we say so).
+        platform = SimPlatform("Milan", "VCEK")
+        root = ws / "sim-ark.pem"
+        root.write_bytes(platform.root_pem())
+        story.say("platform       SIMULATED SEV-SNP (Milan, VCEK); its root is passed to the broker as --trust-root")
+
+        # The owner's policy repo (git), checked like CI would.
+        repo = ws / "policy-repo"
+        (repo / "firmware").mkdir(parents=True)
+        _git(repo, "init", "-q", "-b", "main")
+        (repo / "firmware" / "v1.efi").write_bytes(addons["v1"])
+        vm_vcpus, vcpu_type = 1, "EPYC-v4"
+        pol = repo / f"{TENANT}.toml"
+        pol.write_text(policy_text((fwids["v1"], digests["v1"]), None, vm_vcpus, vcpu_type))
+        code, out = _cli(["policy", "check", str(pol)])
+        if code != 0:
+            raise UsageError(f"the demo's own policy does not pass `firmgate policy check`: {out}")
+        _git(repo, "add", "-A")
+        _git(repo, "commit", "-q", "-m", "demo: allow v1")
+        story.say(f"policy repo    {repo} (git, commit {_git(repo, 'rev-parse', '--short', 'HEAD')}; "
+                  "`firmgate policy check` passed)")
+
+        # The broker: its DB, master key, tenant and secret, set up with the operator's commands.
+        db = f"sqlite:///{ws / 'broker.db'}"
+        mkey = ws / "master.key"
+        fd = os.open(mkey, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(os.urandom(32).hex())
+        for argv in (["tenant", "add", TENANT], ["secret", "put", RESOURCE, "--value", SECRET.decode()]):
+            code, out = _cli([*argv, "--db", db, "--master-key-file", str(mkey)])
+            if code != 0:
+                raise UsageError(f"`firmgate {' '.join(argv[:2])}` failed: {out}")
+
+        # The VM directory host-install manages (plain x86 launch of an SNP-shaped image; see docs/demo.md).
+        vm_cfg: dict[str, Any] = dict(snp=True, launch_mode="plain", vcpus=vm_vcpus, memory_mib=128, stop_timeout=0.2)
+        if have_qemu:
+            accel = "kvm" if qemu.probe_kvm(fw_path, ws / "kvm-probe") else "tcg"
+            vm_cfg.update(qemu=QEMU, accel=accel, boot_timeout=8.0 if accel == "kvm" else 30.0)
+            story.say(f"vm             {ws / 'vm'} (QEMU, accel {accel}: each install really boots the firmware)")
+        else:
+            story.say(f"vm             {ws / 'vm'} (no {QEMU}: installs run WITHOUT booting; QEMU steps skipped)")
+            story.note(f"{QEMU} not found: firmware boots were skipped")
+        vm = VmDir.create(ws / "vm", **vm_cfg)
+        host = SimSnpHost(vm, platform, vcpu_type=vcpu_type)
+
+        broker_cfg = {"POLICIES_DIR": str(repo), "DATABASE_URL": db, "TRUST_ROOT_PEM": str(root),
+                      "MASTER_KEY_FILE": str(mkey), "MEASURE_CACHE": str(ws / "measure-cache")}
+        try:
+            with LoopbackBroker(broker_cfg) as broker:
+                story.say(f"broker         {broker.url} (firmgate broker, SQLite, trusting the simulated root)")
+                _story(story, broker.url, vm, host, addons, digests, fwids, repo, pol, have_qemu,
+                       vm_vcpus, vcpu_type, install=install, TeeKey=TeeKey, KbsSession=KbsSession, attest=attest,
+                       fetch_resource=fetch_resource, BrokerDenied=BrokerDenied, TsmSource=TsmSource)
+        finally:
+            if have_qemu:
+                with contextlib.suppress(Exception):
+                    qemu.stop(vm, timeout=1.0)
+        elapsed = time.monotonic() - t_start
+        result = {
+            "ok": all(s.ok for s in story.steps) and len(story.steps) == 7,
+            "seconds": round(elapsed, 1),
+            "firmware": str(fw_path),
+            "qemu": have_qemu,
+            "simulated_platform": True,
+            "notes": story.notes,
+            "steps": [asdict(s) for s in story.steps],
+        }
+        _summary(story, result)
+        return result
+
+
+def _story(story: Story, url: str, vm: Any, host: Any, addons: dict[str, bytes], digests: dict[str, str],
+           fwids: dict[str, str], repo: Path, pol: Path, have_qemu: bool, vcpus: int, vcpu_type: str,
+           **api: Any) -> None:
+    install, TeeKey, KbsSession = api["install"], api["TeeKey"], api["KbsSession"]
+    attest, fetch_resource, BrokerDenied, TsmSource = (api["attest"], api["fetch_resource"], api["BrokerDenied"],
+                                                       api["TsmSource"])
+    last: dict[str, Any] = {}
+
+    def do_install(which: str) -> Callable[[Step], None]:
+        def run(st: Step) -> None:
+            r = install(vm, addons[which], launch=have_qemu)
+            launch = host.launch()
+            st.facts.update(fwid=r.fwid, in_force=r.in_force, launched=r.launched, accel=r.accel,
+                            boot_seconds=r.boot_seconds, measurement=launch.measurement.hex())
+            if r.in_force != digests[which]:
+                st.outcome, st.detail = "wrong firmware", f"in force {r.in_force}, wanted {digests[which]}"
+                return
+            booted = f"booted under QEMU ({r.accel}, {r.boot_seconds:.1f}s)" if r.launched else "not booted (no QEMU)"
+            st.outcome = "installed"
+            st.detail = (f"{r.fwid} in force, {booted}; simulated host measures MEASUREMENT "
+                         f"{launch.measurement.hex()[:24]}…")
+        return run
+
+    def do_attest(which: str, *, send_addon: bool = False) -> Callable[[Step], None]:
+        def run(st: Step) -> None:
+            key = TeeKey.generate("p256")
+            s = KbsSession(url)
+            try:
+                att = attest(s, TsmSource(host.tsm()), key, addon=addons[which] if send_addon else None)
+                last["attestation"], last["session"] = att, s
+                st.facts.update(token_status=att.status, nonce=att.nonce)
+                secret = fetch_resource(s, RESOURCE, key)
+            except BrokerDenied as exc:
+                st.outcome, st.detail = "denied", f"{exc.status} {exc.variant}: {exc.detail}"
+                st.facts.update(variant=exc.variant, reason=exc.detail)
+                return
+            if secret != SECRET:
+                st.outcome, st.detail = "wrong secret", f"{len(secret)} bytes that are not the stored value"
+                return
+            st.outcome = "released"
+            st.detail = (f"token {st.facts['token_status']}; {RESOURCE} decrypted with this run's P-256 key "
+                         f"({len(secret)} bytes)")
+        return run
+
+    def replay(st: Step) -> None:
+        att, old = last.get("attestation"), last.get("session")
+        if att is None or old is None:
+            st.outcome, st.detail = "skipped", "no earlier attestation to replay"
+            return
+        from broker.guest.client import auth
+        denials = []
+        # (a) the same evidence again on its own session: that nonce was consumed by the first /attest.
+        # (b) the same evidence on a new session: it answers the old nonce, not the new one.
+        fresh = KbsSession(url)
+        st.facts.update(old_nonce=att.nonce, new_nonce=auth(fresh))
+        for label, s in (("same session", old), ("new session", fresh)):
+            try:
+                s.request("attest", "POST", "/attest", att.request)
+            except BrokerDenied as exc:
+                denials.append(f"{label}: {exc.status} {exc.variant}: {exc.detail}")
+                continue
+            st.outcome, st.detail = "accepted", f"{label}: the broker took evidence made for a used nonce"
+            return
+        st.outcome, st.detail = "denied", "; ".join(denials)
+        st.facts.update(reasons=denials)
+
+    def owner_commits_v2(st: Step) -> None:
+        (repo / "firmware" / "v2.efi").write_bytes(addons["v2"])
+        pol.write_text(policy_text((fwids["v1"], digests["v1"]), (fwids["v2"], digests["v2"]), vcpus, vcpu_type))
+        code, out = _cli(["policy", "check", str(pol)])
+        if code != 0:
+            st.outcome, st.detail = "policy check failed", out
+            return
+        _git(repo, "add", "-A")
+        _git(repo, "commit", "-q", "-m", "demo: allow v2 (svn 2), min_svn 2")
+        commit = _git(repo, "rev-parse", "--short", "HEAD")
+        time.sleep(1.1)  # the broker's policy store re-reads changed files at most once a second
+        st.outcome = "committed"
+        st.detail = f"commit {commit}: v2 allowed with svn 2, firmware.min_svn = 2; `firmgate policy check` passed"
+        st.facts.update(commit=commit)
+
+    story.step("host-install the v1 add-on (the VM is relaunched on it)", "installed", do_install("v1"))
+    story.step("guest attests (configfs-tsm on the simulated host) and asks for its disk key", "released",
+               do_attest("v1"))
+    story.step("host-install an unlisted firmware, attest again", "denied",
+               lambda st: (do_install("bad")(st), st.outcome == "installed" and do_attest("bad")(st)))
+    story.step("replay the v1 attestation: on its own session, then on a new one", "denied", replay)
+    story.step("owner commits v2 and a minimum svn of 2 to the policy repo", "committed", owner_commits_v2)
+    story.step("host-install v2, attest", "released",
+               lambda st: (do_install("v2")(st), st.outcome == "installed" and do_attest("v2")(st)))
+    story.step("host-install v1 again, attest", "denied",
+               lambda st: (do_install("v1")(st), st.outcome == "installed" and do_attest("v1")(st)))
+
+
+def _summary(story: Story, result: dict[str, Any]) -> None:
+    story.say("\nsummary")
+    story.say(f"  {'#':<2} {'step':<70} {'expected':<10} {'outcome':<10} ok")
+    for s in story.steps:
+        story.say(f"  {s.n:<2} {s.title[:70]:<70} {s.expect:<10} {s.outcome[:10]:<10} {'yes' if s.ok else 'NO'}")
+    verdict = "every step did what it should" if result["ok"] else "SOME STEPS DID NOT DO WHAT THEY SHOULD"
+    story.say(f"\n{verdict} ({result['seconds']}s; platform SIMULATED; QEMU {'used' if result['qemu'] else 'skipped'})")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from verifier.cli import print_json
+    result = run_demo(args.firmware, args.workdir, quiet=args.json,
+                      use_qemu=False if args.no_qemu else None)
+    if args.json:
+        print_json(result)
+    return 0 if result["ok"] else 1
 
 
 def register(sub: "argparse._SubParsersAction[Any]") -> None:
-    """Add this module's sub-commands (none yet)."""
+    p = sub.add_parser("demo", help="the whole flow end to end on this machine (simulated SEV-SNP hardware)")
+    p.add_argument("--firmware", metavar="F", help="OVMF image with SEV metadata (default: Debian's OVMF.fd)")
+    p.add_argument("--workdir", metavar="D", help="keep the workspace here (an empty directory); default: a temp dir")
+    p.add_argument("--json", action="store_true", help="print each step's outcome as JSON instead of the story")
+    p.add_argument("--no-qemu", action="store_true", help="do not boot the firmware under QEMU even if present")
+    p.set_defaults(func=cmd_demo)
