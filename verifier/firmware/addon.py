@@ -211,6 +211,14 @@ def parse_hwids(blob: bytes, section_index: int) -> tuple[HwidEntry, ...]:
 def _open_pe(data: bytes) -> pefile.PE:
     if len(data) < 2 or data[:2] != b"MZ":
         raise FirmwareError("add-on is not a PE file (no MZ signature)")
+    # The two refusals pefile would make first, checked here because pefile's
+    # error path runs gc.collect() (slow under load): e_lfanew (DOS header
+    # offset 0x3C) must point at "PE\0\0" inside the file.
+    if len(data) < 0x40:
+        raise FirmwareError(f"add-on is not a valid PE file: {len(data)} bytes, shorter than a DOS header")
+    (e_lfanew,) = struct.unpack_from("<I", data, 0x3C)
+    if e_lfanew + 4 + 20 > len(data) or data[e_lfanew:e_lfanew + 4] != b"PE\0\0":
+        raise FirmwareError(f"add-on is not a valid PE file: no PE signature at e_lfanew {e_lfanew:#x}")
     try:
         return pefile.PE(data=data, fast_load=True)
     except pefile.PEFormatError as exc:
@@ -224,53 +232,51 @@ def read_addon(data: bytes) -> Addon:
     if len(data) > MAX_ADDON_SIZE:
         raise FirmwareError(f"add-on is {len(data)} bytes, above the {MAX_ADDON_SIZE}-byte limit")
     data = bytes(data)
+    # No pe.close(): it only unmaps files, and it runs gc.collect() (10+ ms a call).
     pe = _open_pe(data)
-    try:
-        opt = pe.OPTIONAL_HEADER
-        if pe.FILE_HEADER.Machine != IMAGE_FILE_MACHINE_AMD64:
-            raise FirmwareError(f"add-on machine is {pe.FILE_HEADER.Machine:#06x}, expected x86-64 (0x8664)")
-        if opt.Magic != PE32_PLUS_MAGIC:
-            raise FirmwareError(f"add-on optional header magic is {opt.Magic:#06x}, expected PE32+ (0x20b)")
-        if opt.Subsystem != IMAGE_SUBSYSTEM_EFI_APPLICATION:
-            raise FirmwareError(f"add-on subsystem is {opt.Subsystem}, expected EFI application (10)")
-        if pe.FILE_HEADER.NumberOfSections > MAX_SECTIONS:
-            raise FirmwareError(f"add-on declares {pe.FILE_HEADER.NumberOfSections} sections, above {MAX_SECTIONS}")
-        if len(pe.sections) != pe.FILE_HEADER.NumberOfSections:
+    opt = pe.OPTIONAL_HEADER
+    if pe.FILE_HEADER.Machine != IMAGE_FILE_MACHINE_AMD64:
+        raise FirmwareError(f"add-on machine is {pe.FILE_HEADER.Machine:#06x}, expected x86-64 (0x8664)")
+    if opt.Magic != PE32_PLUS_MAGIC:
+        raise FirmwareError(f"add-on optional header magic is {opt.Magic:#06x}, expected PE32+ (0x20b)")
+    if opt.Subsystem != IMAGE_SUBSYSTEM_EFI_APPLICATION:
+        raise FirmwareError(f"add-on subsystem is {opt.Subsystem}, expected EFI application (10)")
+    if pe.FILE_HEADER.NumberOfSections > MAX_SECTIONS:
+        raise FirmwareError(f"add-on declares {pe.FILE_HEADER.NumberOfSections} sections, above {MAX_SECTIONS}")
+    if len(pe.sections) != pe.FILE_HEADER.NumberOfSections:
+        raise FirmwareError(
+            f"add-on section table is truncated: {len(pe.sections)} of "
+            f"{pe.FILE_HEADER.NumberOfSections} sections readable")
+    sections: list[SectionInfo] = []
+    entries: list[EfifwEntry] = []
+    hwids: list[HwidEntry] = []
+    seen_hwids = False
+    for index, sec in enumerate(pe.sections):
+        name = _section_name(sec.Name)
+        vsize, rsize, rptr = sec.Misc_VirtualSize, sec.SizeOfRawData, sec.PointerToRawData
+        sections.append(SectionInfo(index=index, name=name, virtual_size=vsize, raw_size=rsize))
+        # A loader reads SizeOfRawData bytes of every section: a file shorter than that is truncated.
+        if rptr + rsize > len(data):
+            raise FirmwareError(f"section {index} ({name}): raw data {rptr}+{rsize} runs past the end of "
+                                f"the file ({len(data)} bytes): truncated add-on")
+        if name not in (EFIFW_SECTION, HWIDS_SECTION):
+            continue
+        # The stub sees VirtualSize bytes in memory; bytes beyond the raw data
+        # would be zero-fill that is not in the file, so refuse that case.
+        size = vsize or rsize
+        if size > rsize:
+            raise FirmwareError(f"section {index} ({name}): VirtualSize {vsize} exceeds raw size {rsize}")
+        if rptr + size > len(data):
             raise FirmwareError(
-                f"add-on section table is truncated: {len(pe.sections)} of "
-                f"{pe.FILE_HEADER.NumberOfSections} sections readable")
-        sections: list[SectionInfo] = []
-        entries: list[EfifwEntry] = []
-        hwids: list[HwidEntry] = []
-        seen_hwids = False
-        for index, sec in enumerate(pe.sections):
-            name = _section_name(sec.Name)
-            vsize, rsize, rptr = sec.Misc_VirtualSize, sec.SizeOfRawData, sec.PointerToRawData
-            sections.append(SectionInfo(index=index, name=name, virtual_size=vsize, raw_size=rsize))
-            # A loader reads SizeOfRawData bytes of every section: a file shorter than that is truncated.
-            if rptr + rsize > len(data):
-                raise FirmwareError(f"section {index} ({name}): raw data {rptr}+{rsize} runs past the end of "
-                                    f"the file ({len(data)} bytes): truncated add-on")
-            if name not in (EFIFW_SECTION, HWIDS_SECTION):
-                continue
-            # The stub sees VirtualSize bytes in memory; bytes beyond the raw data
-            # would be zero-fill that is not in the file, so refuse that case.
-            size = vsize or rsize
-            if size > rsize:
-                raise FirmwareError(f"section {index} ({name}): VirtualSize {vsize} exceeds raw size {rsize}")
-            if rptr + size > len(data):
-                raise FirmwareError(
-                    f"section {index} ({name}): raw data {rptr}+{size} runs past the end of the file ({len(data)})")
-            blob = data[rptr:rptr + size]
-            if name == EFIFW_SECTION:
-                entries.append(parse_efifw(blob, index))
-            else:
-                if seen_hwids:
-                    raise FirmwareError(f"section {index}: more than one {HWIDS_SECTION} section")
-                seen_hwids = True
-                hwids.extend(parse_hwids(blob, index))
-    finally:
-        pe.close()
+                f"section {index} ({name}): raw data {rptr}+{size} runs past the end of the file ({len(data)})")
+        blob = data[rptr:rptr + size]
+        if name == EFIFW_SECTION:
+            entries.append(parse_efifw(blob, index))
+        else:
+            if seen_hwids:
+                raise FirmwareError(f"section {index}: more than one {HWIDS_SECTION} section")
+            seen_hwids = True
+            hwids.extend(parse_hwids(blob, index))
     if not entries:
         raise FirmwareError(f"add-on has no {EFIFW_SECTION} section (sections: {_names([s.name for s in sections])})")
     fwids = [e.fwid for e in entries]
