@@ -152,7 +152,7 @@ def _transition(vm: VmDir, new: CandidateImage | None, target: str, fwid: str | 
     # The new firmware did not come back: put the old one back and relaunch it.
     journal.append("boot-failed", tx, reason=check.reason, status=check.status)
     _checkpoint("boot-failed")
-    qemu.stop(vm, timeout=1.0)  # a firmware that did not boot will not honour ACPI power-down
+    qemu.stop(vm, graceful=False)  # a firmware that did not boot will not honour ACPI power-down
     if old is None:
         os.unlink(vm.firmware_link)
         journal.append("aborted", tx, in_force=None, reason=check.reason)
@@ -273,7 +273,7 @@ def _recover_locked(vm: VmDir, *, relaunch: bool) -> InstallResult:
     relaunched, reason = False, ""
     vm_touched = "stopped" in events or "launched" in events
     if relaunch and launched_tx and vm_touched and not (action == "finish" and qemu.running_pid(vm)):
-        qemu.stop(vm, timeout=1.0)
+        qemu.stop(vm, graceful=False)  # it runs an unconfirmed firmware, or nothing
         check = _launch_and_confirm(vm, journal, tx)
         relaunched, reason = check.ok, check.reason
     journal.append("recovered", tx, in_force=target, fwid=fwid, action=action, interrupted_after=events[-1],

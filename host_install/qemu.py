@@ -212,18 +212,23 @@ def _wait_gone(vm: VmDir, pid: int, timeout: float) -> bool:
     return running_pid(vm) != pid
 
 
-def stop(vm: VmDir, timeout: float | None = None) -> str:
-    """Stop this VM's QEMU: ACPI power-down, then QMP quit, then SIGKILL. Returns how it stopped."""
+def stop(vm: VmDir, timeout: float | None = None, *, graceful: bool = True) -> str:
+    """Stop this VM's QEMU: ACPI power-down (when graceful), then QMP quit, then SIGKILL.
+
+    Returns how it stopped. A guest whose firmware did not boot cannot honour a
+    power-down, so rollback and recovery pass graceful=False.
+    """
     pid = running_pid(vm)
     if pid is None:
         return "not-running"
     grace = vm.config.stop_timeout if timeout is None else timeout
-    try:
-        qmp(vm, "system_powerdown")
-        if _wait_gone(vm, pid, grace):
-            return "powerdown"
-    except Exception:
-        pass
+    if graceful:
+        try:
+            qmp(vm, "system_powerdown")
+            if _wait_gone(vm, pid, grace):
+                return "powerdown"
+        except Exception:
+            pass
     try:
         qmp(vm, "quit")
     except Exception:

@@ -139,10 +139,11 @@ def test_kill_during_first_install(tmp_path: Path, firmware_dir: Path, addons: d
 
 # -- with QEMU: stop, switch, launch, confirm, and a failed boot's rollback -------------------
 @pytest.fixture()
-def running_vm(tmp_path: Path, firmware_dir: Path, addons: dict[str, Path]) -> Iterator[VmDir]:
+def qemu_vm(tmp_path: Path, firmware_dir: Path, addons: dict[str, Path]) -> Iterator[VmDir]:
+    """The old firmware in force; the VM itself is started only by the tests that need it running."""
     vm = make_vm(tmp_path / "vm", firmware_dir)
     try:
-        install(vm, addons["old"].read_bytes())
+        install(vm, addons["old"].read_bytes(), launch=False)
         yield vm
     finally:
         stop_quietly(vm)
@@ -154,10 +155,13 @@ def running_vm(tmp_path: Path, firmware_dir: Path, addons: dict[str, Path]) -> I
     ("stopped", "new", False), ("launched", "new", False),
     ("confirmed", "new", True), ("boot-failed", "bad", False), ("rollback-switched", "bad", False),
 ])
-def test_kill_at_each_step_then_recover_with_qemu(running_vm: VmDir, tmp_path: Path, firmware_dir: Path,
+def test_kill_at_each_step_then_recover_with_qemu(qemu_vm: VmDir, tmp_path: Path, firmware_dir: Path,
                                                   addons: dict[str, Path], step: str, addon: str,
                                                   finishes: bool) -> None:
-    vm = running_vm
+    vm = qemu_vm
+    if step == "stopped":  # killed right after it stopped a running VM
+        qemu.launch(vm)
+        assert qemu.confirm_boot(vm).ok
     _spawn_and_kill(vm, addons[addon], step)
     res = recover(vm)
     fw25, fw26 = (firmware_dir / FW_2025).read_bytes(), (firmware_dir / FW_2026).read_bytes()

@@ -81,12 +81,12 @@ def test_boot_timeout_rolls_back(tmp_path: Path, firmware_dir: Path) -> None:
     """No crash dump, no marker: the timeout alone triggers the rollback (and its relaunch
     fails too here, because the marker is never printed: RecoveryNeeded, old firmware in force)."""
     fw26 = (firmware_dir / FW_2026).read_bytes()
-    vm = make_vm(tmp_path / "vm", firmware_dir, boot_marker="NEVER-PRINTED", boot_timeout=3.0)
+    vm = make_vm(tmp_path / "vm", firmware_dir, boot_marker="NEVER-PRINTED", boot_timeout=2.0)
     try:
         install(vm, build_addon([("edk2-2026.08", fw26)]), launch=False)
         with pytest.raises(RecoveryNeeded) as e:
             install(vm, build_addon([("edk2-2025.02", (firmware_dir / FW_2025).read_bytes())]))
-        assert "not booted after 3s" in str(e.value)
+        assert "not booted after 2s" in str(e.value)
         assert "did not come back either" in str(e.value)
         assert e.value.exit_code == 1
         assert current_firmware(vm).data == fw26
