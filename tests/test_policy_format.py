@@ -317,3 +317,12 @@ def test_example_policies_in_the_repo_pass_the_check() -> None:
     report = check_paths([REPO / "policies"])
     assert report.ok, [e.diagnostics() for e in report.errors]
     assert len(report.policies) >= 2
+
+
+def test_the_documented_complete_example_parses(tmp_path: Path) -> None:
+    doc = (REPO / "docs" / "policy.md").read_text()
+    example = doc.split("```toml\n", 1)[1].split("```", 1)[0]
+    policy, errors = parse_policy(example, tmp_path / "acme.toml", check_files=False)
+    assert errors == [] and policy is not None
+    assert [f.id for f in policy.firmware] == ["ovmf-2025.02", "ovmf-2026.08"]
+    assert policy.shapes[1].kernel is not None and len(policy.secrets) == 2
