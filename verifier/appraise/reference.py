@@ -43,7 +43,9 @@ def shapes_of(rules: tuple[ShapeRule, ...]) -> list[Shape]:
 
 def extract_firmware(data: bytes, fwid: str | None = None) -> bytes:
     """The firmware image inside `data`: a UKI add-on's `.efifw` entry, or `data` itself if it is not a PE file."""
-    from ..firmware.addon import read_addon
+    from ..firmware.addon import MAX_ADDON_SIZE, read_addon
+    if len(data) > MAX_ADDON_SIZE:
+        raise FirmwareError(f"firmware blob is {len(data)} bytes; at most {MAX_ADDON_SIZE}")
     if data[:2] == b"MZ":
         addon = read_addon(data)
         if fwid is not None and fwid in addon.fwids:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import FirmgateError, FirmwareError, PolicyErrors, PolicyFileError
+from ..errors import FirmgateError, FirmwareError, PolicyErrors, PolicyFileError, UsageError
 from .policy import FirmwareEntry, TenantPolicy, load_policy_file
 from .reference import ReferenceTable, extract_firmware
 
@@ -121,7 +121,7 @@ class PolicyStore:
                  min_interval: float = 1.0) -> None:
         self.directory = Path(directory)
         if not self.directory.is_dir():
-            raise UnknownTenant(f"policy directory {self.directory} does not exist")
+            raise UsageError(f"policy directory {self.directory} does not exist")
         self.min_interval = min_interval
         self._cache: Any = None
         if cache_dir is not None:
