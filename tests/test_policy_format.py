@@ -326,3 +326,49 @@ def test_the_documented_complete_example_parses(tmp_path: Path) -> None:
     assert errors == [] and policy is not None
     assert [f.id for f in policy.firmware] == ["ovmf-2025.02", "ovmf-2026.08"]
     assert policy.shapes[1].kernel is not None and len(policy.secrets) == 2
+
+
+def _key_lines(text: str) -> list[int]:
+    out = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        s = line.strip()
+        if s and not s.startswith(("#", "[")) and "=" in s and not s.startswith("version"):
+            out.append(n)
+    return out
+
+
+@pytest.mark.parametrize("lineno", _key_lines(GOOD))
+def test_a_wrong_type_on_any_line_is_reported_on_that_line(tmp_path: Path, lineno: int) -> None:
+    # No policy value is a float: replacing any value with 1.5 must be an error that points at its line.
+    lines = GOOD.splitlines()
+    key = lines[lineno - 1].split("=", 1)[0]
+    lines[lineno - 1] = f"{key}= 1.5"
+    text = "\n".join(lines) + "\n"
+    _, errors = parse_policy(text, tmp_path / "acme.toml")
+    assert errors, lines[lineno - 1]
+    assert lineno in [e.line for e in errors], [(e.line, e.field, e.why) for e in errors]
+
+
+def test_non_utf8_and_oversized_files(tmp_path: Path) -> None:
+    _, errors = parse_policy(b"version = 1\n# caf\xe9\n", tmp_path / "acme.toml")
+    assert [(e.line, e.why) for e in errors] == [(2, "not valid UTF-8 (TOML files are UTF-8)")]
+    _, errors = parse_policy(b"#" * (1024 * 1024 + 1), tmp_path / "acme.toml")
+    assert "at most 1048576" in errors[0].why
+
+
+def test_the_same_tenant_twice_in_one_check(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    write(tmp_path / "a", GOOD)
+    write(tmp_path / "b", GOOD)
+    report = check_paths([tmp_path / "a", tmp_path / "b"])
+    assert not report.ok and "tenant 'acme' is also defined by" in report.errors[0].why
+
+
+def test_shape_count_is_bounded(tmp_path: Path) -> None:
+    vcpus = ", ".join(str(n) for n in range(1, 201))
+    text = GOOD.replace("vcpus = [1, 4]", f"vcpus = [{vcpus}]").replace(
+        '["EPYC-v4", "EPYC-Milan"]', '["EPYC-v4", "EPYC-Milan", "EPYC-Genoa", "EPYC-Rome", "EPYC-Turin", "EPYC"]')
+    _, errors = parse_policy(text, tmp_path / "acme.toml")
+    assert [e.why for e in errors] == ["the shape rules expand to 1201 shapes; at most 1024 "
+                                       "(each costs a measurement per firmware)"]

@@ -239,3 +239,17 @@ def test_concurrent_gets_during_reloads(tmp_path: Path) -> None:
     for t in threads:
         t.join()
     assert not errors and store.get("acme").policy.firmware[0].svn == 5 and seen <= {2, 3, 4, 5}
+
+
+def test_new_tenant_file_is_picked_up_and_bad_new_tenant_reported(tmp_path: Path) -> None:
+    d = tmp_path / "p"
+    d.mkdir()
+    (d / "acme.toml").write_text(policy_text(fw_entry("v2", FW_V2, 2, "uploaded")))
+    store = PolicyStore(d, min_interval=0)
+    assert store.tenants() == ["acme"]
+    (d / "globex.toml").write_text(policy_text(fw_entry("v2", FW_V2, 2, "uploaded")).replace("acme/", "globex/"))
+    (d / "initech.toml").write_text(policy_text(fw_entry("v2", FW_V2, 2, "uploaded")))  # secret owned by acme
+    assert store.tenants() == ["acme", "globex"]
+    errs = store.last_errors("initech")
+    assert len(errs) == 1 and "is not owned by tenant 'initech'" in errs[0].why
+    assert store.status()["initech"]["policy_id"] is None
