@@ -19,6 +19,7 @@ A frame that breaks a bound is answered with exit_code 2 and the connection clos
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import struct
@@ -36,6 +37,7 @@ PREFIX = struct.Struct("<4sII")
 MAX_HEADER = 16 * 1024
 MAX_BODY = 64 * 1024 * 1024  # the verifier's add-on limit (verifier.firmware.addon.MAX_ADDON_SIZE)
 VERSION = 1
+log = logging.getLogger(__name__)
 READ_TIMEOUT = 30.0          # a peer that stalls mid-frame is dropped
 
 
@@ -101,6 +103,10 @@ def handle_request(vm: VmDir, header: dict[str, Any], body: bytes, *, launch: bo
         result = install(vm, body, fwid, launch=launch)
     except FirmgateError as exc:
         return _answer_for_error(exc)
+    except Exception as exc:  # never let one request take the listener down; the journal has the state
+        log.exception("install request failed")
+        return _answer_for_error(InstallFailed(f"internal error: {type(exc).__name__}: {exc}",
+                                               "see the listener's log; run `host-install status`"))
     return {"version": VERSION, "ok": True, "exit_code": 0, "status": result.status, "error": None,
             "hint": None, "result": result.to_dict()}
 

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 from verifier.cli import print_json, run
 
 from .errors import BootFailed, InstallError
-from .install import InstallResult, install, recover, rollback, status
+from .install import InstallResult, install, plan, recover, rollback, status
 from .vm import VmDir
 
 
@@ -42,6 +42,15 @@ def _print_result(args: argparse.Namespace, result: InstallResult) -> int:
 def _cmd_install(args: argparse.Namespace) -> int:
     vm = VmDir.open(args.vm)
     data = _read_addon(args.addon)
+    if args.dry_run:
+        steps = plan(vm, data, args.fwid, launch=not args.no_launch)
+        if args.json:
+            print_json(steps)
+        else:
+            print(f"PLAN: {args.vm}: {steps['old']['fwid']!r} -> {steps['fwid']!r} "
+                  f"({steps['kind']}, {steps['size']} bytes, sha384:{steps['digest'][:16]}…)")
+            print("steps: " + " -> ".join(steps["steps"]))
+        return 0
     try:
         result = install(vm, data, args.fwid, launch=not args.no_launch)
     except BootFailed as exc:
@@ -99,6 +108,7 @@ def _add_commands(sub: "argparse._SubParsersAction[Any]") -> None:
     common(p, "switch the ROM without stopping or starting QEMU")
     p.add_argument("--addon", required=True, metavar="ADDON", help="UKI add-on with .efifw section(s)")
     p.add_argument("--fwid", help="which .efifw entry (needed when the add-on holds several)")
+    p.add_argument("--dry-run", action="store_true", help="run the checks and print the plan; change nothing")
     p.set_defaults(func=_cmd_install)
     p = sub.add_parser("status", help="firmware in force, QEMU state, interrupted transactions")
     common(p, "(no effect)")

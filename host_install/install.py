@@ -186,6 +186,23 @@ def install(vm_dir: VmDir | str | os.PathLike[str], addon_bytes: bytes, fwid: st
     return install_image(vm, candidate, launch=launch)
 
 
+def plan(vm_dir: VmDir | str | os.PathLike[str], addon_bytes: bytes, fwid: str | None = None, *,
+         launch: bool = True) -> dict[str, Any]:
+    """What `install` would do, after the same checks, without touching anything (`--dry-run`)."""
+    vm = _as_vm(vm_dir)
+    candidate = candidate_from_addon(vm, addon_bytes, fwid)
+    journal = Journal(vm.journal_path)
+    old, old_fwid = _in_force(journal)
+    steps = ["recover" if journal.open_transaction() else None, "begin", "stored",
+             "stopped" if launch else None, "switched", "launched" if launch else None,
+             "confirmed" if launch else None, "committed"]
+    return {"vm": str(vm.path), "fwid": candidate.fwid, "digest": candidate.digest, "kind": candidate.kind,
+            "size": len(candidate.payload), "addon_sha384": candidate.addon_sha384,
+            "old": {"digest": old, "fwid": old_fwid}, "already_in_force": old == candidate.digest,
+            "launch": launch, "accel": qemu.resolve_accel(vm.config.accel) if launch else None,
+            "steps": [st for st in steps if st]}
+
+
 def install_image(vm: VmDir, candidate: CandidateImage, *, launch: bool = True) -> InstallResult:
     with vm_lock(vm):
         _recover_locked(vm, relaunch=launch)

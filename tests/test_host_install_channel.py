@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from host_install import channel
 from host_install.channel import (ANSWER_MAGIC, MAX_BODY, MAX_HEADER, REQUEST_MAGIC, Listener, encode_frame,
@@ -160,3 +162,21 @@ def test_listen_command(tmp_path: Path, firmware_dir: Path) -> None:
         for f in (proc.stdout, proc.stderr):
             if f:
                 f.close()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=64) | st.builds(
+    lambda h, b, rest: struct.pack("<4sII", REQUEST_MAGIC, h, b) + rest,
+    st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1), st.binary(max_size=64)))
+def test_read_frame_fails_closed_on_any_bytes(raw: bytes) -> None:
+    """Whatever a guest sends, the reader returns a frame or raises ChannelError, nothing else."""
+    a, b = _pair()
+    with a, b:
+        a.sendall(raw)
+        a.shutdown(socket.SHUT_WR)
+        try:
+            header, body = read_frame(b, REQUEST_MAGIC)
+        except ChannelError as exc:
+            assert exc.exit_code == 2
+        else:
+            assert isinstance(header, dict) and len(body) <= MAX_BODY

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -167,3 +168,58 @@ def test_firmgate_entry_point_runs_the_same_command(vm: VmDir, tmp_path: Path, f
     assert rc == 0 and st["in_force"]["digest"] == res["in_force"] and st["in_force"]["intact"] is True
     rc = firmgate_cli.main(["host-install", "install", "--vm", str(tmp_path / "missing"), "--addon", str(p)])
     assert rc == 2
+
+
+def _igvm() -> bytes:
+    # IGVM fixed header magic "IGVM" + format version (IGVM spec); enough for format routing
+    return b"IGVM" + (1).to_bytes(4, "little") + bytes(64 * 1024 - 8)
+
+
+def test_igvm_only_for_igvm_vms(tmp_path: Path, firmware_dir: Path) -> None:
+    ovmf_vm = VmDir.create(tmp_path / "ovmf", snp=True)
+    with pytest.raises(ImageRejected, match="is igvm, but this VM launches ovmf"):
+        install(ovmf_vm, build_addon([("igvm-fw", _igvm())]), launch=False)
+    igvm_vm = VmDir.create(tmp_path / "igvm", snp=True, firmware_format="igvm")
+    with pytest.raises(ImageRejected, match="is ovmf, but this VM launches igvm"):
+        install(igvm_vm, build_addon([("ovmf", (firmware_dir / FW_2026).read_bytes())]), launch=False)
+    res = install(igvm_vm, build_addon([("igvm-fw", _igvm())]), launch=False)
+    assert res.status == "installed" and current_firmware(igvm_vm).data == _igvm()
+
+
+def test_dry_run_checks_and_changes_nothing(vm: VmDir, tmp_path: Path, firmware_dir: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    p = _addon(tmp_path, firmware_dir, FW_2026, fwid="edk2-2026.08")
+    rc = cli.main(["install", "--vm", str(vm.path), "--addon", str(p), "--dry-run", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    assert out["fwid"] == "edk2-2026.08" and out["kind"] == "ovmf" and out["size"] == 4 * 1024 * 1024
+    assert out["steps"] == ["begin", "stored", "stopped", "switched", "launched", "confirmed", "committed"]
+    _unchanged(vm)
+    bad = _addon(tmp_path, firmware_dir, FW_NOSEV)
+    assert cli.main(["install", "--vm", str(vm.path), "--addon", str(bad), "--dry-run"]) == 2
+    _unchanged(vm)
+
+
+def test_status_and_recover_text_output(vm: VmDir, tmp_path: Path, firmware_dir: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["status", "--vm", str(vm.path)]) == 0
+    assert "in force:  none" in capsys.readouterr().out
+    p = _addon(tmp_path, firmware_dir, FW_2026, fwid="edk2-2026.08")
+    assert cli.main(["install", "--vm", str(vm.path), "--addon", str(p), "--no-launch"]) == 0
+    capsys.readouterr()
+    # someone re-pointed the link by hand: the journal wins, recover restores it
+    vm.firmware_link.unlink()
+    assert cli.main(["status", "--vm", str(vm.path)]) == 0
+    assert "INCONSISTENT" in capsys.readouterr().out
+    assert cli.main(["recover", "--vm", str(vm.path), "--no-launch"]) == 0
+    assert "RECOVERED" in capsys.readouterr().out
+    assert cli.main(["status", "--vm", str(vm.path)]) == 0
+    out = capsys.readouterr().out
+    assert "'edk2-2026.08'" in out and "INCONSISTENT" not in out and "qemu:      not running" in out
+
+
+def test_stale_pid_file_is_not_our_vm(vm: VmDir) -> None:
+    from host_install import qemu
+    vm.pid_path.write_text(f"{os.getpid()}\n")  # a live process that is not this VM's QEMU
+    assert qemu.running_pid(vm) is None
+    assert qemu.stop(vm) == "not-running"
