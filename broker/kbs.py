@@ -20,6 +20,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session as OrmSession
 
 from verifier.errors import FirmgateError
@@ -77,7 +78,7 @@ def auth() -> Response:
         raise ApiError("AttestationError", "extra-params.tenant is not a valid tenant name")
     if now_ms() % 50 == 0:  # now and then, not on every request
         nonces.purge_expired(orm)
-    row = nonces.new_session(orm, str(tee), int(current_app.config["SESSION_TTL"]), hint)
+    row = nonces.new_session(orm, str(tee), int(current_app.config["SESSION_TTL"]), hint, commit=False)
     audit.record(orm, event="auth", outcome="ok", reason="challenge issued", tenant=hint, session_id=row.id)
     metrics.count_event("auth", "ok")
     resp = jsonify({"nonce": row.nonce, "extra-params": ""})
@@ -129,12 +130,12 @@ def _guest_firmware(st: BrokerState, orm: OrmSession, additional: str, session_i
 
 def _appraise_into(st: BrokerState, orm: OrmSession, row: Session, attested: Attested, tenant: str,
                    policy_id: str) -> Verdict:
+    """Appraise for `tenant` and add the verdict to the session's cache (the caller commits)."""
     assert st.appraiser is not None
     expected = bytes.fromhex(row.expected_report_data or "")
     verdict = st.appraiser.appraise(attested, tenant, expected)
     orm.add(SessionVerdict(session_id=row.id, tenant=tenant, policy_id=policy_id, accepted=verdict.accepted,
                            verdict_json=json.dumps(verdict.to_dict(), default=str), created_at=now_ms()))
-    orm.commit()
     return verdict
 
 
@@ -206,7 +207,6 @@ def attest() -> Response:
     row.tee_pubkey_json = json.dumps(jwk, separators=(",", ":"))
     row.expected_report_data = expected.hex()
     row.measurement = measurement
-    orm.commit()
 
     # Appraise for the hinted tenant, or for every tenant (an unmodified guest names none).
     candidates = [hint] if hint else st.appraiser.tenants()
@@ -221,7 +221,7 @@ def attest() -> Response:
             # A tenant sees attestations its policy accepted, or that named it; not other VMs' noise.
             audit.record(orm, event="attest", outcome="ok" if verdict.accepted else "denied",
                          reason="accepted by policy" if verdict.accepted else summarize_failures(verdict),
-                         tenant=tenant, session_id=sid, verdict=verdict, measurement=measurement)
+                         tenant=tenant, session_id=sid, verdict=verdict, measurement=measurement, commit=False)
     accepted = sorted((v for v in verdicts if v.accepted), key=lambda v: len(v.warnings))
     best = accepted[0] if accepted else (verdicts[0] if hint and verdicts else None)
     status = "contraindicated"
@@ -236,7 +236,6 @@ def attest() -> Response:
     row.state = "attested"
     row.token_jti = sid
     row.expires_at = max(row.expires_at, claims["exp"] * 1000)
-    orm.commit()
     audit.record(orm, event="attest", outcome="ok", reason=f"evidence verified; token status {status}",
                  tenant=None, session_id=sid, measurement=measurement)
     metrics.count_event("attest", status)
@@ -285,7 +284,12 @@ def _verdict_for(st: BrokerState, orm: OrmSession, row: Session, tenant: str, po
     if not row.evidence_json:
         return None
     attested = st.appraiser.verify(st.appraiser.parse(json.loads(row.evidence_json)))
-    return _appraise_into(st, orm, row, attested, tenant, policy_id)
+    verdict = _appraise_into(st, orm, row, attested, tenant, policy_id)
+    try:
+        orm.commit()
+    except IntegrityError:  # a concurrent request cached the same verdict first: same result
+        orm.rollback()
+    return verdict
 
 
 def verdict_from_dict(d: dict[str, Any]) -> Verdict:

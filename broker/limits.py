@@ -15,18 +15,20 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 def _check_shape(obj: Any) -> None:
+    # Only containers are walked one by one; scalars are counted by len() (evidence is mostly int arrays).
+    if not isinstance(obj, (dict, list)):
+        return
     stack: list[tuple[Any, int]] = [(obj, 1)]
-    items = 0
+    items = 1
     while stack:
         node, depth = stack.pop()
-        items += 1
+        if depth > MAX_DEPTH:
+            raise ValueError(f"JSON nested deeper than {MAX_DEPTH}")
+        children = list(node.values()) if isinstance(node, dict) else node
+        items += len(children)
         if items > MAX_ITEMS:
             raise ValueError(f"more than {MAX_ITEMS} JSON values")
-        if isinstance(node, (dict, list)):
-            if depth > MAX_DEPTH:
-                raise ValueError(f"JSON nested deeper than {MAX_DEPTH}")
-            children = node.values() if isinstance(node, dict) else node
-            stack.extend((c, depth + 1) for c in children)
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
 
 
 def json_body(variant: str = "SerdeError", status: int | None = None) -> dict[str, Any]:

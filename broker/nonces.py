@@ -27,12 +27,13 @@ class Consumed:
     session: Session | None
 
 
-def new_session(orm: OrmSession, tee: str, ttl_s: int, tenant_hint: str | None) -> Session:
+def new_session(orm: OrmSession, tee: str, ttl_s: int, tenant_hint: str | None, commit: bool = True) -> Session:
     t = now_ms()
     row = Session(id=uuid.uuid4().hex, nonce=base64.b64encode(secrets.token_bytes(32)).decode(),
                   tee=tee, tenant_hint=tenant_hint, state="new", created_at=t, expires_at=t + ttl_s * 1000)
     orm.add(row)
-    orm.commit()
+    if commit:
+        orm.commit()
     return row
 
 
