@@ -14,7 +14,8 @@ from __future__ import annotations
 import hashlib
 import struct
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 
 from ..errors import FirmwareError
 
@@ -73,13 +74,22 @@ class SevSection:
 class FirmwareImage:
     kind: str                                       # "ovmf" | "igvm"
     size: int
-    sha384: str
-    sha256: str
     sev_metadata: tuple[SevSection, ...] | None     # None: no SEV metadata in the image
     footer_guids: tuple[str, ...] = ()              # GUIDs of the OVMF footer table, in file order
     sev_es_reset_eip: int | None = None             # AP reset vector (SEV_ES_RESET_BLOCK)
     sev_hash_table_gpa: int | None = None           # kernel-hashes table (SEV_HASH_TABLE_RV), 0 = none
     igvm_version: int | None = None
+    payload: bytes = field(default=b"", repr=False)  # the image itself
+
+    # Digests on first use: hashing 4 MiB costs as much as the measurement's
+    # own firmware pass, and a measurement table without a cache needs neither.
+    @cached_property
+    def sha384(self) -> str:
+        return hashlib.sha384(self.payload).hexdigest()
+
+    @cached_property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.payload).hexdigest()
 
     @property
     def gpa(self) -> int:
@@ -195,21 +205,20 @@ def inspect_firmware(payload: bytes) -> FirmwareImage:
     if len(data) > MAX_FIRMWARE_SIZE:
         raise FirmwareError(f"firmware image is {len(data)} bytes, above the {MAX_FIRMWARE_SIZE}-byte maximum "
                             "(a ROM ending at 4 GiB cannot be larger without covering the APIC/HPET windows)")
-    sha384 = hashlib.sha384(data).hexdigest()
-    sha256 = hashlib.sha256(data).hexdigest()
     if data[:4] == IGVM_MAGIC:
         version = int.from_bytes(data[4:8], "little") if len(data) >= 8 else None
-        return FirmwareImage(kind="igvm", size=len(data), sha384=sha384, sha256=sha256, sev_metadata=None,
-                             igvm_version=version)
+        return FirmwareImage(kind="igvm", size=len(data), sev_metadata=None,
+                             igvm_version=version, payload=data)
     table = parse_footer_table(data)
     if table is None:
-        return FirmwareImage(kind="ovmf", size=len(data), sha384=sha384, sha256=sha256, sev_metadata=None)
+        return FirmwareImage(kind="ovmf", size=len(data), sev_metadata=None, payload=data)
     return FirmwareImage(
-        kind="ovmf", size=len(data), sha384=sha384, sha256=sha256,
+        kind="ovmf", size=len(data),
         sev_metadata=parse_sev_metadata(data, table),
         footer_guids=tuple(str(g) for g in table),
         sev_es_reset_eip=_u32_entry(table, SEV_ES_RESET_BLOCK_GUID, "SEV-ES reset block"),
         sev_hash_table_gpa=_u32_entry(table, SEV_HASH_TABLE_RV_GUID, "SEV hash table"),
+        payload=data,
     )
 
 
