@@ -42,8 +42,10 @@ def load_evidence(data: bytes) -> Evidence:
         raise EvidenceError(f"evidence must be bytes, not {type(data).__name__}")
     if len(data) > MAX_EVIDENCE_SIZE:
         raise EvidenceError(f"evidence is {len(data)} bytes; at most {MAX_EVIDENCE_SIZE}")
-    # A raw report starts with its version (2..5 as a u32): never '{' or whitespace.
-    if bytes(data).lstrip()[:1] == b"{":
+    # Exactly 1184 bytes is always a raw report: every JSON shape holding a report is longer
+    # (base64 alone is 1580 characters), so a report whose first byte happens to be '{' is
+    # still read, and refused, as a report.
+    if len(data) != REPORT_SIZE and bytes(data).lstrip()[:1] == b"{":
         try:
             obj = json.loads(bytes(data).decode("utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:
