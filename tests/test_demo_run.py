@@ -1,0 +1,82 @@
+"""`firmgate demo` end to end: each step's outcome and reason, not just the exit code."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import sim.demo
+from sim.demo import run_demo
+from verifier.errors import UsageError
+
+FW = "edk2-2022.11-OVMF.fd"   # the image Debian bookworm installs as /usr/share/ovmf/OVMF.fd
+EXPECTED = ["installed", "released", "denied", "denied", "committed", "released", "denied"]
+
+
+def _check_story(result: dict[str, Any]) -> None:
+    steps = result["steps"]
+    assert [s["outcome"] for s in steps] == EXPECTED, [(s["outcome"], s["detail"]) for s in steps]
+    assert all(s["ok"] for s in steps) and result["ok"] is True
+    assert result["simulated_platform"] is True
+    # 1, 3, 6, 7 installed a firmware; the simulated host measured what was in force each time.
+    m1 = steps[0]["facts"]["measurement"]
+    assert steps[6]["facts"]["measurement"] == m1                 # v1 again: same bytes, same MEASUREMENT
+    assert len({m1, steps[2]["facts"]["measurement"], steps[5]["facts"]["measurement"]}) == 3
+    assert steps[1]["facts"]["token_status"] in ("affirming", "warning")
+    assert steps[2]["facts"]["variant"] == "PolicyDeny"
+    assert "matches no allowed firmware" in steps[2]["facts"]["reason"]
+    same, new = steps[3]["facts"]["reasons"]
+    assert "already used" in same and "nonce" in new
+    assert steps[3]["facts"]["old_nonce"] != steps[3]["facts"]["new_nonce"]
+    assert steps[4]["facts"]["commit"]
+    assert steps[6]["facts"]["variant"] == "PolicyDeny" and "below minimum 2" in steps[6]["facts"]["reason"]
+
+
+def test_demo_without_qemu(firmware_dir: Path, tmp_path: Path) -> None:
+    result = run_demo(str(firmware_dir / FW), str(tmp_path / "ws"), quiet=True, use_qemu=False)
+    _check_story(result)
+    assert result["qemu"] is False and any("boots were skipped" in n for n in result["notes"])
+    assert all(s["facts"]["launched"] is False for s in result["steps"] if "launched" in s["facts"])
+    assert (tmp_path / "ws" / "policy-repo" / ".git").is_dir()   # --workdir keeps the workspace
+
+
+def test_demo_reports_a_step_that_did_not_do_what_it_should(firmware_dir: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """If the "unlisted" image were the listed one, step 3 would be released: the demo must say so and fail."""
+    real = sim.demo.derive
+    monkeypatch.setattr(sim.demo, "derive", lambda image, marker: image if marker == b"tampered-by-host"
+                        else real(image, marker))
+    result = run_demo(str(firmware_dir / FW), str(tmp_path / "ws"), quiet=True, use_qemu=False)
+    assert result["ok"] is False
+    step3 = result["steps"][2]
+    assert step3["outcome"] != "denied" and step3["ok"] is False
+
+
+def test_demo_refuses_firmware_without_sev_metadata(firmware_dir: Path) -> None:
+    with pytest.raises(UsageError, match="SEV metadata"):
+        run_demo(str(firmware_dir / "edk2-2022.11-OVMF_CODE_4M-no-sev-metadata.fd"), quiet=True, use_qemu=False)
+
+
+def test_demo_cli_json(firmware_dir: Path, tmp_path: Path) -> None:
+    exe = Path(sys.executable).with_name("firmgate")
+    r = subprocess.run([str(exe), "demo", "--json", "--no-qemu", "--firmware", str(firmware_dir / FW)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    _check_story(json.loads(r.stdout))
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.qemu
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="qemu-system-x86_64 is not installed")
+def test_demo_boots_each_firmware_under_qemu(firmware_dir: Path, tmp_path: Path) -> None:
+    result = run_demo(str(firmware_dir / FW), str(tmp_path / "ws"), quiet=True)
+    _check_story(result)
+    installs = [s for s in result["steps"] if "launched" in s["facts"]]
+    assert len(installs) == 4 and all(s["facts"]["launched"] is True for s in installs)
+    assert all(s["facts"]["boot_seconds"] > 0 for s in installs)
