@@ -29,7 +29,7 @@ from vms.hostvm import FW_2025, FW_2026, PROBE_BYTES, broken_image, make_vm, nee
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _spawn_and_kill(vm: VmDir, addon: Path, step: str, *extra: str, timeout: float = 60.0) -> None:
+def _spawn_and_kill(vm: VmDir, addon: Path, step: str, *extra: str, timeout: float = 180.0) -> None:
     env = {**os.environ, PAUSE_ENV: step, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-m", "host_install.cli", "install", "--vm", str(vm.path),
                              "--addon", str(addon), *extra], env=env, cwd=REPO,
