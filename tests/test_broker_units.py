@@ -1,0 +1,310 @@
+"""Broker building blocks: JWE layout, REPORT_DATA / HOST_DATA bindings, sealed secrets,
+tokens, release decisions, JSON bounds, schema migrations, and the CLI."""
+from __future__ import annotations
+
+import base64
+import io
+from dataclasses import dataclass
+import hashlib
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+from test_broker_support import b64url, guest_decrypt, new_tee_key
+
+from broker import jwe, release, runtime_data, tokens
+from broker.db import SCHEMA_VERSION, SchemaError, SchemaVersion, make_engine, migrate, schema_version
+from broker.limits import MAX_DEPTH, _check_shape
+from broker.secretbox import MasterKeyError, SecretBox, SecretDecryptError, parse_key_text
+from verifier.errors import FirmgateError
+from verifier.verdict import CheckResult, Outcome, Verdict
+
+
+# -- JWE ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind,coord", [("P-256", 32), ("P-384", 48), ("P-521", 66)])
+def test_jwe_ec_header_exact_and_joserfc_decrypts(kind: str, coord: int) -> None:
+    key, jwk = new_tee_key(kind)
+    for _ in range(8):  # several ephemeral keys: some have short coordinates that must be left-padded
+        out = jwe.encrypt(b"disk key", jwk)
+        assert list(out) == ["protected", "encrypted_key", "iv", "ciphertext", "tag"]
+        header_text = base64.urlsafe_b64decode(out["protected"] + "==").decode()
+        h = json.loads(header_text)
+        assert list(h) == ["alg", "enc", "epk"] and list(h["epk"]) == ["crv", "kty", "x", "y"]
+        assert header_text == json.dumps(h, separators=(",", ":"))  # compact, no spaces
+        assert h["alg"] == "ECDH-ES+A256KW" and h["enc"] == "A256GCM" and h["epk"]["crv"] == kind
+        assert len(base64.urlsafe_b64decode(h["epk"]["x"] + "==")) == coord
+        assert len(base64.urlsafe_b64decode(h["epk"]["y"] + "==")) == coord
+        assert len(base64.urlsafe_b64decode(out["encrypted_key"] + "==")) == 40
+        assert len(base64.urlsafe_b64decode(out["iv"] + "==")) == 12
+        assert guest_decrypt(out, key) == b"disk key"
+
+
+def test_jwe_rsa_oaep_256() -> None:
+    key, jwk = new_tee_key("RSA")
+    out = jwe.encrypt(b"x" * 1000, jwk)
+    assert base64.urlsafe_b64decode(out["protected"] + "==") == b'{"alg":"RSA-OAEP-256","enc":"A256GCM"}'
+    assert guest_decrypt(out, key) == b"x" * 1000
+
+
+def test_jwe_aad_is_the_protected_string() -> None:
+    """Changing the header's serialisation (same JSON value) breaks decryption: the AAD is the string."""
+    from joserfc import jwe as jj
+    from joserfc.errors import JoseError
+    key, jwk = new_tee_key("P-256")
+    out = jwe.encrypt(b"s", jwk)
+    h = json.loads(base64.urlsafe_b64decode(out["protected"] + "=="))
+    reordered = dict(out, protected=b64url(json.dumps({"enc": h["enc"], "alg": h["alg"], "epk": h["epk"]}).encode()))
+    with pytest.raises((JoseError, ValueError)):
+        jj.decrypt_json(reordered, key, algorithms=["ECDH-ES+A256KW", "A256GCM"])
+
+
+@pytest.mark.parametrize("bad,why", [
+    ({"kty": "EC", "crv": "secp256k1", "x": "AA", "y": "AA"}, "curve"),
+    ({"kty": "EC", "crv": "P-256", "alg": "ECDH-ES", "x": "AA", "y": "AA"}, "alg"),
+    ({"kty": "EC", "crv": "P-256", "x": b64url(b"\1" * 32), "y": b64url(b"\2" * 32)}, "not a point"),
+    ({"kty": "EC", "crv": "P-256", "x": b64url(b"\1" * 32) + "=", "y": "AA"}, "padding"),
+    ({"kty": "EC", "crv": "P-256", "x": b64url(b"\1" * 40), "y": b64url(b"\1" * 40)}, "longer"),
+    ({"kty": "RSA", "alg": "RSA-OAEP-256", "n": b64url(b"\xff" * 64), "e": "AQAB"}, "2048"),
+    ({"kty": "RSA", "alg": "RSA1_5", "n": "AA", "e": "AQAB"}, "alg"),
+    ({"kty": "oct", "k": "AA"}, "kty"),
+    ([], "JWK object"),
+])
+def test_jwe_refuses_bad_keys(bad: Any, why: str) -> None:
+    with pytest.raises(jwe.TeeKeyError, match=why):
+        jwe.encrypt(b"s", bad)
+
+
+# -- bindings ----------------------------------------------------------------------------------
+def test_jcs_sha384_vector_from_trustee() -> None:
+    # attestation-service/src/lib.rs test vector (KBS-FACTS section 3).
+    import rfc8785
+    assert hashlib.sha384(rfc8785.dumps({"b": 1, "a": "test", "c": {"d": "e"}})).hexdigest() == (
+        "e71ce8e70d814ba6639c3612ebee0ff1f76f650f8dbb5e47157e0f3f525cd22c4597480a186427c813ca941da78870c3")
+
+
+def test_report_data_matches_guest_derivation() -> None:
+    _, jwk = new_tee_key("P-256")
+    nonce = base64.b64encode(b"\7" * 32).decode()
+    extra = '{"nvidia":{"x":1}}'
+    guest = json.dumps({"tee-pubkey": jwk, "nonce": nonce, "additional-evidence": extra},
+                       separators=(",", ":"), sort_keys=True).encode()
+    expected = hashlib.sha384(guest).digest() + b"\0" * 16
+    assert runtime_data.expected_report_data(nonce, jwk, extra) == expected
+    runtime_data.check_report_data(expected, expected)
+    with pytest.raises(runtime_data.BindingError, match="REPORT_DATA"):
+        runtime_data.check_report_data(expected[:-1] + b"\1", expected)
+
+
+def test_initdata_host_data() -> None:
+    body = 'algorithm = "sha384"\nversion = "0.1.0"\n[data]\n"aa.toml" = "x"\n'
+    hd = runtime_data.initdata_host_data({"format": "toml", "body": body})
+    assert hd == hashlib.sha384(body.encode()).digest()[:32]
+    body256 = 'algorithm = "sha256"\n'
+    assert runtime_data.initdata_host_data({"format": "toml", "body": body256}) == hashlib.sha256(
+        body256.encode()).digest()
+    assert runtime_data.initdata_host_data(None) is None
+    for bad in ({"format": "json", "body": "{}"}, {"format": "toml", "body": "algorithm = 'md5'"},
+                {"format": "toml", "body": "= broken"}, "text", {"format": "toml", "body": "", "x": 1}):
+        with pytest.raises(runtime_data.BindingError):
+            runtime_data.initdata_host_data(bad)
+    with pytest.raises(runtime_data.BindingError, match="HOST_DATA"):
+        runtime_data.check_host_data(b"\0" * 32, hd)
+
+
+# -- sealed secrets ------------------------------------------------------------------------------
+def test_secretbox_binds_tenant_and_path() -> None:
+    box = SecretBox(b"k" * 32)
+    nonce, ct = box.seal("acme", "acme/key/disk", b"value")
+    assert b"value" not in ct and len(nonce) == 12
+    assert box.open("acme", "acme/key/disk", nonce, ct) == b"value"
+    for tenant, path in (("globex", "acme/key/disk"), ("acme", "acme/key/other")):
+        with pytest.raises(SecretDecryptError):
+            box.open(tenant, path, nonce, ct)
+    with pytest.raises(SecretDecryptError):
+        SecretBox(b"j" * 32).open("acme", "acme/key/disk", nonce, ct)
+    assert box.seal("acme", "acme/key/disk", b"value")[0] != nonce  # fresh nonce each time
+
+
+def test_master_key_forms() -> None:
+    key = bytes(range(32))
+    assert parse_key_text(key) == key
+    assert parse_key_text(key.hex().encode() + b"\n") == key
+    assert parse_key_text(base64.b64encode(key)) == key
+    for bad in (b"short", b"z" * 64, base64.b64encode(b"x" * 31)):
+        with pytest.raises(MasterKeyError):
+            parse_key_text(bad)
+
+
+# -- tokens -------------------------------------------------------------------------------------
+def test_token_roundtrip_expiry_and_paths(tmp_path: Path) -> None:
+    from sqlalchemy.orm import sessionmaker
+    engine = make_engine(f"sqlite:///{tmp_path}/t.db")
+    migrate(engine)
+    with sessionmaker(engine)() as orm:
+        key = tokens.TokenKey.load_or_create(orm, SecretBox(b"m" * 32))
+        again = tokens.TokenKey.load_or_create(orm, SecretBox(b"m" * 32))
+    assert key.public_jwk == again.public_jwk  # created once, shared by every replica
+    _, jwk = new_tee_key("P-256")
+    claims = tokens.ear_claims(session_id="ab" * 16, status="affirming", trust_vector={"hardware": 2},
+                               policy_id="p", runtime_data={"nonce": "n", "tee-pubkey": jwk},
+                               report_data=b"\0" * 64, init_data=None, host_data=b"\0" * 32, snp={}, ttl_s=60)
+    tok = key.sign(claims)
+    got = key.verify(tok)
+    assert tokens.tee_pubkey_from_claims(got) == jwk and got["jti"] == "ab" * 16
+    with pytest.raises(tokens.TokenError, match="expired"):
+        key.verify(tok, now=int(time.time()) + 61)
+    other = tokens.TokenKey(ec.generate_private_key(ec.SECP256R1()))
+    with pytest.raises(tokens.TokenError, match="signature"):
+        other.verify(tok)
+    assert tokens.tee_pubkey_from_claims({"customized_claims": {"runtime_data": {"tee-pubkey": {"k": 1}}}}) == {"k": 1}
+    assert tokens.tee_pubkey_from_claims({"tee-pubkey": "not a dict"}) is None
+    engine.dispose()
+
+
+# -- release decisions ---------------------------------------------------------------------------
+def _verdict(ok: bool) -> Verdict:
+    return Verdict(checks=(CheckResult("firmware.measurement", Outcome.PASS if ok else Outcome.FAIL,
+                                       "matches" if ok else "MEASUREMENT matches no allowed firmware"),))
+
+
+def test_release_decide() -> None:
+    d = release.decide(verdict=_verdict(True), path_allowed=(True, "fw may"), tenant_has_policy=True)
+    assert d.allowed and d.reason == "fw may"
+    cases = [
+        (dict(verdict=_verdict(True), path_allowed=(True, ""), tenant_has_policy=False), "no policy"),
+        (dict(verdict=None, path_allowed=None, tenant_has_policy=True), "not been appraised"),
+        (dict(verdict=_verdict(False), path_allowed=None, tenant_has_policy=True), "matches no allowed firmware"),
+        (dict(verdict=_verdict(True), path_allowed=(False, "revoked"), tenant_has_policy=True), "revoked"),
+        (dict(verdict=_verdict(True), path_allowed=None, tenant_has_policy=True), "does not list"),
+        (dict(verdict=Verdict(checks=()), path_allowed=(True, ""), tenant_has_policy=True), "no checks ran"),
+    ]
+    for kw, why in cases:
+        d = release.decide(**kw)
+        assert not d.allowed and why in d.reason, (kw, d)
+
+
+# -- JSON bounds ----------------------------------------------------------------------------------
+def test_json_shape_bounds() -> None:
+    _check_shape(json.loads("[" * MAX_DEPTH + "]" * MAX_DEPTH))
+    _check_shape({"a": list(range(10000))})
+    with pytest.raises(ValueError, match="deeper"):
+        _check_shape(json.loads("[" * (MAX_DEPTH + 1) + "]" * (MAX_DEPTH + 1)))
+    deep: Any = 1
+    for _ in range(MAX_DEPTH):
+        deep = {"k": [deep]}
+    with pytest.raises(ValueError, match="deeper"):
+        _check_shape(deep)
+
+
+# -- schema ------------------------------------------------------------------------------------------
+def test_migrate_creates_then_is_idempotent_and_refuses_newer(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path}/m.db")
+    assert schema_version(engine) is None
+    assert migrate(engine) == 0
+    assert schema_version(engine) == SCHEMA_VERSION
+    assert migrate(engine) == SCHEMA_VERSION
+    with engine.begin() as conn:
+        conn.execute(SchemaVersion.__table__.update().values(version=SCHEMA_VERSION + 1))
+    with pytest.raises(SchemaError, match="newer"):
+        migrate(engine)
+    engine.dispose()
+
+
+def test_migrate_runs_steps_from_an_older_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sqlalchemy import text
+
+    from broker import db as dbmod
+    engine = make_engine(f"sqlite:///{tmp_path}/old.db")
+    migrate(engine)
+    ran: list[int] = []
+
+    def step(conn: Any) -> None:
+        ran.append(SCHEMA_VERSION)
+        conn.execute(text("CREATE TABLE fg_step_marker (x INTEGER)"))
+    monkeypatch.setattr(dbmod, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
+    monkeypatch.setitem(dbmod.MIGRATIONS, SCHEMA_VERSION, step)
+    assert dbmod.migrate(engine) == SCHEMA_VERSION
+    assert ran == [SCHEMA_VERSION] and dbmod.schema_version(engine) == SCHEMA_VERSION + 1
+    monkeypatch.delitem(dbmod.MIGRATIONS, SCHEMA_VERSION)
+    monkeypatch.setattr(dbmod, "SCHEMA_VERSION", SCHEMA_VERSION + 2)
+    with pytest.raises(SchemaError, match="no migration step"):
+        dbmod.migrate(engine)
+    engine.dispose()
+
+
+# -- CLI ----------------------------------------------------------------------------------------------
+@dataclass
+class Ran:
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+
+
+def _fg(*args: str, stdin: bytes | None = None) -> Ran:
+    """`firmgate ARGS` in-process (the same main() as the console script), output captured."""
+    from verifier.cli import main
+    out, err = io.StringIO(), io.StringIO()
+    old = sys.stdin, sys.stdout, sys.stderr
+    sys.stdin = io.TextIOWrapper(io.BytesIO(stdin or b""))
+    sys.stdout, sys.stderr = out, err
+    try:
+        try:
+            rc = main(list(args))
+        except SystemExit as exc:
+            rc = int(exc.code or 0)
+    finally:
+        sys.stdin, sys.stdout, sys.stderr = old
+    return Ran(rc, out.getvalue().encode(), err.getvalue().encode())
+
+
+def test_cli_tenant_and_secrets(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path}/cli.db"
+    key = tmp_path / "master.key"
+    key.write_bytes(b"\x11" * 32)
+    common = ["--db", db, "--master-key-file", str(key)]
+    r = _fg("tenant", "add", "acme", *common)
+    assert r.returncode == 0 and r.stdout.decode().startswith("fgt_")
+    assert _fg("tenant", "add", "acme", *common).returncode == 2
+    r = _fg("secret", "put", "acme/key/disk", "--value", "CLI-SECRET-VALUE", *common)
+    assert r.returncode == 0, r.stderr
+    assert _fg("secret", "put", "acme/key/stdin", *common, stdin=b"from stdin").returncode == 0
+    r = _fg("secret", "list", "acme", "--json", "--db", db)
+    assert [x["path"] for x in json.loads(r.stdout)] == ["acme/key/disk", "acme/key/stdin"]
+    assert b"CLI-SECRET-VALUE" not in (tmp_path / "cli.db").read_bytes()
+    for bad in (["secret", "put", "nobody/key/x", "--value", "v", *common],
+                ["secret", "put", "acme/../x", "--value", "v", *common],
+                ["secret", "rm", "acme/key/missing", *common],
+                ["secret", "put", "acme/key/x", "--value", "v", "--db", db, "--master-key-file", str(tmp_path / "no")]):
+        r = _fg(*bad)
+        assert r.returncode == 2 and r.stderr.decode().startswith("error: "), (bad, r.stderr)
+        assert b"Traceback" not in r.stderr
+    assert _fg("secret", "rm", "acme/key/disk", *common).returncode == 0
+    # The broker reads what the CLI stored.
+    from broker import create_app, vault
+    app = create_app({"DATABASE_URL": db, "MASTER_KEY_FILE": str(key), "APPRAISER": object()})
+    st = app.extensions["firmgate"]
+    with st.sessions() as orm:
+        assert vault.get_secret(orm, st.box, "acme", vault.ResourcePath.parse("acme/key/stdin")) == b"from stdin"
+    st.engine.dispose()
+
+
+def test_cli_console_script_one_line_error(tmp_path: Path) -> None:
+    r = subprocess.run([str(Path(sys.executable).parent / "firmgate"), "secret", "rm", "acme/key/x", "--db",
+                        f"sqlite:///{tmp_path}/x.db"], capture_output=True, timeout=120)
+    assert r.returncode == 2 and r.stderr == b"error: no secret acme/key/x\n"
+
+
+def test_cli_serve_bad_arguments(tmp_path: Path) -> None:
+    r = _fg("serve", "--policies", str(tmp_path / "missing"))
+    assert r.returncode == 2 and b"no such directory" in r.stderr
+    r = _fg("serve", "--policies", str(tmp_path), "--trust-root", str(tmp_path / "none.pem"))
+    assert r.returncode == 2 and b"no such file" in r.stderr
+
+
+def test_firmgate_error_tree_used() -> None:
+    assert issubclass(SchemaError, FirmgateError) and issubclass(jwe.TeeKeyError, FirmgateError)
