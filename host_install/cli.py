@@ -6,11 +6,14 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from typing import TYPE_CHECKING
+
 from verifier.cli import print_json, run
 
 from .errors import BootFailed, InstallError
-from .install import InstallResult, install, plan, recover, rollback, status
-from .vm import VmDir
+
+if TYPE_CHECKING:  # the work modules load QEMU/QMP support; `firmgate` startup should not pay for it
+    from .install import InstallResult
 
 
 def _read_addon(path: str) -> bytes:
@@ -29,7 +32,7 @@ def _read_addon(path: str) -> bytes:
         raise InstallError(f"add-on {path} is a directory", "pass the add-on file itself") from None
 
 
-def _print_result(args: argparse.Namespace, result: InstallResult) -> int:
+def _print_result(args: argparse.Namespace, result: "InstallResult") -> int:
     if args.json:
         print_json(result.to_dict())
     else:
@@ -40,6 +43,9 @@ def _print_result(args: argparse.Namespace, result: InstallResult) -> int:
 
 
 def _cmd_install(args: argparse.Namespace) -> int:
+    from .install import install, plan
+    from .vm import VmDir
+
     vm = VmDir.open(args.vm)
     data = _read_addon(args.addon)
     if args.dry_run:
@@ -61,6 +67,8 @@ def _cmd_install(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
+    from .install import status
+
     st = status(args.vm)
     if args.json:
         print_json(st)
@@ -78,15 +86,20 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_rollback(args: argparse.Namespace) -> int:
+    from .install import rollback
+
     return _print_result(args, rollback(args.vm, launch=not args.no_launch))
 
 
 def _cmd_recover(args: argparse.Namespace) -> int:
+    from .install import recover
+
     return _print_result(args, recover(args.vm, relaunch=not args.no_launch))
 
 
 def _cmd_listen(args: argparse.Namespace) -> int:
     from .channel import Listener
+    from .vm import VmDir
 
     vm = VmDir.open(args.vm)
     listener = Listener(vm, launch=not args.no_launch)

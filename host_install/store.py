@@ -12,8 +12,12 @@ import os
 import re
 import secrets
 from pathlib import Path
+from typing import Callable
 
 from .errors import InstallFailed
+
+# A crash-test checkpoint (install._checkpoint): called with the name of the point reached.
+Checkpoint = Callable[[str], None]
 
 SUFFIX = ".rom"
 TMP_PREFIX = ".tmp-"
@@ -47,7 +51,7 @@ class Store:
     def path_of(self, digest: str) -> Path:
         return self.root / (_check_digest(digest) + SUFFIX)
 
-    def put(self, data: bytes, checkpoint: "Checkpoint | None" = None) -> str:
+    def put(self, data: bytes, checkpoint: Checkpoint | None = None) -> str:
         digest = sha384(data)
         final = self.path_of(digest)
         if self.verify(digest):
@@ -103,13 +107,6 @@ class Store:
         return gone
 
 
-class Checkpoint:
-    """Callable type of a crash-test checkpoint (see install._checkpoint)."""
-
-    def __call__(self, name: str) -> None:  # pragma: no cover - protocol only
-        raise NotImplementedError
-
-
 def link_target(link: Path) -> str | None:
     """The digest the `firmware` link names, or None when there is no link."""
     try:
@@ -125,7 +122,7 @@ def link_target(link: Path) -> str | None:
     return name[: -len(SUFFIX)]
 
 
-def switch_link(link: Path, digest: str, checkpoint: "Checkpoint | None" = None) -> None:
+def switch_link(link: Path, digest: str, checkpoint: Checkpoint | None = None) -> None:
     """Point `link` at store/<digest>.rom atomically (symlink under a temporary name + rename)."""
     target = os.path.join("store", _check_digest(digest) + SUFFIX)
     tmp = link.with_name(f".{link.name}{TMP_PREFIX}{secrets.token_hex(8)}")
