@@ -93,3 +93,25 @@ def test_boot_timeout_rolls_back(tmp_path: Path, firmware_dir: Path) -> None:
         assert status(vm)["consistent"]
     finally:
         stop_quietly(vm)
+
+
+def test_guest_request_over_channel_relaunches(vm: VmDir, tmp_path: Path, firmware_dir: Path) -> None:
+    """The guest side's request_update -> listener -> install with relaunch -> framed answer."""
+    import socket
+    import threading
+
+    from host_install.channel import Listener, request_update
+
+    fw26 = (firmware_dir / FW_2026).read_bytes()
+    listener = Listener(vm)
+    t = threading.Thread(target=listener.serve_one, daemon=True)
+    t.start()
+    try:
+        answer = request_update(vm.channel_path, build_addon([("edk2-2026.08", fw26)]))
+    finally:
+        t.join(60)
+        listener.sock.shutdown(socket.SHUT_RDWR)
+        listener.close()
+    assert answer["ok"] and answer["exit_code"] == 0 and answer["status"] == "installed"
+    assert answer["result"]["launched"] is True and answer["result"]["boot_seconds"] > 0
+    _running_rom_is(vm, fw26, tmp_path)
