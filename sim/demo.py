@@ -418,13 +418,13 @@ def _story(story: Story, url: str, vm: Any, host: Any, addons: dict[str, bytes],
         st.detail = f"commit {commit}: v2 allowed with svn 2, firmware.min_svn = 2; `firmgate policy check` passed"
         st.facts.update(commit=commit)
 
-    story.step("host-install the v1 add-on (the VM is relaunched on it)", "installed", do_install("v1"))
-    story.step("guest attests (configfs-tsm on the simulated host) and asks for its disk key", "released",
+    story.step("host-install the v1 add-on (VM relaunched on it)", "installed", do_install("v1"))
+    story.step("guest attests via configfs-tsm and asks for its disk key", "released",
                do_attest("v1"))
     story.step("host-install an unlisted firmware, attest again", "denied",
                lambda st: (do_install("bad")(st), st.outcome == "installed" and do_attest("bad")(st)))
-    story.step("replay the v1 attestation: on its own session, then on a new one", "denied", replay)
-    story.step("owner commits v2 and a minimum svn of 2 to the policy repo", "committed", owner_commits_v2)
+    story.step("replay the step-2 attestation (same and new session)", "denied", replay)
+    story.step("owner commits v2 and min_svn 2 to the policy repo", "committed", owner_commits_v2)
     story.step("host-install v2, attest", "released",
                lambda st: (do_install("v2")(st), st.outcome == "installed" and do_attest("v2")(st)))
     story.step("host-install v1 again, attest", "denied",
@@ -433,9 +433,10 @@ def _story(story: Story, url: str, vm: Any, host: Any, addons: dict[str, bytes],
 
 def _summary(story: Story, result: dict[str, Any]) -> None:
     story.say("\nsummary")
-    story.say(f"  {'#':<2} {'step':<70} {'expected':<10} {'outcome':<10} ok")
+    story.say(f"  {'#':<2} {'step':<56} {'expected':<10} {'outcome':<10} {'time':>6}  ok")
     for s in story.steps:
-        story.say(f"  {s.n:<2} {s.title[:70]:<70} {s.expect:<10} {s.outcome[:10]:<10} {'yes' if s.ok else 'NO'}")
+        story.say(f"  {s.n:<2} {s.title[:56]:<56} {s.expect:<10} {s.outcome[:10]:<10} {s.seconds:5.1f}s  "
+                  f"{'yes' if s.ok else 'NO'}")
     verdict = "every step did what it should" if result["ok"] else "SOME STEPS DID NOT DO WHAT THEY SHOULD"
     story.say(f"\n{verdict} ({result['seconds']}s; platform SIMULATED; QEMU {'used' if result['qemu'] else 'skipped'})")
 
