@@ -77,7 +77,7 @@ def test_arbitrary_bytes(data):
     _check(b"MZ" + data)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(st.lists(st.tuples(st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=40),
                           st.binary(min_size=1, max_size=3000)), min_size=1, max_size=3,
                 unique_by=lambda e: e[0]))
