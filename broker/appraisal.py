@@ -49,8 +49,10 @@ class Appraiser(Protocol):
     def policy_id(self, tenant: str) -> str | None:
         """An id that changes whenever the tenant's policy changes; None if it has none."""
 
-    def appraise(self, attested: Attested, tenant: str, expected_report_data: bytes) -> Verdict:
-        """The tenant's current policy applied to the evidence (never raises for a rejection)."""
+    def appraise(self, attested: Attested, tenant: str, expected_report_data: bytes,
+                 expected_host_data: bytes | None = None) -> Verdict:
+        """The tenant's current policy applied to the evidence (never raises for a rejection).
+        `expected_host_data`: the init-data digest when the guest sent init-data."""
 
     def release_allowed(self, tenant: str, verdict: Verdict, resource_path: str) -> tuple[bool, str]:
         """Whether the tenant's policy gives `resource_path` to the firmware the verdict matched."""
@@ -136,12 +138,14 @@ class VerifierAppraiser:
         loaded = self._loaded(tenant)
         return None if loaded is None else str(loaded.policy_id)
 
-    def appraise(self, attested: Attested, tenant: str, expected_report_data: bytes) -> Verdict:
+    def appraise(self, attested: Attested, tenant: str, expected_report_data: bytes,
+                 expected_host_data: bytes | None = None) -> Verdict:
         from verifier.appraise.appraise import appraise
         loaded = self._loaded(tenant)
         if loaded is None:
             raise EvidenceError(f"tenant {tenant} has no usable policy")
-        return appraise(attested.handle, loaded, expected_report_data=expected_report_data)
+        return appraise(attested.handle, loaded, expected_report_data=expected_report_data,
+                        expected_host_data=expected_host_data)
 
     def release_allowed(self, tenant: str, verdict: Verdict, resource_path: str) -> tuple[bool, str]:
         from verifier.appraise.appraise import release_allowed

@@ -78,6 +78,7 @@ class Session(Base):
     evidence_json: Mapped[str | None] = mapped_column(Text, nullable=True)  # primary evidence as sent
     tee_pubkey_json: Mapped[str | None] = mapped_column(Text, nullable=True)
     expected_report_data: Mapped[str | None] = mapped_column(String(128), nullable=True)  # hex
+    expected_host_data: Mapped[str | None] = mapped_column(String(64), nullable=True)  # hex; from init-data
     measurement: Mapped[str | None] = mapped_column(String(96), nullable=True)
     token_jti: Mapped[str | None] = mapped_column(String(64), nullable=True)
 

@@ -133,7 +133,8 @@ def _appraise_into(st: BrokerState, orm: OrmSession, row: Session, attested: Att
     """Appraise for `tenant` and add the verdict to the session's cache (the caller commits)."""
     assert st.appraiser is not None
     expected = bytes.fromhex(row.expected_report_data or "")
-    verdict = st.appraiser.appraise(attested, tenant, expected)
+    host = bytes.fromhex(row.expected_host_data) if row.expected_host_data else None
+    verdict = st.appraiser.appraise(attested, tenant, expected, host)
     orm.add(SessionVerdict(session_id=row.id, tenant=tenant, policy_id=policy_id, accepted=verdict.accepted,
                            verdict_json=json.dumps(verdict.to_dict(), default=str), created_at=now_ms()))
     return verdict
@@ -206,6 +207,7 @@ def attest() -> Response:
     row.evidence_json = json.dumps(primary, separators=(",", ":"))
     row.tee_pubkey_json = json.dumps(jwk, separators=(",", ":"))
     row.expected_report_data = expected.hex()
+    row.expected_host_data = host_expected.hex() if host_expected is not None else None
     row.measurement = measurement
 
     # Appraise for the hinted tenant, or for every tenant (an unmodified guest names none).

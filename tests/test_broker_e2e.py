@@ -227,3 +227,23 @@ def test_real_trustee_evidence_is_parsed(broker: Any, env: Env) -> None:
     denied(r, "AttestationError", "REPORT_DATA does not bind the session nonce")
     assert fixture["attestation_report"]["report_data"][:4] == list(bytes.fromhex(r.body["detail"].split(
         "report has ")[1][:8]))
+
+
+def test_init_data_bound_through_host_data(broker: Any, env: Env) -> None:
+    srv, _ = broker
+    body = 'algorithm = "sha384"\nversion = "0.1.0"\n\n[data]\n"policy.rego" = "package agent_policy"\n'
+    init = {"format": "toml", "body": body}
+    host = hashlib.sha384(body.encode()).digest()[:32]
+
+    def evidence(host_data: bytes) -> Any:
+        def make(rd: bytes) -> Any:
+            report = env.sim.sign_report(report_data=rd, measurement=env.acme_measurement, host_data=host_data)
+            return env.sim.trustee_json(report, include=("ARK", "ASK", "LEAF"))
+        return make
+    g = Guest(srv.url, evidence(host))
+    g.auth()
+    assert g.attest(init_data=init).status == 200
+    assert g.fetch("acme/key/disk") == b"acme-luks-key"
+    g = Guest(srv.url, evidence(b"\0" * 32))
+    g.auth()
+    denied(g.attest(init_data=init), "AttestationError", "HOST_DATA")

@@ -57,7 +57,8 @@ class FakeAppraiser:
         p = self.policies.get(tenant)
         return None if p is None else f"{tenant}@{p['rev']}"
 
-    def appraise(self, attested: Attested, tenant: str, expected_report_data: bytes) -> Verdict:
+    def appraise(self, attested: Attested, tenant: str, expected_report_data: bytes,
+                 expected_host_data: bytes | None = None) -> Verdict:
         p = self.policies[tenant]
         meas = attested.measurement.hex()
         fw = p["measurements"].get(meas)
