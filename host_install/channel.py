@@ -1,7 +1,10 @@
 """The update request channel: framed, size-bounded requests on a unix socket.
 
-In production a virtio-serial port carries the same byte stream from the guest;
-here `host-install listen` serves <vm>/channel.sock. One frame (all integers
+In production a virtio-serial port carries the same byte stream from the guest:
+with `update_port = true` in vm.toml, QEMU gets a virtserialport named
+org.firmgate.update whose chardev connects to <vm>/channel.sock, which
+`host-install listen` serves (a unix socket client can use it directly, too).
+One frame (all integers
 little-endian, as in the .efifw header):
 
     offset  size        field
@@ -62,9 +65,13 @@ def _recv_exact(conn: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
-def read_frame(conn: socket.socket, magic: bytes) -> tuple[dict[str, Any], bytes]:
-    """Read one frame, checking every length before reading what it announces."""
-    got_magic, head_len, body_len = PREFIX.unpack(_recv_exact(conn, PREFIX.size))
+def read_frame(conn: socket.socket, magic: bytes, already: bytes = b"") -> tuple[dict[str, Any], bytes]:
+    """Read one frame, checking every length before reading what it announces.
+
+    `already` holds bytes of the prefix the caller has read (at most PREFIX.size).
+    """
+    already = already[:PREFIX.size]
+    got_magic, head_len, body_len = PREFIX.unpack(already + _recv_exact(conn, PREFIX.size - len(already)))
     if got_magic != magic:
         raise ChannelError(f"bad frame magic {got_magic!r}, expected {magic!r}", "speak the frame of docs/host.md")
     if not 2 <= head_len <= MAX_HEADER:
@@ -114,9 +121,12 @@ def handle_request(vm: VmDir, header: dict[str, Any], body: bytes, *, launch: bo
 class Listener:
     """Serve <vm>/channel.sock; one request at a time (installs on a VM are serialized anyway)."""
 
-    def __init__(self, vm: VmDir, *, launch: bool = True) -> None:
+    def __init__(self, vm: VmDir, *, launch: bool = True, idle_timeout: float | None = None) -> None:
         self.vm = vm
         self.launch = launch
+        # how long a connection may stay silent before its first byte (None: forever, as
+        # QEMU's virtio-serial chardev stays connected while the guest has nothing to say)
+        self.idle_timeout = idle_timeout
         self.path = vm.channel_path
         self.sock = self._bind(self.path)
 
@@ -141,12 +151,20 @@ class Listener:
         sock.listen(4)
         return sock
 
-    def serve_one(self) -> dict[str, Any]:
+    def serve_one(self) -> dict[str, Any] | None:
+        """Serve one connection; None when it closed (or idled out) before sending a byte."""
         conn, _ = self.sock.accept()
         with conn:
-            conn.settimeout(READ_TIMEOUT)
+            conn.settimeout(self.idle_timeout)
             try:
-                header, body = read_frame(conn, REQUEST_MAGIC)
+                first = conn.recv(1)
+            except (TimeoutError, OSError):
+                return None
+            if not first:
+                return None
+            conn.settimeout(READ_TIMEOUT)  # once a frame has started, a stalled peer is dropped
+            try:
+                header, body = read_frame(conn, REQUEST_MAGIC, first)
             except ChannelError as exc:
                 answer = _answer_for_error(exc)
             except (TimeoutError, OSError) as exc:
@@ -163,8 +181,8 @@ class Listener:
     def serve(self, max_requests: int | None = None) -> None:
         n = 0
         while max_requests is None or n < max_requests:
-            self.serve_one()
-            n += 1
+            if self.serve_one() is not None:
+                n += 1
 
     def close(self) -> None:
         self.sock.close()

@@ -20,6 +20,7 @@ from qemu.qmp import QMPClient
 from .errors import InstallFailed
 from .vm import VmDir
 
+UPDATE_PORT_NAME = "org.firmgate.update"  # the guest sees /dev/virtio-ports/org.firmgate.update
 QMP_TIMEOUT = 5.0
 LAUNCH_TIMEOUT = 30.0
 # QMP run states after which the guest will not come back by itself (qapi/run-state.json).
@@ -75,6 +76,12 @@ def build_command(vm: VmDir, accel: str | None = None) -> list[str]:
             "-serial", f"file:{vm.serial_log}",
             "-debugcon", f"file:{vm.debug_log}", "-global", "isa-debugcon.iobase=0x402",
             "-daemonize", "-pidfile", str(vm.pid_path)]
+    if cfg.update_port:
+        # the chardev is a client of `host-install listen`; reconnect=1 keeps retrying while
+        # no listener runs, so the VM starts either way
+        cmd += ["-device", "virtio-serial-pci,id=fgser",
+                "-chardev", f"socket,id=fgupd,path={vm.channel_path},reconnect=1",
+                "-device", f"virtserialport,bus=fgser.0,chardev=fgupd,name={UPDATE_PORT_NAME}"]
     cmd += list(cfg.extra_args)
     return cmd
 

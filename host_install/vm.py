@@ -48,6 +48,7 @@ class VmConfig:
     vcpus: int = 1
     cpu: str | None = None           # -cpu model, e.g. "EPYC-v4"; None = QEMU's default
     extra_args: tuple[str, ...] = ()
+    update_port: bool = False        # virtio-serial port org.firmgate.update -> <vm>/channel.sock
     snp: bool = False                # an SNP guest: images must carry SEV metadata
     launch_mode: str | None = None   # "snp" (sev-snp-guest object) or "plain"; default follows `snp`
     firmware_format: str = "ovmf"    # "igvm" only for a VM launched with IGVM

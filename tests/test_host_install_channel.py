@@ -80,9 +80,11 @@ def served(tmp_path: Path) -> Iterator[tuple[VmDir, list[dict[str, Any]]]]:
     def loop() -> None:
         while not stop.is_set():
             try:
-                answers.append(listener.serve_one())
+                answer = listener.serve_one()
             except OSError:
                 return
+            if answer is not None:
+                answers.append(answer)
 
     t = threading.Thread(target=loop, daemon=True)
     t.start()
@@ -123,6 +125,9 @@ def test_request_update_installs_and_reports_errors(served: tuple[VmDir, list[di
         s.sendall(encode_frame(REQUEST_MAGIC, {"version": 9, "op": "install"}))
         header, _ = read_frame(s, ANSWER_MAGIC)
     assert header["exit_code"] == 2 and "unsupported request version" in header["error"]
+    # a connection that closes without a byte gets no answer and is not counted
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(str(vm.channel_path))
     again = request_update(vm.channel_path, addon)
     assert again["ok"] and again["status"] == "unchanged"
     deadline = time.monotonic() + 5  # the listener records an answer just after sending it
@@ -180,3 +185,33 @@ def test_read_frame_fails_closed_on_any_bytes(raw: bytes) -> None:
             assert exc.exit_code == 2
         else:
             assert isinstance(header, dict) and len(body) <= MAX_BODY
+
+
+def test_idle_connection_times_out_silently(tmp_path: Path) -> None:
+    vm = VmDir.create(tmp_path / "vm")
+    listener = Listener(vm, launch=False, idle_timeout=0.2)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(str(vm.channel_path))
+            assert listener.serve_one() is None
+            s.settimeout(2)
+            assert s.recv(16) == b""  # closed without an answer
+    finally:
+        listener.close()
+
+
+def test_stalled_frame_is_answered_with_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(channel, "READ_TIMEOUT", 0.2)
+    vm = VmDir.create(tmp_path / "vm")
+    listener = Listener(vm, launch=False)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(str(vm.channel_path))
+            s.sendall(REQUEST_MAGIC + b"\x02")  # a frame that starts, then stalls
+            answer = listener.serve_one()
+            assert answer is not None and answer["exit_code"] == 2 and "not received" in answer["error"]
+            s.settimeout(2)
+            header, _ = read_frame(s, ANSWER_MAGIC)
+            assert header == answer
+    finally:
+        listener.close()

@@ -95,23 +95,32 @@ def test_boot_timeout_rolls_back(tmp_path: Path, firmware_dir: Path) -> None:
         stop_quietly(vm)
 
 
-def test_guest_request_over_channel_relaunches(vm: VmDir, tmp_path: Path, firmware_dir: Path) -> None:
-    """The guest side's request_update -> listener -> install with relaunch -> framed answer."""
+def test_guest_request_over_channel_relaunches(tmp_path: Path, firmware_dir: Path) -> None:
+    """The guest side's request_update -> listener -> install with relaunch -> framed answer;
+    the relaunched VM's virtio-serial update port connects back to the listener."""
     import socket
+    import struct
     import threading
 
     from host_install.channel import Listener, request_update
 
+    vm = make_vm(tmp_path / "vm", firmware_dir, update_port=True)
     fw26 = (firmware_dir / FW_2026).read_bytes()
     listener = Listener(vm)
     t = threading.Thread(target=listener.serve_one, daemon=True)
     t.start()
     try:
         answer = request_update(vm.channel_path, build_addon([("edk2-2026.08", fw26)]))
-    finally:
         t.join(60)
-        listener.sock.shutdown(socket.SHUT_RDWR)
+        assert answer["ok"] and answer["exit_code"] == 0 and answer["status"] == "installed"
+        assert answer["result"]["launched"] is True and answer["result"]["boot_seconds"] > 0
+        _running_rom_is(vm, fw26, tmp_path)
+        # QEMU's chardev (org.firmgate.update) is a client of the listener socket
+        listener.sock.settimeout(20)
+        conn, _ = listener.sock.accept()
+        with conn:
+            pid, _uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        assert pid == qemu.running_pid(vm)
+    finally:
         listener.close()
-    assert answer["ok"] and answer["exit_code"] == 0 and answer["status"] == "installed"
-    assert answer["result"]["launched"] is True and answer["result"]["boot_seconds"] > 0
-    _running_rom_is(vm, fw26, tmp_path)
+        stop_quietly(vm)

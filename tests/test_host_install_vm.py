@@ -87,6 +87,10 @@ def test_build_command_plain_and_snp(tmp_path: Path) -> None:
     # an SNP guest whose image must carry SEV metadata, run as a plain VM (hosts without SNP)
     test_mode = VmDir.create(tmp_path / "c", accel="tcg", snp=True, launch_mode="plain")
     assert not any("sev" in a for a in build_command(test_mode))
+    port = VmDir.create(tmp_path / "e", accel="tcg", update_port=True)
+    cmd = build_command(port)
+    assert f"socket,id=fgupd,path={port.channel_path},reconnect=1" in cmd
+    assert "virtserialport,bus=fgser.0,chardev=fgupd,name=org.firmgate.update" in cmd
     igvm = VmDir.create(tmp_path / "d", accel="tcg", snp=True, firmware_format="igvm")
     cmd = build_command(igvm)
     assert "-bios" not in cmd
