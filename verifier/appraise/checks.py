@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import hmac
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from ..abi.fields import TcbVersion
 from ..verdict import CheckResult, Outcome
 from .policy import INITDATA, TcbFloor, TenantPolicy
 from .reference import Match
+
+if TYPE_CHECKING:
+    from ..abi.report import AttestationReport
+    from ..verify import VerifiedReport
 
 PASS, WARN, FAIL, SKIP = Outcome.PASS, Outcome.WARN, Outcome.FAIL, Outcome.SKIP
 REPORT_DATA_SIZE = 64   # SNP ABI Table 23: REPORT_DATA is 64 bytes
@@ -25,7 +29,7 @@ HOST_DATA_SIZE = 32     # SNP ABI Table 23: HOST_DATA is 32 bytes
 
 @dataclass(frozen=True)
 class Context:
-    verified: object                    # verifier.verify.VerifiedReport (duck-typed: report, product, signer, tcb, simulated)
+    verified: "VerifiedReport"
     policy: TenantPolicy
     match: Match | None
     missing_firmware: dict[str, str]     # firmware ids without measurements yet, and why
@@ -34,8 +38,8 @@ class Context:
     expected_host_data: bytes | None
 
     @property
-    def report(self):  # type: ignore[no-untyped-def]
-        return self.verified.report  # type: ignore[attr-defined]
+    def report(self) -> "AttestationReport":
+        return self.verified.report
 
 
 def _short(b: bytes) -> str:
@@ -59,7 +63,7 @@ def check_simulated(c: Context) -> CheckResult:
 
 def check_product(c: Context) -> CheckResult:
     products = c.policy.platform.products
-    actual = str(c.verified.product)  # type: ignore[attr-defined]
+    actual = str(c.verified.product)
     if products is None:
         return CheckResult("platform.product", SKIP, "products not checked (platform.products absent)", None, actual)
     want = ", ".join(str(p) for p in products)
@@ -70,7 +74,7 @@ def check_product(c: Context) -> CheckResult:
 
 def check_signer(c: Context) -> CheckResult:
     signers = c.policy.platform.signers
-    actual = str(c.verified.signer)  # type: ignore[attr-defined]
+    actual = str(c.verified.signer)
     if signers is None:
         return CheckResult("platform.signer", SKIP, "signing key kind not checked (platform.signers absent)",
                            None, actual)
@@ -81,10 +85,10 @@ def check_signer(c: Context) -> CheckResult:
 
 
 def _tcb_floor(c: Context, which: str, name: str, label: str) -> CheckResult:
-    product = c.verified.product  # type: ignore[attr-defined]
+    product = c.verified.product
     floor: TcbFloor | None = c.policy.platform.floor(
-        "min_tcb" if which == "reported" else "min_launch_tcb", product)  # type: ignore[arg-type]
-    tcb: TcbVersion = c.verified.tcb[which]  # type: ignore[attr-defined]
+        "min_tcb" if which == "reported" else "min_launch_tcb", product)
+    tcb: TcbVersion = c.verified.tcb[which]
     if floor is None:
         return CheckResult(name, SKIP, f"{label} not checked (no minimum for {product})", None, str(tcb))
     comps = tcb.components()
@@ -107,8 +111,8 @@ def check_provisional(c: Context) -> CheckResult:
     # Provisional SNP firmware: loaded but not committed (SNP ABI 8.2, SNP_COMMIT); CURRENT != COMMITTED.
     cur = (r.current_tcb, str(r.current_build))
     com = (r.committed_tcb, str(r.committed_build))
-    actual = f"current {c.verified.tcb['current']} ({r.current_build}), " \
-             f"committed {c.verified.tcb['committed']} ({r.committed_build})"  # type: ignore[attr-defined]
+    actual = (f"current {c.verified.tcb['current']} ({r.current_build}), "
+              f"committed {c.verified.tcb['committed']} ({r.committed_build})")
     if cur == com:
         return CheckResult("tcb.provisional", PASS, "SNP firmware is committed (CURRENT equals COMMITTED)",
                            "committed", actual)

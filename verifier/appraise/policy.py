@@ -24,6 +24,8 @@ from typing import Any, Callable, Literal
 
 from ..abi.fields import Product
 from ..errors import FirmgateError, PolicyErrors, PolicyFileError
+from ..measure.launch import VCPU_TYPES as _MEASURE_VCPU_TYPES
+from ..measure.launch import VMMS as _MEASURE_VMMS
 from .lines import LineIndex
 
 FORMAT_VERSION = 1
@@ -33,7 +35,7 @@ FIRMWARE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
 RESOURCE_PART_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 UPLOADED = "uploaded"
 INITDATA = "initdata"
-VMMS = ("qemu", "ec2", "gce")          # sev-snp-measure --vmm-type values
+VMMS = _MEASURE_VMMS                    # sev-snp-measure --vmm-type values
 SIGNERS = ("VCEK", "VLEK")
 TCB_COMPONENTS = ("bootloader", "tee", "snp", "microcode", "fmc")   # fmc: Turin only (SNP ABI Table 3)
 MAX_VCPUS = 512
@@ -41,16 +43,8 @@ MAX_SHAPES = 1024                       # vcpus x vcpu_types summed over [[shape
 MAX_LIST = 256                          # entries per list: bounds the reference table (firmware x shapes)
 
 
-def _vcpu_types() -> frozenset[str]:
-    # The names sev-snp-measure knows (its CPUID signature table); the measurement depends on them.
-    try:
-        from sevsnpmeasure import vcpu_types
-        return frozenset(vcpu_types.CPU_SIGS)
-    except (ImportError, AttributeError):  # pragma: no cover - pinned dependency
-        return frozenset()
-
-
-VCPU_TYPES = _vcpu_types()
+# The vCPU type names sev-snp-measure knows (its CPUID signature table): the VMSA, hence the measurement, depends on them.
+VCPU_TYPES = frozenset(_MEASURE_VCPU_TYPES)
 
 
 @dataclass(frozen=True)
@@ -375,7 +369,7 @@ def _shapes(errs: _Errors, doc: dict[str, Any]) -> tuple[ShapeRule, ...]:
 
         def vtype(q: P, x: Any) -> str | None:
             s = _str(errs, q, x)
-            if s is not None and VCPU_TYPES and s not in VCPU_TYPES:
+            if s is not None and s not in VCPU_TYPES:
                 errs.add(q, f"unknown vCPU type {s!r} (sev-snp-measure knows: {', '.join(sorted(VCPU_TYPES))})")
                 return None
             return s
