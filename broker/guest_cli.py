@@ -46,11 +46,12 @@ def cmd_attest(args: argparse.Namespace) -> int:
 
 
 def cmd_request_update(args: argparse.Namespace) -> int:
-    from host_install.channel import request_update
+    from broker.guest.update import request_update
     from verifier.cli import print_json
     addon = _read(args.addon, "add-on")
     if not Path(args.socket).exists():
-        raise UsageError(f"no update channel at {args.socket} (is `host-install listen` running for this VM?)")
+        raise UsageError(f"no update channel at {args.socket} (is the virtio-serial port configured and "
+                         "`host-install listen` running for this VM?)")
     answer = request_update(args.socket, addon, args.fwid)
     if args.json:
         print_json(answer)
@@ -89,8 +90,8 @@ def register(sub: "argparse._SubParsersAction[Any]") -> None:
     a.set_defaults(func=cmd_attest)
     r = gsub.add_parser("request-update", help="ask the host (host-install listen) to install this firmware add-on")
     r.add_argument("--addon", required=True, metavar="FILE")
-    r.add_argument("--socket", default="/run/firmgate/update.sock", metavar="PATH",
-                   help="the host's update channel (a unix socket forwarded into the guest)")
+    r.add_argument("--socket", default="/dev/virtio-ports/org.firmgate.update", metavar="PATH",
+                   help="the host's update channel: the virtio-serial port (default) or a unix socket")
     r.add_argument("--fwid", help="which .efifw entry to install (default: the only one)")
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=cmd_request_update)
