@@ -10,9 +10,5 @@ appraise.py   appraise(), release_allowed(), appraise_evidence()
 """
 from __future__ import annotations
 
-from .appraise import appraise, appraise_evidence, release_allowed
-from .policy import TenantPolicy, load_policy, parse_policy
-from .store import LoadedPolicy, PolicyStore, UnknownTenant
-
-__all__ = ["appraise", "appraise_evidence", "release_allowed", "TenantPolicy", "load_policy", "parse_policy",
-           "LoadedPolicy", "PolicyStore", "UnknownTenant"]
+# No re-exports: `appraise` is both a submodule and its main function, and
+# binding the function here would shadow the module (`import verifier.appraise.appraise as m`).
