@@ -1,0 +1,1 @@
+"""Fuzz targets for firmgate's hostile-input parsers (see fuzz/README.md)."""

@@ -1,0 +1,305 @@
+"""One fuzz target per parser that reads hostile input, shared by atheris and the tests.
+
+Contract of every target: `run(data)` feeds `data` to the parser and returns
+normally, or raises the error class the parser promises for bad input
+(FirmgateError and its subclasses), which the target swallows. ANY other
+exception (IndexError, struct.error, a UnicodeDecodeError, RecursionError, a
+500 from the broker ...) escapes: that is a crash, i.e. a bug to fix and to keep
+under fuzz/regressions/<target>/.
+
+Seeds are built at run time (the `sim` platform, and ../shared through the test
+constants), never copied into the repo.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from verifier.errors import FirmgateError
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("FIRMGATE_SHARED", REPO.parent / "shared"))
+REGRESSIONS = Path(__file__).resolve().parent / "regressions"
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    run: Callable[[bytes], None]
+    seeds: Callable[[], list[bytes]]
+    what: str
+
+
+_SIM: Any = None
+
+
+def _sim() -> Any:
+    global _SIM
+    if _SIM is None:
+        from sim.platform import SimPlatform
+        _SIM = SimPlatform("Milan")
+    return _SIM
+
+
+def _shared_files(sub: str, pattern: str) -> list[bytes]:
+    d = SHARED / sub
+    return [p.read_bytes() for p in sorted(d.rglob(pattern)) if p.is_file()] if d.is_dir() else []
+
+
+# -- report parser ---------------------------------------------------------------------------
+def run_report(data: bytes) -> None:
+    from verifier.abi.fields import Product
+    from verifier.abi.report import AttestationReport
+    try:
+        rep = AttestationReport.from_bytes(data)
+    except FirmgateError:
+        return
+    rep.to_dict()
+    for prod in (Product.MILAN, Product.GENOA, Product.TURIN):
+        try:
+            rep.to_dict(prod)
+            for which in ("current", "reported", "committed", "launch"):
+                rep.tcb(which, prod)
+        except FirmgateError:
+            pass
+
+
+def seeds_report() -> list[bytes]:
+    out = [r for r in _shared_files("vectors/snp", "*.bin") if len(r) == 1184]
+    out.append(bytes(_sim().sign_report(report_data=b"\x01" * 64)))
+    return out
+
+
+# -- evidence loader (raw, Trustee SnpEvidence JSON, firmgate JSON, configfs-tsm) -------------
+def run_evidence(data: bytes) -> None:
+    from verifier.evidence import load_evidence
+    try:
+        ev = load_evidence(data)
+    except FirmgateError:
+        return
+    ev.report.to_dict()
+
+
+def seeds_evidence() -> list[bytes]:
+    sim = _sim()
+    rep = bytes(sim.sign_report(report_data=b"\x02" * 64))
+    out = [rep, json.dumps(sim.trustee_json(rep, include=("ARK", "ASK", "LEAF"))).encode(),
+           json.dumps(sim.firmgate_json(rep)).encode(), json.dumps(sim.tsm_json(rep)).encode()]
+    out += _shared_files("vectors/kbs", "*.json")
+    return out
+
+
+# -- certificate table ---------------------------------------------------------------------
+def run_certtable(data: bytes) -> None:
+    from verifier.abi.certtable import parse_cert_table
+    try:
+        entries = parse_cert_table(data)
+    except FirmgateError:
+        return
+    for e in entries:
+        e.kind  # noqa: B018 - the property itself is under test
+
+
+def seeds_certtable() -> list[bytes]:
+    return [_sim().cert_table(), _sim().cert_table(pem=True)] + [
+        b for b in _shared_files("vectors/snp", "*") if 24 <= len(b) <= 64 * 1024 and b[:1] != b"-"][:4]
+
+
+# -- certificates and AMD's VCEK/VLEK extensions ----------------------------------------------
+def run_cert(data: bytes) -> None:
+    from verifier.certs import common_name, load_certificates, serial_number
+    from verifier.kds import parse_leaf
+    try:
+        certs = load_certificates(data)
+    except FirmgateError:
+        return
+    for c in certs:
+        serial_number(c)
+        common_name(c)
+        try:
+            info = parse_leaf(c)
+        except FirmgateError:
+            continue
+        info.tcb()
+
+
+def seeds_cert() -> list[bytes]:
+    from cryptography.hazmat.primitives.serialization import Encoding
+    from verifier.certs import load_certificates
+    sim = _sim()
+    out = [c.public_bytes(Encoding.DER) for c in load_certificates(sim.chain_pem())]
+    out.append(sim.chain_pem())
+    for raw in _shared_files("vectors/snp", "*"):
+        if raw[:2] == b"\x30\x82" and len(raw) < 16 * 1024:
+            out.append(raw)
+    return out
+
+
+# -- UKI add-on reader (.efifw, .hwids) -----------------------------------------------------------
+def run_addon(data: bytes) -> None:
+    from verifier.firmware.addon import read_addon
+    try:
+        addon = read_addon(data)
+    except FirmgateError:
+        return
+    for fwid in addon.fwids:
+        try:
+            addon.select(fwid)
+        except FirmgateError:
+            pass
+
+
+def seeds_addon() -> list[bytes]:
+    from verifier.firmware.addon import build_addon
+    return [bytes(build_addon([("edk2-fuzz.1", b"\xaa" * 64)])),
+            bytes(build_addon([("a", b"\x01" * 16), ("b", b"\x02" * 32)]))]
+
+
+# -- OVMF footer table and SEV metadata -----------------------------------------------------------
+def run_ovmf(data: bytes) -> None:
+    from verifier.firmware.image import inspect_firmware, require_snp_firmware
+    try:
+        inspect_firmware(data).to_dict()
+        require_snp_firmware(data)
+    except FirmgateError:
+        return
+
+
+def seeds_ovmf() -> list[bytes]:
+    # The footer table and SEV metadata sit in the image's last pages: a 4 KiB tail keeps them.
+    return [raw[-4096:] for raw in _shared_files("firmware", "*.fd")] or [b"\0" * 4096]
+
+
+# -- policy loader ---------------------------------------------------------------------------
+def run_policy(data: bytes) -> None:
+    from verifier.appraise.policy import parse_policy
+    # parse_policy returns its errors; it must never raise.
+    policy, errors = parse_policy(data, "fuzz.toml", check_files=False)
+    if policy is None and not errors:
+        raise AssertionError("parse_policy returned neither a policy nor an error")
+    for e in errors:
+        e.diagnostics()
+
+
+def seeds_policy() -> list[bytes]:
+    return [p.read_bytes() for p in sorted((REPO / "policies").glob("*.toml"))]
+
+
+# -- the broker's JSON endpoints (in-process WSGI, real verifier, SQLite) -----------------------
+_BROKER: Any = None
+
+
+def _broker() -> Any:
+    global _BROKER
+    if _BROKER is None:
+        import logging
+        import secrets as _secrets
+        from broker import create_app
+        logging.getLogger("broker").setLevel(logging.CRITICAL)  # errors are checked, not printed
+        tmp = Path(tempfile.mkdtemp(prefix="fg-fuzz-broker-"))
+        (tmp / "policies").mkdir()
+        # No trust root: the bindings are checked before any chain work, and that is where a
+        # fuzzed body ends; tests/test_hardening_inputs.py drives bound evidence into the verifier.
+        app = create_app({"DATABASE_URL": f"sqlite:///{tmp / 'fuzz.db'}", "MASTER_KEY": _secrets.token_bytes(32),
+                          "POLICIES_DIR": str(tmp / "policies"), "OPERATOR_TOKEN": "fuzz-operator"})
+        _BROKER = app
+    return _BROKER
+
+
+_ROUTES = (("POST", "/kbs/v0/auth"), ("POST", "/kbs/v0/attest"), ("GET", "/kbs/v0/resource/a/b/c"),
+           ("POST", "/admin/v0/tenants"), ("PUT", "/admin/v0/secrets/a/b/c"), ("GET", "/admin/v0/audit"))
+
+
+def run_broker(data: bytes) -> None:
+    """First byte picks the route, the rest is the body; /attest runs inside a fresh session."""
+    if not data:
+        return
+    app = _broker()
+    method, path = _ROUTES[data[0] % len(_ROUTES)]
+    body = data[1:]
+    client = app.test_client()
+    headers = {"Content-Type": "application/json"}
+    if path.startswith("/admin/"):
+        headers["Authorization"] = "Bearer fuzz-operator"
+    if path == "/kbs/v0/attest":
+        r = client.post("/kbs/v0/auth", json={"version": "0.4.0", "tee": "snp"})
+        if r.status_code != 200:
+            raise AssertionError(f"/auth failed: {r.status_code}")
+        try:  # let a fuzzed body that parses name this session's real nonce now and then
+            obj = json.loads(body)
+            if isinstance(obj, dict) and isinstance(obj.get("runtime-data"), dict) and data[0] & 0x80:
+                obj["runtime-data"]["nonce"] = r.get_json()["nonce"]
+                body = json.dumps(obj).encode()
+        except (ValueError, RecursionError):
+            pass
+    if path == "/admin/v0/audit":
+        resp = client.open(path + "?" + body[:64].decode("latin-1"), method=method, headers=headers)
+    else:
+        resp = client.open(path, method=method, data=body, headers=headers)
+    if resp.status_code >= 500:
+        raise AssertionError(f"{method} {path} answered {resp.status_code}: {resp.get_data()[:300]!r}")
+    if resp.status_code != 200 and resp.status_code != 201:
+        err = resp.get_json(silent=True)
+        if not (isinstance(err, dict) and isinstance(err.get("type"), str) and isinstance(err.get("detail"), str)):
+            raise AssertionError(f"{method} {path} {resp.status_code} without a JSON type/detail: "
+                                 f"{resp.get_data()[:200]!r}")
+
+
+def seeds_broker() -> list[bytes]:
+    sim = _sim()
+    rep = bytes(sim.sign_report(report_data=b"\x03" * 64))
+    att = {"init-data": None,
+           "runtime-data": {"nonce": "x", "tee-pubkey": {"kty": "EC", "crv": "P-256", "alg": "ECDH-ES+A256KW",
+                                                         "x": "AAAA", "y": "AAAA"}},
+           "tee-evidence": {"primary_evidence": sim.trustee_json(rep), "additional_evidence": ""}}
+    auth = {"version": "0.4.0", "tee": "snp", "extra-params": {"supported-hash-algorithms": ["sha384"]}}
+    return [b"\x00" + json.dumps(auth).encode(), b"\x01" + json.dumps(att).encode(),
+            b"\x81" + json.dumps(att).encode(), b"\x02", b"\x03" + b'{"name": "acme"}', b"\x04value",
+            b"\x05after=1&limit=5"]
+
+
+TARGETS: dict[str, Target] = {t.name: t for t in (
+    Target("report", run_report, seeds_report, "verifier.abi.report: raw 1184-byte SNP report"),
+    Target("evidence", run_evidence, seeds_evidence, "verifier.evidence: raw / Trustee / firmgate / tsm JSON"),
+    Target("certtable", run_certtable, seeds_certtable, "verifier.abi.certtable: extended-report cert table"),
+    Target("cert", run_cert, seeds_cert, "verifier.certs + kds.parse_leaf: DER/PEM certs, AMD extensions"),
+    Target("addon", run_addon, seeds_addon, "verifier.firmware.addon: UKI add-on PE, .efifw/.hwids"),
+    Target("ovmf", run_ovmf, seeds_ovmf, "verifier.firmware.image: OVMF footer table, SEV metadata"),
+    Target("policy", run_policy, seeds_policy, "verifier.appraise.policy: tenant TOML policy"),
+    Target("broker", run_broker, seeds_broker, "broker: KBS and admin JSON endpoints (no 500, JSON errors)"),
+)}
+
+
+SEED_CACHE = Path(os.environ.get("FIRMGATE_FUZZ_SEEDS", REPO / "fuzz" / "corpus" / ".seeds"))
+
+
+def cached_seeds(name: str) -> list[bytes]:
+    """The target's seeds, built once per machine (the sim chain's RSA keygen takes seconds)."""
+    d = SEED_CACHE / name
+    if d.is_dir() and (d / ".complete").exists():
+        return [p.read_bytes() for p in sorted(d.glob("seed-*"))]
+    seeds = TARGETS[name].seeds()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=_mkdir(SEED_CACHE)))
+    for i, data in enumerate(seeds):
+        (tmp / f"seed-{i:03d}").write_bytes(data)
+    (tmp / ".complete").touch()
+    try:
+        tmp.rename(d)  # atomic; a concurrent builder may have won the race, which is fine
+    except OSError:
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+    return seeds
+
+
+def _mkdir(d: Path) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def regressions(name: str) -> list[Path]:
+    d = REGRESSIONS / name
+    return sorted(p for p in d.iterdir() if p.is_file() and not p.name.startswith(".")) if d.is_dir() else []
