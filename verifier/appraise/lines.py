@@ -130,7 +130,10 @@ class LineIndex:
         arrays: dict[Path, int] = {}      # array-of-tables path -> number of elements seen
         current: Path = ()
         scan = _Scanner()
-        for lineno, line in enumerate(source.splitlines(), start=1):
+        # TOML lines end at LF (or CRLF) only; str.splitlines would also split at U+2028 etc.,
+        # which TOML allows inside strings, and shift every later line number.
+        for lineno, line in enumerate(source.split("\n"), start=1):
+            line = line.removesuffix("\r")
             if not scan.idle:
                 scan.feed(line)
                 continue
