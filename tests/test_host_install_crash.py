@@ -175,3 +175,21 @@ def test_kill_at_each_step_then_recover_with_qemu(qemu_vm: VmDir, tmp_path: Path
         expect = fw26
     assert qemu.query_status(vm) == "running"
     assert rom_tail(vm, tmp_path) == expect[-PROBE_BYTES:]
+
+
+def test_recover_refuses_a_corrupted_old_image(tmp_path: Path, addons: dict[str, Path]) -> None:
+    """Undo needs the old image intact; if its store file was damaged, recovery says so (exit 1)."""
+    from host_install.errors import RecoveryNeeded
+
+    vm = VmDir.create(tmp_path / "vm", snp=True)
+    old = install(vm, addons["old"].read_bytes(), launch=False)
+    _spawn_and_kill(vm, addons["new"], "stored", "--no-launch")
+    path = Store(vm.store_dir).path_of(old.in_force or "")
+    os.chmod(path, 0o644)
+    with open(path, "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\x01")
+    with pytest.raises(RecoveryNeeded, match="not intact in the store") as e:
+        recover(vm, relaunch=False)
+    assert e.value.exit_code == 1 and e.value.hint
+    assert status(vm)["interrupted"] is not None  # still open: nothing pretended to be fixed

@@ -124,3 +124,20 @@ def test_guest_request_over_channel_relaunches(tmp_path: Path, firmware_dir: Pat
     finally:
         listener.close()
         stop_quietly(vm)
+
+
+def test_first_install_that_cannot_boot_leaves_no_firmware(tmp_path: Path, firmware_dir: Path) -> None:
+    from host_install.errors import BootFailed
+
+    vm = make_vm(tmp_path / "vm", firmware_dir)
+    try:
+        with pytest.raises(BootFailed, match="there was no previous firmware") as e:
+            install(vm, build_addon([("broken", broken_image(firmware_dir))]))
+        assert e.value.exit_code == 1 and e.value.result is not None and e.value.result.in_force is None
+        assert "crashed" in e.value.result.reason  # the edk2 exception dump, not the timeout
+        assert qemu.running_pid(vm) is None and not vm.firmware_link.is_symlink()
+        last = Journal(vm.journal_path).records()[-1]
+        assert last["event"] == "aborted" and last["in_force"] is None
+        assert status(vm)["consistent"]
+    finally:
+        stop_quietly(vm)
