@@ -253,3 +253,33 @@ def test_new_tenant_file_is_picked_up_and_bad_new_tenant_reported(tmp_path: Path
     errs = store.last_errors("initech")
     assert len(errs) == 1 and "is not owned by tenant 'initech'" in errs[0].why
     assert store.status()["initech"]["policy_id"] is None
+
+
+def test_slow_older_reload_never_replaces_a_newer_one(tmp_path: Path) -> None:
+    d = tmp_path / "p"
+    d.mkdir()
+    f = d / "acme.toml"
+    f.write_text(policy_text(fw_entry("v2", FW_V2, 2, "uploaded")))
+    store = PolicyStore(d, min_interval=0)
+    real_build = store._build
+    started, release = threading.Event(), threading.Event()
+
+    def build(path: Path, uploaded: dict[str, bytes]):  # type: ignore[no-untyped-def]
+        result = real_build(path, uploaded)
+        if result[0] is not None and result[0].firmware[0].svn == 3:
+            started.set()
+            release.wait(10)   # the svn 3 reload is slow...
+        return result
+    store._build = build  # type: ignore[method-assign]
+    f.write_text(policy_text(fw_entry("v2", FW_V2, 3, "uploaded")))
+    bump(f)
+    slow = threading.Thread(target=store.refresh, kwargs={"force": True})
+    slow.start()
+    assert started.wait(10)
+    assert store.get("acme", refresh=False).policy.firmware[0].svn == 2   # still in force while svn 3 loads
+    f.write_text(policy_text(fw_entry("v2", FW_V2, 4, "uploaded")))      # ...and svn 4 lands meanwhile
+    bump(f)
+    assert store.get("acme").policy.firmware[0].svn == 4
+    release.set()
+    slow.join()
+    assert store.get("acme").policy.firmware[0].svn == 4

@@ -136,6 +136,7 @@ class PolicyStore:
         self._gitdir_checked = False
         self._checked_at = 0.0
         self._uploaded: dict[str, bytes] = {}   # sha384 hex -> firmware payload, survives reloads
+        self._gen: dict[str, int] = {}           # tenant -> number of the newest reload started
         self.refresh(force=True)
 
     # -- reading -------------------------------------------------------------------
@@ -182,7 +183,12 @@ class PolicyStore:
         return _stat_key(gd / "logs" / "HEAD") or _stat_key(gd / "HEAD")
 
     def refresh(self, *, force: bool = False) -> bool:
-        """Pick up changed, new and deleted policy files. Returns True if anything was (re)considered."""
+        """Pick up changed, new and deleted policy files. Returns True if anything was (re)considered.
+
+        The cheap part (stat, bookkeeping) holds the lock; parsing and measuring do not,
+        so request threads keep appraising under the policy in force meanwhile. A
+        generation number per tenant makes sure a slow, older reload never replaces a newer one.
+        """
         now = time.monotonic()
         with self._lock:
             if not force and now - self._checked_at < self.min_interval:
@@ -201,10 +207,21 @@ class PolicyStore:
                 self._loaded.pop(t, None)
                 self._errors.pop(t, None)
                 self._seen.pop(t, None)
+                self._gen[t] = self._gen.get(t, 0) + 1
                 log.info("policy for tenant %s removed (file deleted)", t)
-            commit, dirty = git_state(self.directory)
+            jobs = []
             for t in changed:
-                self._reload(t, files[t], keys[t], commit, dirty)
+                self._seen[t] = keys[t]
+                self._gen[t] = self._gen.get(t, 0) + 1
+                jobs.append((t, files[t], self._gen[t]))
+            uploaded = dict(self._uploaded)
+        commit, dirty = git_state(self.directory)
+        built = [(t, path, gen, self._build(path, uploaded)) for t, path, gen in jobs]
+        with self._lock:
+            for t, path, gen, (policy, table, errors) in built:
+                if self._gen.get(t) != gen:
+                    continue  # a newer change of this tenant is being (or was) loaded
+                self._install(t, path, policy, table, errors, commit, dirty)
             if head_moved:  # same bytes, new commit: the verdict must name the new commit
                 for t, lp in list(self._loaded.items()):
                     if t in changed or t not in files:
@@ -212,23 +229,27 @@ class PolicyStore:
                     is_dirty = str(files[t].resolve()) in dirty
                     if (lp.commit, lp.dirty) != (commit, is_dirty):
                         self._loaded[t] = LoadedPolicy(lp.policy, commit, is_dirty, lp.table, lp.loaded_at)
-            return True
+        return True
 
-    def _reload(self, tenant: str, path: Path, key: tuple[int, int, int] | None, commit: str | None,
-                dirty: set[str]) -> None:
-        self._seen[tenant] = key
+    def _build(self, path: Path, uploaded: dict[str, bytes]
+               ) -> tuple[TenantPolicy | None, ReferenceTable | None, list[PolicyFileError]]:
+        """Parse, check and measure one policy file (no lock held)."""
         policy, errors = load_policy_file(path)
-        table: ReferenceTable | None = None
-        if policy is not None:
-            try:
-                table = ReferenceTable(policy, self._cache)
-                table.load_files()
-                for digest, payload in self._uploaded.items():
-                    fw = policy.firmware_by_digest(digest)
-                    if fw is not None and fw.id not in policy.revoked:
-                        table.add_payload(fw, payload)
-            except FirmgateError as exc:
-                errors = [PolicyFileError(str(path), None, "firmware", exc.diagnostics())]
+        if policy is None:
+            return None, None, errors
+        try:
+            table = ReferenceTable(policy, self._cache)
+            table.load_files()
+            for digest, payload in uploaded.items():
+                fw = policy.firmware_by_digest(digest)
+                if fw is not None and fw.id not in policy.revoked:
+                    table.add_payload(fw, payload)
+        except FirmgateError as exc:
+            return None, None, [PolicyFileError(str(path), None, "firmware", exc.diagnostics())]
+        return policy, table, []
+
+    def _install(self, tenant: str, path: Path, policy: TenantPolicy | None, table: ReferenceTable | None,
+                 errors: list[PolicyFileError], commit: str | None, dirty: set[str]) -> None:
         if errors or policy is None or table is None:
             self._errors[tenant] = errors
             if tenant in self._loaded:
@@ -238,6 +259,11 @@ class PolicyStore:
                 log.warning("policy for tenant %s refused (no earlier good version):\n%s", tenant,
                             "\n".join(e.diagnostics() for e in errors))
             return
+        # Firmware uploaded while this table was being built.
+        for digest, payload in self._uploaded.items():
+            fw = policy.firmware_by_digest(digest)
+            if fw is not None and fw.id not in policy.revoked and not table.measured(fw.id):
+                table.add_payload(fw, payload)
         self._errors.pop(tenant, None)
         lp = LoadedPolicy(policy, commit, str(path.resolve()) in dirty, table)
         previous = self._loaded.get(tenant)
