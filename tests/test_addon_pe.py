@@ -257,3 +257,27 @@ def test_hwids_bad_offsets_and_missing_end():
         parse_hwids(_hwids([(2, c1, None, None)])[:28], 3)
     with pytest.raises(FirmwareError, match="unknown type 7"):
         parse_hwids(_hwids([(7, c1, None, None)]), 3)
+
+
+def test_pefile_full_parse_has_no_structural_warnings():
+    pe = pefile.PE(data=build_addon([("a", b"hello firmware" * 100), ("b", b"x")]))
+    # pefile's only remark is a byte-frequency heuristic (zero padding), not a layout problem.
+    assert [w for w in pe.get_warnings() if not w.startswith("Byte 0x")] == []
+    assert pe.OPTIONAL_HEADER.SizeOfHeaders % pe.OPTIONAL_HEADER.FileAlignment == 0
+    for sec in pe.sections:
+        assert sec.PointerToRawData % pe.OPTIONAL_HEADER.FileAlignment == 0
+        assert sec.VirtualAddress % pe.OPTIONAL_HEADER.SectionAlignment == 0
+    rvas = [(s.VirtualAddress, s.VirtualAddress + s.Misc_VirtualSize) for s in pe.sections]
+    assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(rvas, rvas[1:]))
+
+
+def test_checksum_matches_pefile_for_odd_sizes():
+    for n in (1, 2, 3, 511, 512, 513, 4095, 70000):
+        addon = build_addon([("fw", bytes(range(256)) * (n // 256) + b"\xff" * (n % 256))])
+        pe = pefile.PE(data=addon, fast_load=True)
+        assert pe.OPTIONAL_HEADER.CheckSum == pe.generate_checksum(), n
+
+
+def test_extra_section_names_are_bounded():
+    with pytest.raises(FirmwareError, match="1..8 ASCII"):
+        build_addon([("a", b"x")], extra_sections=[(".waytoolong", b"x")])

@@ -172,3 +172,51 @@ def test_console_script_exit_code(tmp_path, firmware_dir):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error:") and "Traceback" not in proc.stderr
+
+
+def test_igvm_can_be_packed_but_not_measured(tmp_path, capsys):
+    igvm = tmp_path / "fw.igvm"
+    igvm.write_bytes(b"IGVM" + (1).to_bytes(4, "little") + bytes(8192 - 8))
+    out = tmp_path / "igvm.efi"
+    rc, _, _ = run(capsys, "addon", "build", "--firmware", igvm, "--fwid", "coconut-1", "-o", out)
+    assert rc == 0
+    rc, stdout, _ = run(capsys, "addon", "inspect", out, "--json")
+    entry = json.loads(stdout)["efifw"][0]
+    assert entry["image"]["kind"] == "igvm"
+    assert "measurement of IGVM not supported yet" in entry["snp"]
+    rc, _, err = run(capsys, "measure", out)
+    assert rc == 2 and "measurement of IGVM not supported yet" in err
+
+
+def test_inspect_lists_hwids(tmp_path, capsys):
+    import struct
+    import uuid
+
+    from verifier.firmware.addon import build_addon
+    chid = uuid.UUID("2bd4e8ae-31dc-5a5b-a1a4-2b5b54a3d0a9")
+    strings = b"Acme VM\0fw-1\0"
+    base = 28 * 2
+    hw = struct.pack("<I16sII", (2 << 28) | 28, chid.bytes_le, base, base + 8) + bytes(28) + strings
+    path = tmp_path / "hw.efi"
+    path.write_bytes(build_addon([("fw-1", b"firmware")], extra_sections=[(".hwids", hw)]))
+    rc, stdout, _ = run(capsys, "addon", "inspect", path)
+    assert rc == 0
+    assert f".hwids uefi-fw chid {chid} name Acme VM fwid fw-1" in stdout
+
+
+def test_measure_directory_and_missing_file_are_usage_errors(tmp_path, capsys):
+    rc, _, err = run(capsys, "measure", tmp_path)
+    assert rc == 2 and err.startswith("error: cannot read firmware")
+    rc, _, err = run(capsys, "measure", tmp_path / "missing.fd")
+    assert rc == 2 and "cannot read firmware" in err
+
+
+def test_measure_raw_image_with_fwid_is_a_usage_error(firmware_dir, capsys):
+    rc, _, err = run(capsys, "measure", firmware_dir / AMDSEV, "--fwid", "x")
+    assert rc == 2 and "--fwid applies to an add-on" in err
+
+
+def test_extract_to_unwritable_place(tmp_path, two_fw_addon, capsys):
+    rc, _, err = run(capsys, "addon", "extract", two_fw_addon, "--fwid", "edk2-2022.11", "-o",
+                     tmp_path / "no" / "such" / "dir" / "fw.fd")
+    assert rc == 2 and "cannot write" in err

@@ -166,3 +166,29 @@ def test_duplicate_guid_in_footer_table():
     data = bytes(8192 - len(tail)) + tail
     with pytest.raises(FirmwareError, match="twice"):
         inspect_firmware(data)
+
+
+def test_to_dict_is_json_and_digests_are_lazy(images):
+    import json
+    data = images["edk2-2022.11-OVMF.fd"]
+    img = inspect_firmware(data)
+    assert "sha384" not in img.__dict__  # not computed until asked
+    doc = json.loads(json.dumps(img.to_dict()))
+    assert doc["sha256"] == REAL["edk2-2022.11-OVMF.fd"][1]
+    assert doc["sev_metadata"][0] == {"type": "SNP_SEC_MEM", "gpa": "0x800000", "size": "0x9000"}
+    assert doc["sev_es_reset_eip"] == "0x80b004"
+    assert "payload" not in doc and "payload" not in repr(img)
+
+
+def test_sections_past_4gib_or_into_the_rom_are_refused(images):
+    data = images["edk2-2025.02-OVMF.fd"]
+    first_item = _sev_metadata_start(data) + 16
+    with pytest.raises(FirmwareError, match="overlaps the firmware ROM"):
+        require_snp_firmware(_patched(data, first_item, "<I", (1 << 32) - 0x2000))
+
+
+def test_secrets_page_must_be_one_page(images):
+    data = images["edk2-2022.11-OVMF.fd"]
+    secrets_item = _sev_metadata_start(data) + 16 + 2 * 12  # third item: SNP_SECRETS
+    with pytest.raises(FirmwareError, match="exactly one page"):
+        require_snp_firmware(_patched(data, secrets_item + 4, "<I", 0x2000))

@@ -45,3 +45,15 @@ def test_seed_equals_cli_ovmf_hash(firmware_dir, name):
     from verifier.measure.launch import firmware_seed, prepare_firmware
     path = firmware_dir / name
     assert firmware_seed(prepare_firmware(path.read_bytes())).hex() == _cli(path, "--mode", "snp:ovmf-hash")
+
+
+@pytest.mark.slow
+def test_cli_measures_the_no_sev_image_but_firmgate_refuses_it(firmware_dir):
+    """Why firmgate checks first: sev-snp-measure prints a digest for an image QEMU cannot launch."""
+    from verifier.errors import FirmwareError
+    from verifier.measure.launch import Shape, expected_measurement
+    path = firmware_dir / "edk2-2022.11-OVMF_CODE_4M-no-sev-metadata.fd"
+    printed = _cli(path, "--mode", "snp", "--vcpus", "1", "--vcpu-type", "EPYC-v4")
+    assert len(bytes.fromhex(printed)) == 48
+    with pytest.raises(FirmwareError, match="no SEV metadata"):
+        expected_measurement(path.read_bytes(), Shape(1, "EPYC-v4"))
