@@ -20,12 +20,10 @@ import argparse
 import contextlib
 import hashlib
 import io
-import json
 import logging
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time

@@ -24,7 +24,6 @@ import hashlib
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from host_install.install import current_firmware
 from host_install.vm import VmDir

@@ -2,7 +2,6 @@
 simulated SNP host's configfs-tsm tree for host-install VM directories: releases and every refusal."""
 from __future__ import annotations
 
-import base64
 import hashlib
 import os
 import stat
