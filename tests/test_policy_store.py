@@ -283,3 +283,19 @@ def test_slow_older_reload_never_replaces_a_newer_one(tmp_path: Path) -> None:
     release.set()
     slow.join()
     assert store.get("acme").policy.firmware[0].svn == 4
+
+
+def test_load_for_cli_file_or_directory(repo: Path) -> None:
+    from verifier.appraise.store import load_for_cli
+    from verifier.errors import UsageError
+    c1 = commit_policy(repo, policy_text(fw_entry("v2", FW_V2, 2, "fw/v2.fd")), "one")
+    lp = load_for_cli(repo / "acme.toml")
+    assert lp.tenant == "acme" and lp.commit == c1 and not lp.dirty and len(lp.table) == 2
+    assert load_for_cli(repo, "acme").policy_id == f"acme@{c1}"
+    with pytest.raises(UsageError, match="--tenant is needed"):
+        load_for_cli(repo)
+    with pytest.raises(UsageError, match="is tenant 'acme', not 'globex'"):
+        load_for_cli(repo / "acme.toml", "globex")
+    (repo / "acme.toml").write_text("version = 1\n[guest]\nsmt = true\n")
+    with pytest.raises(PolicyErrors, match=r"acme.toml:3: \[guest.smt\] unknown key 'smt'"):
+        load_for_cli(repo / "acme.toml")

@@ -290,3 +290,36 @@ class PolicyStore:
             if digest not in self._uploaded and len(self._uploaded) < MAX_UPLOADED:
                 self._uploaded[digest] = payload
         return accepted
+
+
+def load_for_cli(path: str | Path, tenant: str | None = None, *, cache_dir: str | Path | None = None
+                 ) -> LoadedPolicy:
+    """`firmgate verify --policy FILE_OR_DIR [--tenant T]`: one tenant's policy, ready to appraise.
+
+    A directory is loaded as a PolicyStore (tenant required); a file is that tenant's
+    policy (`--tenant`, if given, must match its name). A file that fails the check
+    raises PolicyErrors with every error (file:line: reason).
+    """
+    p = Path(path)
+    if p.is_dir():
+        if tenant is None:
+            raise UsageError("--policy names a directory: --tenant is needed to pick the policy")
+        return PolicyStore(p, cache_dir=cache_dir).get(tenant, refresh=False)
+    if not p.is_file():
+        raise UsageError(f"policy {p} does not exist")
+    policy, errors = load_policy_file(p)
+    if errors or policy is None:
+        raise PolicyErrors(errors)
+    if tenant is not None and tenant != policy.tenant:
+        raise UsageError(f"policy file {p.name} is tenant {policy.tenant!r}, not {tenant!r}")
+    cache = None
+    if cache_dir is not None:
+        from ..measure.cache import MeasurementCache
+        cache = MeasurementCache(cache_dir)
+    table = ReferenceTable(policy, cache)
+    try:
+        table.load_files()
+    except FirmgateError as exc:
+        raise PolicyErrors([PolicyFileError(str(p), None, "firmware", exc.diagnostics())]) from exc
+    commit, dirty = git_state(p.parent)
+    return LoadedPolicy(policy, commit, str(p.resolve()) in dirty, table)
