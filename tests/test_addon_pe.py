@@ -281,3 +281,13 @@ def test_checksum_matches_pefile_for_odd_sizes():
 def test_extra_section_names_are_bounded():
     with pytest.raises(FirmwareError, match="1..8 ASCII"):
         build_addon([("a", b"x")], extra_sections=[(".waytoolong", b"x")])
+
+
+def test_section_with_ukify_one_byte_magic_is_refused():
+    # ukify's parse_efifw_dir packs the magic with struct.pack('<p', ...): one zero byte.
+    fwid, payload = b"edk2\0", b"firmware image"
+    blob = struct.pack("<p", bytes.fromhex("feeddead")) + struct.pack("<III", 16, len(fwid), len(payload)) \
+        + fwid + payload
+    assert blob[:1] == b"\0"
+    with pytest.raises(FirmwareError, match="magic is 0x[0-9a-f]{8}, expected 0xfeeddead"):
+        parse_efifw(blob, 2)
