@@ -27,13 +27,21 @@ def cmd_attest(args: argparse.Namespace) -> int:
     from broker.guest.http import parse_resource_path
     try:
         parse_resource_path(args.resource)
-        session = KbsSession(args.broker)
+        session = KbsSession(args.broker, cafile=args.cacert)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     addon = _read(args.addon, "add-on") if args.addon else None
+    init_data = None
+    if args.init_data:
+        try:
+            body = _read(args.init_data, "init-data").decode("utf-8")
+        except UnicodeDecodeError:
+            raise UsageError(f"init-data {args.init_data} is not UTF-8 TOML") from None
+        init_data = {"format": "toml", "body": body}
     key = TeeKey.generate(args.key_type)
     source = default_source(args.tsm_root)
-    att = attest(session, source, key, addon=addon, evidence_shape=args.evidence, tenant=args.tenant)
+    att = attest(session, source, key, addon=addon, evidence_shape=args.evidence, tenant=args.tenant,
+                 init_data=init_data)
     print(f"attested via {source.name}: token status {att.status}", file=sys.stderr)
     secret = fetch_resource(session, args.resource, key, bearer=att.token if args.bearer else None)
     if args.output and args.output != "-":
@@ -85,6 +93,9 @@ def register(sub: "argparse._SubParsersAction[Any]") -> None:
     a.add_argument("--evidence", choices=("snp", "firmgate"), default="snp",
                    help="evidence JSON shape: Trustee SnpEvidence (default) or firmgate's own")
     a.add_argument("--tenant", help="tenant hint sent at /auth (extra-params.tenant)")
+    a.add_argument("--init-data", metavar="TOML", help="the init-data the host bound into HOST_DATA at launch "
+                   "(sent as init-data {format: toml}; the broker checks its digest against HOST_DATA)")
+    a.add_argument("--cacert", metavar="PEM", help="CA bundle for an https broker (default: the system's)")
     a.add_argument("--bearer", action="store_true",
                    help="fetch with Authorization: Bearer <token> and no cookie (as CoCo pods do)")
     a.set_defaults(func=cmd_attest)

@@ -307,3 +307,32 @@ def test_addon_right_after_the_owner_lists_it(tmp_path: Path, firmware_dir: Path
                                '[[secrets]]\npath = "acme/key/disk"\n'))
         time.sleep(1.2)                                   # past the store's once-a-second re-read
         assert _attest_fetch(w, "bad", addon=w.addons["bad"]) == SECRET
+
+
+def test_init_data_bound_through_host_data(world: World, tmp_path: Path) -> None:
+    """init-data (TOML) is bound by HOST_DATA = its digest, padded to 32 bytes (KBS-FACTS section 2)."""
+    body = 'algorithm = "sha384"\nversion = "0.1.0"\n[data]\n"policy.rego" = "allow"\n'
+    host_data = hashlib.sha384(body.encode()).digest()[:32]
+    bound = SimSnpHost(world.hosts["v1"].vm, world.platform, host_data=host_data)
+    init = {"format": "toml", "body": body}
+    assert _attest_fetch(world, source=TsmSource(bound.tsm()), init_data=init) == SECRET
+    # The same init-data from a VM launched with other HOST_DATA is refused.
+    err = _denied(_attest_fetch, world, init_data=init)
+    assert "HOST_DATA" in err.detail
+
+
+def test_cli_init_data_option(world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import broker.guest
+    body = 'algorithm = "sha256"\n'
+    bound = SimSnpHost(world.hosts["v1"].vm, world.platform, host_data=hashlib.sha256(body.encode()).digest())
+    monkeypatch.setattr(broker.guest, "default_source", lambda root=None: TsmSource(bound.tsm()))
+    f = tmp_path / "initdata.toml"
+    f.write_text(body)
+    out = tmp_path / "k"
+    code, text = _cli(["guest", "attest", "--broker", world.broker.url, "--resource", "acme/key/disk",
+                       "--init-data", str(f), "-o", str(out)])
+    assert code == 0, text
+    assert out.read_bytes() == SECRET
+    code, text = _cli(["guest", "attest", "--broker", world.broker.url, "--resource", "acme/key/disk",
+                       "--init-data", str(tmp_path / "absent.toml")])
+    assert code == 2 and "cannot read init-data" in text
