@@ -372,3 +372,10 @@ def test_shape_count_is_bounded(tmp_path: Path) -> None:
     _, errors = parse_policy(text, tmp_path / "acme.toml")
     assert [e.why for e in errors] == ["the shape rules expand to 1201 shapes; at most 1024 "
                                        "(each costs a measurement per firmware)"]
+
+
+@pytest.mark.parametrize("firmware", ["[firmware]\n", "[firmware]\nallowed = []\n", "[firmware]\nmin_svn = 1\n"])
+def test_a_policy_must_allow_some_firmware(tmp_path: Path, firmware: str) -> None:
+    text = f'version = 1\n{firmware}[[shapes]]\nvcpus = [1]\nvcpu_types = ["EPYC-v4"]\n'
+    _, errors = parse_policy(text, tmp_path / "acme.toml")
+    assert [(e.line, e.why) for e in errors] == [(2, "no [[firmware.allowed]] entry: nothing could ever match")]

@@ -296,9 +296,8 @@ def _firmware(errs: _Errors, doc: dict[str, Any]
     seen_ids: dict[str, int] = {}
     seen_digests: dict[str, str] = {}
     allowed = fw.get("allowed")
-    if allowed is None:
-        if fw:
-            errs.add(("firmware",), "no [[firmware.allowed]] entry: nothing could ever match")
+    if allowed is None or allowed == []:
+        errs.add(("firmware",), "no [[firmware.allowed]] entry: nothing could ever match")
     elif not isinstance(allowed, list):
         errs.add(("firmware", "allowed"), f"must be an array of tables ([[firmware.allowed]]), not {_tname(allowed)}")
     else:
