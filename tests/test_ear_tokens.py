@@ -161,3 +161,23 @@ def test_cwt_rejects_wrong_key_shape_and_expiry(p256: ec.EllipticCurvePrivateKey
         verify_ear_cwt(b"\xff\xff", p256.public_key())
     with pytest.raises(EarError, match="at most 64 KiB"):
         verify_ear_cwt(b"\0" * 70000, p256.public_key())
+
+
+def test_ear_from_a_real_appraisal_says_simulated_and_names_the_firmware(tmp_path, p256) -> None:  # type: ignore[no-untyped-def]
+    from test_appraise_rules import FW, make_policy, verified
+    from verifier.measure.launch import Shape, measurement_table
+    m = measurement_table(FW.read_bytes(), [Shape(1, "EPYC-v4")])[Shape(1, "EPYC-v4")]
+    lp = make_policy(tmp_path)
+    v = verified(m)
+    from verifier.appraise.appraise import appraise
+    verdict = appraise(v, lp, expected_report_data=v.report.report_data)
+    tee = {"kty": "EC", "crv": "P-256", "alg": "ECDH-ES+A256KW", "x": "AA", "y": "BB"}
+    claims = ear_claims(verdict, runtime_data={"nonce": "bm9uY2U", "tee-pubkey": tee})
+    out = verify_ear_jwt(issue_ear_jwt(claims, p256), public_jwk(p256))
+    cpu0 = out["submods"]["cpu0"]
+    assert cpu0["ear.status"] == "warning" and cpu0["ear.trustworthiness-vector"]["hardware"] == 32
+    ae = cpu0["ear.veraison.annotated-evidence"]
+    assert ae["firmgate"]["simulated"] is True and ae["firmgate"]["firmware"]["id"] == "v2"
+    assert ae["runtime_data_claims"]["tee-pubkey"] == tee and ae["snp"]["measurement"] == m.hex()
+    assert cpu0["ear.appraisal-policy-id"] == lp.policy_id
+    assert verify_ear_cwt(issue_ear_cwt(claims, p256), p256.public_key()) == out
