@@ -102,3 +102,16 @@ def test_kds_urls() -> None:
     turin = TcbVersion.from_u64(TcbVersion.encode("Turin", bootloader=1, tee=0, snp=3, microcode=9, fmc=2), "Turin")
     url = vcek_url(Product.TURIN, chip, turin)
     assert f"/Turin/{chip[:8].hex()}?" in url and "fmcSPL=02" in url
+
+
+def test_duplicate_extension_is_bad_input_not_a_crash() -> None:
+    # fuzz/regressions/cert/duplicate-extension.der: a VCEK with snpSPL twice (found by the fuzz harness).
+    from conftest import REPO
+    from verifier.kds import parse_leaf as _parse
+    data = (REPO / "fuzz" / "regressions" / "cert" / "duplicate-extension.der").read_bytes()
+    with pytest.raises(CertificateFormatError, match="Duplicate"):
+        load_certificates(data)
+    from cryptography import x509 as _x509
+    raw_cert = _x509.load_der_x509_certificate(data)    # loaded elsewhere, unchecked
+    with pytest.raises(CertificateFormatError):
+        _parse(raw_cert)

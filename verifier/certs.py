@@ -15,6 +15,7 @@ import warnings
 from typing import Iterator
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.utils import CryptographyDeprecationWarning
 
 from .errors import CertificateFormatError
@@ -42,6 +43,21 @@ MAX_BUNDLE_SIZE = MAX_CERT_SIZE * MAX_CERTS * 2  # PEM base64 overhead
 _PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n(.*?)-----END \1-----", re.S)
 
 
+# What cryptography may raise when it parses a part of a certificate lazily.
+LAZY_PARSE_ERRORS = (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType, UnsupportedAlgorithm)
+
+
+def _parsed_now(cert: x509.Certificate, what: str) -> x509.Certificate:
+    """Force the lazily parsed parts (extensions, key) so that a malformed certificate fails here,
+    as bad input, and not later inside verification (RFC 5280 4.2: no duplicate extensions)."""
+    try:
+        cert.extensions
+        cert.public_key()
+    except LAZY_PARSE_ERRORS as exc:
+        raise CertificateFormatError(f"{what}: malformed certificate ({exc})") from None
+    return cert
+
+
 def load_certificate(data: bytes, what: str = "certificate") -> x509.Certificate:
     """Exactly one certificate, DER or PEM."""
     certs = load_certificates(data, what)
@@ -66,7 +82,7 @@ def load_certificates(data: bytes, what: str = "certificates") -> list[x509.Cert
                 raise CertificateFormatError(f"{what}: more than {MAX_CERTS} certificates")
             try:
                 with _serial_zero_ok():
-                    certs.append(x509.load_pem_x509_certificate(m.group(0)))
+                    certs.append(_parsed_now(x509.load_pem_x509_certificate(m.group(0)), what))
             except ValueError as exc:
                 raise CertificateFormatError(f"{what}: a PEM certificate does not parse: {exc}") from exc
         if not certs:
@@ -76,9 +92,10 @@ def load_certificates(data: bytes, what: str = "certificates") -> list[x509.Cert
         raise CertificateFormatError(f"{what}: {len(data)} bytes is too large for one DER certificate")
     try:
         with _serial_zero_ok():
-            return [x509.load_der_x509_certificate(data)]
+            cert = x509.load_der_x509_certificate(data)
     except ValueError as exc:
         raise CertificateFormatError(f"{what}: not a DER or PEM certificate ({exc})") from exc
+    return [_parsed_now(cert, what)]
 
 
 def load_crl(data: bytes, what: str = "CRL") -> x509.CertificateRevocationList:
@@ -94,6 +111,9 @@ def load_crl(data: bytes, what: str = "CRL") -> x509.CertificateRevocationList:
 
 
 def common_name(cert: x509.Certificate) -> str:
-    names = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    try:
+        names = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    except ValueError:
+        return ""
     value = names[0].value if names else ""
     return value if isinstance(value, str) else value.decode("utf-8", "replace")

@@ -29,7 +29,7 @@ from cryptography.x509.oid import SignatureAlgorithmOID
 
 from .abi.fields import Product, SigningKey, TcbVersion
 from .abi.report import SIGNED_SIZE, AttestationReport
-from .certs import common_name, load_certificates, load_crl, serial_number
+from .certs import LAZY_PARSE_ERRORS, common_name, load_certificates, load_crl, serial_number
 from .errors import CertificateFormatError, ChainError, ExpiredError, RevokedError, SignatureError
 from .evidence import Evidence
 from .kds import AmdLeafInfo, parse_leaf
@@ -165,6 +165,8 @@ def _is_ca(cert: x509.Certificate) -> bool:
         bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
     except x509.ExtensionNotFound:
         return False
+    except LAZY_PARSE_ERRORS as exc:
+        raise CertificateFormatError(f"{common_name(cert)!r}: extensions do not parse ({exc})") from None
     return bool(bc.ca)
 
 
@@ -192,7 +194,10 @@ def _validate_chain(leaf: x509.Certificate, inter: x509.Certificate, root: x509.
             raise ChainError(f"{name} {common_name(cert)!r} is not a CA certificate")
     if _is_ca(leaf):
         raise ChainError(f"{leaf_kind} certificate claims to be a CA")
-    pub = leaf.public_key()
+    try:
+        pub = leaf.public_key()
+    except LAZY_PARSE_ERRORS as exc:
+        raise CertificateFormatError(f"{leaf_kind} public key does not parse ({exc})") from None
     if not isinstance(pub, ec.EllipticCurvePublicKey) or not isinstance(pub.curve, ec.SECP384R1):
         raise ChainError(f"{leaf_kind} key is not ECDSA P-384")
     facts = _ChainFacts(leaf_key=pub)

@@ -60,6 +60,9 @@ def _ext(cert: x509.Certificate, oid: x509.ObjectIdentifier) -> bytes | None:
         ext = cert.extensions.get_extension_for_oid(oid)
     except x509.ExtensionNotFound:
         return None
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
+        # Certificates built elsewhere (not through verifier.certs) may reach here unparsed.
+        raise CertificateFormatError(f"certificate extensions do not parse ({exc})") from None
     value = ext.value
     if not isinstance(value, x509.UnrecognizedExtension):
         raise CertificateFormatError(f"extension {oid.dotted_string} has an unexpected type")
