@@ -162,7 +162,10 @@ def _cli(argv: list[str]) -> tuple[int, str]:
 def _git(repo: Path, *args: str) -> str:
     env = dict(os.environ, GIT_AUTHOR_NAME="demo owner", GIT_AUTHOR_EMAIL="owner@demo.invalid",
                GIT_COMMITTER_NAME="demo owner", GIT_COMMITTER_EMAIL="owner@demo.invalid")
-    r = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, env=env, timeout=30)
+    try:
+        r = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, env=env, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise UsageError(f"the demo keeps the owner's policy in git, and git failed to run: {exc}") from exc
     if r.returncode != 0:
         raise UsageError(f"git {' '.join(args)} failed: {r.stderr.strip()}")
     return r.stdout.strip()
