@@ -345,10 +345,13 @@ def build_addon(entries: Sequence[tuple[str, bytes]], *,
         raise FirmwareError(f"duplicate fwid among {_names(fwids)}")
     sections: list[tuple[bytes, bytes, int]] = [(b".text", _ENTRY_CODE, _SCN_CODE), (b".sbat", _ADDON_SBAT, _SCN_DATA)]
     sections += [(EFIFW_SECTION.encode(), efifw_blob(f, p), _SCN_DATA) for f, p in entries]
-    for name, content in extra_sections:
-        raw_name = name.encode("ascii")
+    for extra_name, content in extra_sections:
+        try:
+            raw_name = extra_name.encode("ascii")
+        except UnicodeEncodeError:
+            raw_name = b""
         if not 1 <= len(raw_name) <= 8:
-            raise FirmwareError(f"section name {name!r} must be 1..8 ASCII bytes")
+            raise FirmwareError(f"section name {extra_name!r} must be 1..8 ASCII bytes")
         sections.append((raw_name, bytes(content), _SCN_DATA))
     if len(sections) > MAX_SECTIONS:
         raise FirmwareError(f"too many firmware images ({len(entries)})")

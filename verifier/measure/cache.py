@@ -52,17 +52,19 @@ class MeasurementCache:
         except OSError as exc:
             log.warning("measurement cache entry %s unreadable (%s); recomputing", path, exc)
             return None
+        measurement: str | None = None
         try:
             doc = json.loads(raw) if len(raw) <= _MAX_ENTRY_BYTES else None
-            ok = (isinstance(doc, dict) and doc.get("format") == _FORMAT and doc.get("firmware") == fw_sha384
-                  and doc.get("key") == key and doc.get("sev_snp_measure") == self.tool_version
-                  and isinstance(doc.get("measurement"), str) and _HEX384.fullmatch(doc["measurement"]))
+            if (isinstance(doc, dict) and doc.get("format") == _FORMAT and doc.get("firmware") == fw_sha384
+                    and doc.get("key") == key and doc.get("sev_snp_measure") == self.tool_version
+                    and isinstance(doc.get("measurement"), str) and _HEX384.fullmatch(doc["measurement"])):
+                measurement = doc["measurement"]
         except (ValueError, UnicodeDecodeError):
-            ok = False
-        if not ok:
+            pass
+        if measurement is None:
             log.warning("measurement cache entry %s is corrupt; recomputing", path)
             return None
-        value = bytes.fromhex(doc["measurement"])
+        value = bytes.fromhex(measurement)
         return value if len(value) == MEASUREMENT_SIZE else None
 
     def _write(self, fw_sha384: str, key: str, value: bytes) -> None:

@@ -108,7 +108,7 @@ class Shape:
 
     @property
     def vcpu_sig(self) -> int:
-        return CPU_SIGS[self.vcpu_type]
+        return int(CPU_SIGS[self.vcpu_type])
 
     def key(self) -> str:
         """Stable text form; Shape.parse(s.key()) == s."""
