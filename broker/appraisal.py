@@ -158,6 +158,8 @@ class VerifierAppraiser:
     def add_firmware(self, data: bytes) -> list[str]:
         from verifier.appraise.reference import extract_firmware
         payload = extract_firmware(data)  # FirmwareError for something that is no firmware
+        # Policies first (at most one re-read a second): the owner may have just listed this digest.
+        self._store.refresh()
         self._store.add_firmware(data)    # FirmwareError unless some policy allows the digest
         # The digest only: which tenants took it is not the uploader's business.
         return [hashlib.sha384(payload).hexdigest()]

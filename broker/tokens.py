@@ -5,6 +5,11 @@ emits it; integer iat/exp; `jti` names the broker session so a resource request
 that brings the token as `Authorization: Bearer` (no cookie) finds the evidence.
 The signing key lives in the database, encrypted under the master key, so every
 replica signs with and accepts the same key; its public half is the JWKS.
+
+The claims are built here rather than by verifier.ear.ear_claims because one
+token may stand for appraisals by several tenants' policies (an unmodified guest
+names no tenant): the token carries the best status and the trust vector but no
+tenant, policy or firmware names, so a VM learns nothing about other tenants.
 """
 from __future__ import annotations
 
@@ -20,13 +25,11 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session as OrmSession
 
+from verifier.ear import EAT_PROFILE, ISSUER
 from verifier.errors import FirmgateError
 
 from .db import KeyMaterial, now_ms
 from .secretbox import SecretBox
-
-EAT_PROFILE = "tag:github.com,2024:confidential-containers/Trustee"
-ISSUER = "CoCo-Attestation-Service"  # what Trustee guests and tools expect in `iss`
 KEY_NAME = "ear-es256"
 TOKEN_MAX_LEN = 64 * 1024
 # Where Trustee looks for the tee-pubkey in a token (api_server.rs), in order.
