@@ -139,3 +139,35 @@ def test_shape_constructor_checks_types():
         Shape(True, "EPYC-v4")  # type: ignore[arg-type]
     with pytest.raises(UsageError):
         KernelHashes(b"short", bytes(32), bytes(32))
+
+
+# -- properties ------------------------------------------------------------------------------
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_digest = st.binary(min_size=32, max_size=32)
+_shapes = st.builds(
+    Shape, vcpus=st.integers(1, launch.MAX_VCPUS), vcpu_type=st.sampled_from(launch.VCPU_TYPES),
+    vmm=st.sampled_from(launch.VMMS), guest_features=st.integers(0, (1 << 64) - 1),
+    kernel_hashes=st.none() | st.builds(KernelHashes, _digest, _digest, _digest))
+
+
+@settings(max_examples=200, deadline=None)
+@given(_shapes)
+def test_shape_key_round_trip_property(shape):
+    assert Shape.parse(shape.key()) == shape
+    assert Shape.parse(shape.key()).key() == shape.key()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=200) | st.lists(st.sampled_from(
+    ["vcpus=1", "vcpus=-1", "vcpus=99999", "vcpu_type=EPYC-v4", "vmm=ec2", "vmm=", "guest_features=0x1",
+     "guest_features=-1", "kernel=" + "0" * 64, "initrd=" + "1" * 64, "cmdline=" + "f" * 64, "=", ",", "x=y"]),
+    max_size=8).map(",".join))
+def test_shape_parse_raises_only_usage_error(text):
+    try:
+        shape = Shape.parse(text)
+    except UsageError as exc:
+        assert exc.exit_code == 2 and exc.diagnostics()
+        return
+    assert Shape.parse(shape.key()) == shape
