@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import FIRMWARE_DIR
+from conftest import FIRMWARE_DIR  # tests/ is on sys.path (rootdir conftest)
 from verifier.errors import FirmwareError
 from verifier.firmware.image import inspect_firmware, require_snp_firmware
 from verifier.measure.launch import KernelHashes, Shape, measurement_table
