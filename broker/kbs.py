@@ -44,6 +44,8 @@ PROTOCOL_VERSION = "0.4.0"
 SUPPORTED_TEES = ("snp",)
 COOKIE = "kbs-session-id"
 SESSION_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+MAX_INITDATA_BYTES = 16 * 1024  # it goes into the token too
+MAX_JWK_BYTES = 4096  # an RSA-8192 JWK is ~2.8 KB; the key goes into every token
 FIRMWARE_KEY = "firmgate-firmware"  # our guest's key inside additional_evidence (docs/protocol.md)
 
 
@@ -101,6 +103,10 @@ def _parse_attestation(body: dict[str, Any]) -> tuple[Any, dict[str, Any], str, 
     additional = te.get("additional_evidence", "")
     if not isinstance(additional, str):
         raise ApiError("SerdeError", "tee-evidence.additional_evidence must be a string")
+    if body.get("init-data") is not None and len(json.dumps(body["init-data"])) > MAX_INITDATA_BYTES:
+        raise ApiError("SerdeError", f"init-data is larger than {MAX_INITDATA_BYTES} bytes")
+    if len(json.dumps(rd["tee-pubkey"])) > MAX_JWK_BYTES:
+        raise ApiError("SerdeError", f"tee-pubkey is larger than {MAX_JWK_BYTES} bytes")
     return body.get("init-data"), rd, additional, rd["tee-pubkey"], te["primary_evidence"]
 
 
@@ -232,7 +238,9 @@ def attest() -> Response:
 
     ttl = int(current_app.config["TOKEN_TTL"])
     claims = ear_claims(session_id=sid, status=status, trust_vector=_trust_vector(best),
-                        policy_id="firmgate:per-tenant", runtime_data=runtime_data, report_data=expected,
+                        policy_id="firmgate:per-tenant",
+                        # What REPORT_DATA bound, minus additional evidence (it may carry megabytes of firmware).
+                        runtime_data={"nonce": row.nonce, "tee-pubkey": jwk}, report_data=expected,
                         init_data=init_data, host_data=attested.host_data, snp=attested.snp_claims, ttl_s=ttl)
     token = st.token_key.sign(claims)
     row.state = "attested"

@@ -459,3 +459,19 @@ def test_healthz_and_metrics(broker: Any) -> None:
     assert m.headers["Content-Type"].startswith("text/plain")
     assert 'firmgate_events_total{event="release",outcome="ok"}' in text
     assert "# TYPE firmgate_http_request_duration_seconds histogram" in text
+
+
+def test_oversized_key_and_init_data_refused(broker: Any) -> None:
+    srv, _ = broker
+    g = Guest(srv.url, fake_evidence())
+    g.auth()
+    body = g.attestation()
+    body["runtime-data"]["tee-pubkey"] = dict(g.jwk, junk="x" * 5000)
+    assert_kbs_error(g.attest(body), 401, "SerdeError", "tee-pubkey is larger")
+    body = g.attestation(init_data={"format": "toml", "body": "algorithm = \"sha384\"\n#" + "x" * 20000})
+    assert_kbs_error(g.attest(body), 401, "SerdeError", "init-data is larger")
+    # Neither consumed the nonce: the session still attests, and the token carries only what was bound.
+    assert g.attest().status == 200
+    claims = json.loads(base64.urlsafe_b64decode(g.token.split(".")[1] + "=="))
+    rdc = claims["submods"]["cpu0"]["ear.veraison.annotated-evidence"]["runtime_data_claims"]
+    assert rdc == {"nonce": g.nonce, "tee-pubkey": g.jwk}
