@@ -54,6 +54,7 @@ def cmd_attest(args: argparse.Namespace) -> int:
 
 
 def cmd_request_update(args: argparse.Namespace) -> int:
+    from broker.guest.http import printable
     from broker.guest.update import request_update
     from verifier.cli import print_json
     addon = _read(args.addon, "add-on")
@@ -65,10 +66,10 @@ def cmd_request_update(args: argparse.Namespace) -> int:
         print_json(answer)
     elif answer.get("ok") is True:
         res = answer.get("result") or {}
-        print(f"{answer.get('status')}: firmware {res.get('fwid')} ({str(res.get('in_force'))[:16]}…) in force")
+        print(printable(f"{answer.get('status')}: firmware {res.get('fwid')} ({str(res.get('in_force'))[:16]}…) in force"))
     else:
         hint = f" (hint: {answer['hint']})" if answer.get("hint") else ""
-        print(f"error: host refused the update ({answer.get('status')}): {answer.get('error')}{hint}",
+        print("error: " + printable(f"host refused the update ({answer.get('status')}): {answer.get('error')}{hint}"),
               file=sys.stderr)
     if answer.get("ok") is True:
         return 0

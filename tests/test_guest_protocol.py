@@ -138,3 +138,14 @@ def test_evidence_has_the_trustee_shape() -> None:
         assert type(ours["attestation_report"][k]) is type(real["attestation_report"][k]), k
     assert {c["cert_type"] for c in ours["cert_chain"]} <= {"ARK", "ASK", "VCEK", "VLEK"}
     assert all(isinstance(b, int) for b in ours["cert_chain"][0]["data"][:8])
+
+
+def test_broker_text_cannot_drive_the_terminal(fake: tuple[Fake, str]) -> None:
+    f, url = fake
+    evil = {"type": "https://x/errors/Policy\x1b[2JDeny", "detail": "denied\n\x1b]0;owned\x07 and more"}
+    f.routes["/kbs/v0/auth"] = lambda body: (401, {}, json.dumps(evil).encode())
+    with pytest.raises(BrokerDenied) as ei:
+        auth(KbsSession(url))
+    msg = str(ei.value)
+    assert "\x1b" not in msg and "\n" not in msg and "\x07" not in msg
+    assert "\\x1b]0;owned\\x07 and more" in msg and ei.value.variant == "Policy\\x1b[2JDeny"

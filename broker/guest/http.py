@@ -26,6 +26,12 @@ _COOKIE_RE = re.compile(r"(?:^|[;,]\s*)kbs-session-id=([0-9a-f]{32})(?:;|$)")
 _RESOURCE_PART = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
 
+def printable(text: str, limit: int = 2000) -> str:
+    """The broker's text, safe for a terminal: control characters (escape sequences, newlines) shown as \\xNN."""
+    text = text[:limit]
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+
+
 def parse_resource_path(text: str) -> tuple[str, str, str]:
     parts = text.strip("/").split("/")
     if len(parts) != 3 or not all(_RESOURCE_PART.fullmatch(p) and p not in (".", "..") for p in parts):
@@ -87,7 +93,7 @@ class KbsSession:
                 raise BadResponse(f"{step}: broker answered 200 without a JSON body")
             return obj
         if isinstance(obj, dict) and isinstance(obj.get("type"), str) and isinstance(obj.get("detail"), str):
-            variant = obj["type"].rsplit("/", 1)[-1]
-            raise BrokerDenied(step, status, variant, obj["detail"][:2000])
+            variant = printable(obj["type"].rsplit("/", 1)[-1], 64)
+            raise BrokerDenied(step, status, variant, printable(obj["detail"]))
         raise BrokerUnreachable(f"{step}: broker answered HTTP {status} without a KBS error body "
                                 f"({raw[:120]!r})")
