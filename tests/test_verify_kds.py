@@ -92,3 +92,13 @@ def test_dir_fetcher_then_kds(tmp_path: Path) -> None:
     assert both.crl(Product.GENOA, "VCEK") is None
     with pytest.raises(FetchError):
         FirstOf(DirFetcher(tmp_path)).chain(Product.MILAN, "VCEK")
+
+
+def test_cached_crl_is_read_offline(tmp_path: Path) -> None:
+    from verifier.kds import crl_url
+    f = HttpFetcher(tmp_path, offline=True, base_url="http://127.0.0.1:9")
+    assert f.local_crl(Product.MILAN, "VCEK") is None
+    f._path("http://127.0.0.1:9" + crl_url(Product.MILAN, "VCEK").removeprefix("https://kdsintf.amd.com")
+            ).write_bytes(b"crl-bytes")
+    assert f.local_crl(Product.MILAN, "VCEK") == b"crl-bytes"
+    assert FirstOf(DirFetcher(tmp_path / "none"), f).local_crl(Product.MILAN, "VCEK") == b"crl-bytes"

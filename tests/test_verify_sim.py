@@ -241,3 +241,15 @@ def test_evidence_shapes_roundtrip(milan: SimPlatform) -> None:
         opts = VerifyOptions(trust_store=DEFAULT_TRUST_STORE.with_simulated_root(milan.ark), now=NOW,
                              certs=(milan.intermediate, milan.ark))
         assert verify_to_report(ev, opts).accepted
+
+
+def test_crl_on_disk_is_used_without_being_asked(milan: SimPlatform, tmp_path) -> None:
+    from verifier.kds.fetch import DirFetcher
+    (tmp_path / "milan").mkdir()
+    raw = milan.sign_report()
+    assert _outcomes(milan, raw, fetcher=DirFetcher(tmp_path))["cert.revocation"] is Outcome.SKIP
+    (tmp_path / "milan" / "crl.der").write_bytes(make_crl(milan, [milan.intermediate.serial_number]))
+    with pytest.raises(RevokedError):
+        verify_to_report(raw, _opts(milan, fetcher=DirFetcher(tmp_path)))
+    (tmp_path / "milan" / "crl.der").write_bytes(make_crl(milan, [12345]))
+    assert _outcomes(milan, raw, fetcher=DirFetcher(tmp_path))["cert.revocation"] is Outcome.PASS

@@ -34,7 +34,7 @@ from .errors import CertificateFormatError, ChainError, ExpiredError, RevokedErr
 from .evidence import Evidence
 from .kds import AmdLeafInfo, parse_leaf
 from .options import VerifyOptions
-from .snpchecks import cert_tcb_for, run_checks
+from .snpchecks import cert_tcb_for, chain_checks, report_checks
 from .verdict import CheckResult, Outcome
 
 _PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA384()), salt_length=48)
@@ -108,7 +108,7 @@ _CRL_CACHE = _Lru(256)        # (crl, root) -> True when its signature verified
 
 
 def clear_caches() -> None:
-    for c in (_CHAIN_CACHE, _INFO_CACHE, _SHA_CACHE, _CRL_CACHE, _SELECT_CACHE):
+    for c in (_CHAIN_CACHE, _INFO_CACHE, _SHA_CACHE, _CRL_CACHE, _SELECT_CACHE, _CRL_OBJ_CACHE):
         with c.lock:
             c.data.clear()
 
@@ -259,13 +259,30 @@ def _product_for_chain(report: AttestationReport, options: VerifyOptions, info: 
                      "pass --product or the certificate (never guessed from the chip id)")
 
 
+_CRL_OBJ_CACHE = _Lru(64)     # sha256(CRL bytes) -> parsed CRL (a cached CRL is re-read on every verify)
+
+
+def _parsed_crl(data: bytes, what: str) -> x509.CertificateRevocationList:
+    key = hashlib.sha256(data).digest()
+    crl = _CRL_OBJ_CACHE.get(key)
+    if crl is None:
+        crl = load_crl(data, what)
+        _CRL_OBJ_CACHE.put(key, crl)
+    return crl  # type: ignore[no-any-return]
+
+
 def _revocation(options: VerifyOptions, evidence: Evidence, product: Product, kind: str, root: x509.Certificate,
                 inter: x509.Certificate, leaf: x509.Certificate, now: dt.datetime) -> CheckResult:
     crls = list(evidence.crls) + list(options.crls)
-    if not crls and options.check_crl and options.fetcher is not None:
-        data = options.fetcher.crl(product, kind)
+    if not crls and options.fetcher is not None:
+        # A CRL already on disk (KDS cache, trust directory) is used even when not asked for;
+        # the network is asked only with check_crl.
+        local = getattr(options.fetcher, "local_crl", None)
+        data = local(product, kind) if local is not None else None
+        if data is None and options.check_crl:
+            data = options.fetcher.crl(product, kind)
         if data is not None:
-            crls.append(load_crl(data, f"{kind} CRL from {type(options.fetcher).__name__}"))
+            crls.append(_parsed_crl(data, f"{kind} CRL from {type(options.fetcher).__name__}"))
     mine = [c for c in crls if c.issuer == root.subject]
     if not mine:
         if options.check_crl:
@@ -309,6 +326,9 @@ class _Selected:
     root_cn: str
     root_sha: str
     cert_tcb: TcbVersion
+    head_checks: tuple[CheckResult, ...]    # report.signature, cert.chain (+ trust.simulated)
+    fixed_checks: tuple[CheckResult, ...]   # signing key, product, chip id: fixed by the select key
+    validity_text: str
 
 
 # Selection memo keyed by the *identity* of the certificate objects (hashing a Certificate costs
@@ -357,10 +377,23 @@ def _select(evidence: Evidence, options: VerifyOptions) -> _Selected:
     inter_role = "ASK" if info.kind == "VCEK" else "ASVK"
     windows = tuple((role, common_name(c), c.not_valid_before_utc, c.not_valid_after_utc)
                     for role, c in (("ARK", root), (inter_role, inter), (info.kind, leaf)))
+    root_cn, inter_cn = common_name(root), common_name(inter)
+    root_sha = _sha(root)
+    root_desc = (f"SIMULATED root {root_cn!r} trusted by --trust-root" if simulated else f"pinned AMD {root_cn!r}")
+    head = [CheckResult("report.signature", Outcome.PASS, f"ECDSA P-384 signature verifies with the {info.kind}"),
+            CheckResult("cert.chain", Outcome.PASS, f"{info.kind} <- {inter_cn!r} <- {root_desc}", actual=root_sha)]
+    if simulated:
+        head.append(CheckResult("trust.simulated", Outcome.WARN,
+                                "the chain ends in a simulated root, not AMD's: this is not a real AMD platform",
+                                expected="AMD ARK", actual=root_cn))
+    # For AMD chains the intermediate was selected by the pin of the leaf's role (ASK for a VCEK,
+    # ASVK for a VLEK) and the leaf's issuer name matched it; a simulated chain has no pinned role.
+    fixed = chain_checks(report, info, product, options, None if simulated else inter_role)
     sel = _Selected(pool=tuple(pool), store=options.trust_store, leaf=leaf, info=info, inter=inter, root=root,
                     simulated=simulated, product=product, leaf_key=facts.leaf_key, windows=windows,
-                    leaf_cn=common_name(leaf), inter_cn=common_name(inter), root_cn=common_name(root),
-                    root_sha=_sha(root), cert_tcb=cert_tcb_for(info, product))
+                    leaf_cn=common_name(leaf), inter_cn=inter_cn, root_cn=root_cn, root_sha=root_sha,
+                    cert_tcb=cert_tcb_for(info, product), head_checks=tuple(head), fixed_checks=tuple(fixed),
+                    validity_text=f"ARK, {inter_role} and {info.kind} valid at ")
     _SELECT_CACHE.put(key, sel)
     return sel
 
@@ -384,7 +417,7 @@ def verify_report(evidence: Evidence, options: VerifyOptions) -> VerifiedReport:
     sel = _select(evidence, options)
     leaf, info, inter, root, simulated, product = sel.leaf, sel.info, sel.inter, sel.root, sel.simulated, sel.product
     _check_windows(sel.windows, now)
-    if evidence.crls or options.crls or options.check_crl:
+    if evidence.crls or options.crls or options.check_crl or options.fetcher is not None:
         revocation = _revocation(options, evidence, product, info.kind, root, inter, leaf, now)
     else:
         revocation = _NO_CRL
@@ -397,25 +430,12 @@ def verify_report(evidence: Evidence, options: VerifyOptions) -> VerifiedReport:
         raise SignatureError(f"the report signature does not verify with the {info.kind} "
                              f"({sel.leaf_cn!r}, {product})") from None
 
-    tcb = {w: TcbVersion.from_u64(getattr(report, f"{w}_tcb"), product)
-           for w in ("current", "reported", "committed", "launch")}
-    root_desc = (f"SIMULATED root {sel.root_cn!r} trusted by --trust-root" if simulated
-                 else f"pinned AMD {sel.root_cn!r}")
-    checks: list[CheckResult] = [
-        CheckResult("report.signature", Outcome.PASS, f"ECDSA P-384 signature verifies with the {info.kind}"),
-        CheckResult("cert.chain", Outcome.PASS,
-                    f"{info.kind} <- {sel.inter_cn!r} <- {root_desc}", actual=sel.root_sha),
-        CheckResult("cert.validity", Outcome.PASS, f"ARK, {'ASK' if info.kind == 'VCEK' else 'ASVK'} and "
-                    f"{info.kind} valid at {now:%Y-%m-%dT%H:%M:%S}Z"),
-        revocation,
-    ]
-    if simulated:
-        checks.append(CheckResult("trust.simulated", Outcome.WARN,
-                                  "the chain ends in a simulated root, not AMD's: this is not a real AMD platform",
-                                  expected="AMD ARK", actual=sel.root_cn))
-    # For AMD chains the intermediate was selected by the pin of the leaf's role (ASK for a VCEK,
-    # ASVK for a VLEK) and the leaf's issuer name matched it; a simulated chain has no pinned role.
-    intermediate_role = None if simulated else ("ASK" if info.kind == "VCEK" else "ASVK")
-    checks += run_checks(report, info, product, tcb, options, intermediate_role, sel.cert_tcb)
+    tcb = {"current": TcbVersion.from_u64(report.current_tcb, product),
+           "reported": TcbVersion.from_u64(report.reported_tcb, product),
+           "committed": TcbVersion.from_u64(report.committed_tcb, product),
+           "launch": TcbVersion.from_u64(report.launch_tcb, product)}
+    checks = [*sel.head_checks,
+              CheckResult("cert.validity", Outcome.PASS, sel.validity_text + now.isoformat(timespec="seconds")),
+              revocation, *sel.fixed_checks, *report_checks(report, tcb, sel.cert_tcb, options)]
     return VerifiedReport(report=report, product=product, signer=info.kind, leaf=leaf, leaf_info=info,
                           intermediate=inter, root=root, tcb=tcb, simulated=simulated, checks=tuple(checks))

@@ -86,6 +86,11 @@ class HttpFetcher:
     def crl(self, product: Product, signer: str) -> bytes | None:
         return self._get(crl_url(product, signer), max_age=CRL_MAX_AGE)
 
+    def local_crl(self, product: Product, signer: str) -> bytes | None:
+        """The cached CRL, whatever its age, without any network access (None if never fetched)."""
+        path = self._path(self.base_url + crl_url(product, signer).removeprefix(KDS_BASE))
+        return path.read_bytes()[:MAX_RESPONSE] if path.is_file() else None
+
 
 class DirFetcher:
     """Offline certificates from a directory laid out as `<dir>/<product>/{ark,ask,asvk}.pem`,
@@ -119,6 +124,8 @@ class DirFetcher:
 
     def crl(self, product: Product, signer: str) -> bytes | None:
         return self._read(product, "crl.der" if signer == "VCEK" else "crl-vlek.der")
+
+    local_crl = crl   # a directory is local: its CRL is always used
 
 
 class FirstOf:
@@ -155,3 +162,11 @@ class FirstOf:
 
     def crl(self, product: Product, signer: str) -> bytes | None:
         return self._first("crl", product, signer)
+
+    def local_crl(self, product: Product, signer: str) -> bytes | None:
+        for f in self.fetchers:
+            local = getattr(f, "local_crl", None)
+            data = local(product, signer) if local is not None else None
+            if data is not None:
+                return data
+        return None
