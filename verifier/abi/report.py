@@ -11,6 +11,8 @@ What the values *mean* for trust is judged by verifier.verify and the checks.
 """
 from __future__ import annotations
 
+import functools
+import struct
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -74,6 +76,9 @@ _RESERVED_ALWAYS: tuple[tuple[int, int], ...] = (
     (0x330, 0x4A0),
 )
 _RESERVED_V2_CPUID = (0x188, 0x18B)
+# Bytes 0x000-0x207 in one unpack (same offsets as LAYOUT; 'x' = reserved, checked separately).
+_HEAD = struct.Struct("<IIQ16s16sIIQQI4x64s48s32s48s48s32s32sQBBB21x64sQBBBxBBBxQQQ")
+assert _HEAD.size == 0x208
 _RESERVED_BELOW_V5_MIT = (0x1F8, 0x208)
 
 
@@ -92,6 +97,12 @@ def _check_zero(raw: bytes, start: int, end: int, why: str) -> None:
         first = next(i for i in range(start, end) if raw[i])
         raise MalformedReport(f"reserved bytes 0x{start:03X}-0x{end - 1:03X} ({why}) are not zero "
                               f"(first non-zero at 0x{first:03X})")
+
+
+# The packed bit fields repeat from report to report; their decoded values are immutable.
+_policy = functools.lru_cache(maxsize=256)(GuestPolicy.from_u64)
+_platform = functools.lru_cache(maxsize=256)(PlatformInfo.from_u64)
+_key_info = functools.lru_cache(maxsize=64)(KeyInfo.from_u32)
 
 
 @dataclass(frozen=True)
@@ -148,46 +159,35 @@ class AttestationReport:
             _check_zero(raw, *_RESERVED_V2_CPUID, why="CPUID fields are reserved in version 2")
         if version < 5:
             _check_zero(raw, *_RESERVED_BELOW_V5_MIT, why="mitigation vectors are reserved below version 5")
-        key_info = KeyInfo.from_u32(_u(raw, "key_info"))
+        key_info = _key_info(_u(raw, "key_info"))
         if key_info.signing_key is SigningKey.NONE:
             raise MalformedReport("KEY_INFO.SIGNING_KEY is 7 (none): the report is unsigned")
         r_raw, s_raw = _b(raw, "signature_r"), _b(raw, "signature_s")
         for name, comp in (("R", r_raw), ("S", s_raw)):
             if any(comp[P384_SCALAR_SIZE:]):
                 raise MalformedReport(f"signature {name}: bytes 48-71 must be zero for a P-384 signature")
+        (_, guest_svn, policy, family_id, image_id, vmpl, _, current_tcb, platform_info, _, report_data,
+         measurement, host_data, id_key_digest, author_key_digest, report_id, report_id_ma, reported_tcb,
+         fam, mod, step, chip_id, committed_tcb, cur_build, cur_minor, cur_major, com_build, com_minor,
+         com_major, launch_tcb, launch_mit, current_mit) = _HEAD.unpack_from(raw)
         has_cpuid = version >= 3
         has_mit = version >= 5
         return cls(
-            raw=raw,
-            version=version,
-            guest_svn=_u(raw, "guest_svn"),
-            policy=GuestPolicy.from_u64(_u(raw, "policy")),
-            family_id=_b(raw, "family_id"),
-            image_id=_b(raw, "image_id"),
-            vmpl=_u(raw, "vmpl"),
-            signature_algo=algo,
-            current_tcb=_u(raw, "current_tcb"),
-            platform_info=PlatformInfo.from_u64(_u(raw, "platform_info")),
-            key_info=key_info,
-            report_data=_b(raw, "report_data"),
-            measurement=_b(raw, "measurement"),
-            host_data=_b(raw, "host_data"),
-            id_key_digest=_b(raw, "id_key_digest"),
-            author_key_digest=_b(raw, "author_key_digest"),
-            report_id=_b(raw, "report_id"),
-            report_id_ma=_b(raw, "report_id_ma"),
-            reported_tcb=_u(raw, "reported_tcb"),
-            cpuid_fam_id=_u(raw, "cpuid_fam_id") if has_cpuid else None,
-            cpuid_mod_id=_u(raw, "cpuid_mod_id") if has_cpuid else None,
-            cpuid_step=_u(raw, "cpuid_step") if has_cpuid else None,
-            chip_id=_b(raw, "chip_id"),
-            committed_tcb=_u(raw, "committed_tcb"),
-            current_build=BuildVersion(_u(raw, "current_major"), _u(raw, "current_minor"), _u(raw, "current_build")),
-            committed_build=BuildVersion(_u(raw, "committed_major"), _u(raw, "committed_minor"),
-                                         _u(raw, "committed_build")),
-            launch_tcb=_u(raw, "launch_tcb"),
-            launch_mit_vector=_u(raw, "launch_mit_vector") if has_mit else None,
-            current_mit_vector=_u(raw, "current_mit_vector") if has_mit else None,
+            raw=raw, version=version, guest_svn=guest_svn, policy=_policy(policy), family_id=family_id,
+            image_id=image_id, vmpl=vmpl, signature_algo=algo, current_tcb=current_tcb,
+            platform_info=_platform(platform_info), key_info=key_info, report_data=report_data,
+            measurement=measurement, host_data=host_data, id_key_digest=id_key_digest,
+            author_key_digest=author_key_digest, report_id=report_id, report_id_ma=report_id_ma,
+            reported_tcb=reported_tcb,
+            cpuid_fam_id=fam if has_cpuid else None,
+            cpuid_mod_id=mod if has_cpuid else None,
+            cpuid_step=step if has_cpuid else None,
+            chip_id=chip_id, committed_tcb=committed_tcb,
+            current_build=BuildVersion(cur_major, cur_minor, cur_build),
+            committed_build=BuildVersion(com_major, com_minor, com_build),
+            launch_tcb=launch_tcb,
+            launch_mit_vector=launch_mit if has_mit else None,
+            current_mit_vector=current_mit if has_mit else None,
             signature_r=int.from_bytes(r_raw[:P384_SCALAR_SIZE], "little"),
             signature_s=int.from_bytes(s_raw[:P384_SCALAR_SIZE], "little"),
         )
