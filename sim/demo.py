@@ -8,10 +8,10 @@ decryption. Simulated, and said so: the SEV-SNP hardware (sim.host signs
 reports with a simulated chain whose root the broker trusts by --trust-root).
 
 The story (docs/demo.md explains each step):
-  1 v1 add-on -> host-install            2 attest -> secret released
+  1 guest's v1 add-on -> host-install    2 attest -> secret released
   3 an unlisted firmware -> denied       4 a replayed nonce -> denied
-  5 owner commits v2 + min_svn 2         6 host-install v2 -> released
-  7 host-install v1 -> denied (svn below the minimum)
+  5 owner commits v2 + min_svn 2         6 guest asks for v2 -> released
+  7 guest asks for v1 again -> denied (svn below the minimum)
 Exit 0 only if every step did what it should.
 """
 from __future__ import annotations
@@ -235,10 +235,7 @@ def _workspace(path: str | None) -> Iterator[Path]:
 
 def run_demo(firmware: str | None = None, workdir: str | None = None, *, quiet: bool = False,
              use_qemu: bool | None = None) -> dict[str, Any]:
-    from broker.guest import BrokerDenied, KbsSession, TeeKey, attest, fetch_resource
-    from broker.guest.evidence import TsmSource
     from host_install import qemu
-    from host_install.install import install
     from host_install.vm import VmDir
     from verifier.firmware.addon import build_addon
 
@@ -317,9 +314,10 @@ def run_demo(firmware: str | None = None, workdir: str | None = None, *, quiet: 
         try:
             with LoopbackBroker(broker_cfg) as broker:
                 story.say(f"broker         {broker.url} (firmgate broker, SQLite, trusting the simulated root)")
-                _story(story, broker.url, vm, host, addons, digests, fwids, repo, pol, have_qemu,
-                       vm_vcpus, vcpu_type, install=install, TeeKey=TeeKey, KbsSession=KbsSession, attest=attest,
-                       fetch_resource=fetch_resource, BrokerDenied=BrokerDenied, TsmSource=TsmSource)
+                with UpdateChannel(vm, launch=have_qemu) as channel:
+                    story.say(f"update channel {channel.path} (host-install listen; the guest's requests arrive here)")
+                    _story(story, broker.url, vm, host, addons, digests, fwids, repo, pol, have_qemu,
+                           vm_vcpus, vcpu_type)
         finally:
             if have_qemu:
                 with contextlib.suppress(Exception):
@@ -338,26 +336,62 @@ def run_demo(firmware: str | None = None, workdir: str | None = None, *, quiet: 
         return result
 
 
+class UpdateChannel:
+    """`host-install listen` for the VM, in a thread: the guest's update requests arrive on <vm>/channel.sock."""
+
+    def __init__(self, vm: Any, *, launch: bool) -> None:
+        from host_install.channel import Listener
+        self.listener = Listener(vm, launch=launch)
+        self.path = self.listener.path
+        self.thread = threading.Thread(target=self._serve, name="demo-update-channel", daemon=True)
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                self.listener.serve_one()
+            except OSError:  # closed
+                return
+
+    def __enter__(self) -> "UpdateChannel":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.listener.close()
+        self.thread.join(5)
+
+
 def _story(story: Story, url: str, vm: Any, host: Any, addons: dict[str, bytes], digests: dict[str, str],
-           fwids: dict[str, str], repo: Path, pol: Path, have_qemu: bool, vcpus: int, vcpu_type: str,
-           **api: Any) -> None:
-    install, TeeKey, KbsSession = api["install"], api["TeeKey"], api["KbsSession"]
-    attest, fetch_resource, BrokerDenied, TsmSource = (api["attest"], api["fetch_resource"], api["BrokerDenied"],
-                                                       api["TsmSource"])
+           fwids: dict[str, str], repo: Path, pol: Path, have_qemu: bool, vcpus: int, vcpu_type: str) -> None:
+    from broker.guest import BrokerDenied, KbsSession, TeeKey, attest, fetch_resource
+    from broker.guest.evidence import TsmSource
+    from broker.guest.update import request_update
+    from host_install.install import install
     last: dict[str, Any] = {}
 
-    def do_install(which: str) -> Callable[[Step], None]:
+    def do_install(which: str, *, by: str) -> Callable[[Step], None]:
+        """by="guest": the guest sends the add-on over the update channel (firmgate guest request-update);
+        by="host": the host operator runs host-install directly (a host can install anything)."""
         def run(st: Step) -> None:
-            r = install(vm, addons[which], launch=have_qemu)
+            if by == "guest":
+                answer = request_update(str(vm.channel_path), addons[which], timeout=300)
+                if not answer.get("ok"):
+                    st.outcome, st.detail = "refused", f"host-install: {answer.get('error')}"
+                    return
+                r = answer.get("result") or {}
+            else:
+                r = install(vm, addons[which], launch=have_qemu).to_dict()
             launch = host.launch()
-            st.facts.update(fwid=r.fwid, in_force=r.in_force, launched=r.launched, accel=r.accel,
-                            boot_seconds=r.boot_seconds, measurement=launch.measurement.hex())
-            if r.in_force != digests[which]:
-                st.outcome, st.detail = "wrong firmware", f"in force {r.in_force}, wanted {digests[which]}"
+            st.facts.update(by=by, fwid=r.get("fwid"), in_force=r.get("in_force"), launched=r.get("launched"),
+                            accel=r.get("accel"), boot_seconds=r.get("boot_seconds"),
+                            measurement=launch.measurement.hex())
+            if r.get("in_force") != digests[which] or launch.firmware_digest != digests[which]:
+                st.outcome, st.detail = "wrong firmware", f"in force {r.get('in_force')}, wanted {digests[which]}"
                 return
-            booted = f"booted under QEMU ({r.accel}, {r.boot_seconds:.1f}s)" if r.launched else "not booted (no QEMU)"
+            booted = (f"booted under QEMU ({r.get('accel')}, {r.get('boot_seconds') or 0:.1f}s)"
+                      if r.get("launched") else "not booted (no QEMU)")
             st.outcome = "installed"
-            st.detail = (f"{r.fwid} in force, {booted}; simulated host measures MEASUREMENT "
+            st.detail = (f"{r.get('fwid')} in force, {booted}; simulated host measures MEASUREMENT "
                          f"{launch.measurement.hex()[:24]}…")
         return run
 
@@ -419,17 +453,17 @@ def _story(story: Story, url: str, vm: Any, host: Any, addons: dict[str, bytes],
         st.detail = f"commit {commit}: v2 allowed with svn 2, firmware.min_svn = 2; `firmgate policy check` passed"
         st.facts.update(commit=commit)
 
-    story.step("host-install the v1 add-on (VM relaunched on it)", "installed", do_install("v1"))
+    story.step("guest asks host-install for its v1 add-on", "installed", do_install("v1", by="guest"))
     story.step("guest attests via configfs-tsm and asks for its disk key", "released",
                do_attest("v1"))
-    story.step("host-install an unlisted firmware, attest again", "denied",
-               lambda st: (do_install("bad")(st), st.outcome == "installed" and do_attest("bad")(st)))
+    story.step("host swaps in an unlisted firmware; guest attests", "denied",
+               lambda st: (do_install("bad", by="host")(st), st.outcome == "installed" and do_attest("bad")(st)))
     story.step("replay the step-2 attestation (same and new session)", "denied", replay)
     story.step("owner commits v2 and min_svn 2 to the policy repo", "committed", owner_commits_v2)
-    story.step("host-install v2, attest", "released",
-               lambda st: (do_install("v2")(st), st.outcome == "installed" and do_attest("v2")(st)))
-    story.step("host-install v1 again, attest", "denied",
-               lambda st: (do_install("v1")(st), st.outcome == "installed" and do_attest("v1")(st)))
+    story.step("guest asks for v2, attests", "released",
+               lambda st: (do_install("v2", by="guest")(st), st.outcome == "installed" and do_attest("v2")(st)))
+    story.step("guest asks for v1 again (a downgrade), attests", "denied",
+               lambda st: (do_install("v1", by="guest")(st), st.outcome == "installed" and do_attest("v1")(st)))
 
 
 def _summary(story: Story, result: dict[str, Any]) -> None:

@@ -27,6 +27,7 @@ def _check_story(result: dict[str, Any]) -> None:
     m1 = steps[0]["facts"]["measurement"]
     assert steps[6]["facts"]["measurement"] == m1                 # v1 again: same bytes, same MEASUREMENT
     assert len({m1, steps[2]["facts"]["measurement"], steps[5]["facts"]["measurement"]}) == 3
+    assert [steps[i]["facts"]["by"] for i in (0, 2, 5, 6)] == ["guest", "host", "guest", "guest"]
     assert steps[1]["facts"]["token_status"] in ("affirming", "warning")
     assert steps[2]["facts"]["variant"] == "PolicyDeny"
     assert "matches no allowed firmware" in steps[2]["facts"]["reason"]
