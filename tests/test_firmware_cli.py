@@ -149,6 +149,8 @@ def test_measure_kernel_hashes(tmp_path, firmware_dir, capsys):
     (["--vcpu-type", "Pentium"], "--vcpu-type"),
     (["--vmm", "xen"], "--vmm"),
     (["--vcpus", "0"], "vcpus must be"),
+    (["--guest-features", "0x1-0x5"], "--guest-features: '0x1-0x5' is not a number"),
+    (["--vcpus", "8-1"], "--vcpus"),
     (["--vcpus", "1-4096", "--vcpu-type", ",".join(["EPYC-v4", "EPYC-Milan", "EPYC-Genoa", "EPYC-Rome"]),
       "--vmm", "qemu,ec2,gce", "--guest-features", "1,3,5,7,9"], "above the limit"),
 ])

@@ -54,12 +54,12 @@ def _is_pe(data: bytes) -> bool:
 
 
 # -- measure ------------------------------------------------------------------------
-def _int_list(text: str, what: str) -> list[int]:
+def _int_list(text: str, what: str, *, ranges: bool = True) -> list[int]:
     out: list[int] = []
     for part in text.split(","):
         part = part.strip()
         try:
-            if "-" in part[1:]:
+            if ranges and "-" in part[1:]:
                 lo, hi = (int(x, 0) for x in part.split("-", 1))
                 if hi < lo or hi - lo > MAX_SHAPES:
                     raise ValueError
@@ -67,7 +67,9 @@ def _int_list(text: str, what: str) -> list[int]:
             else:
                 out.append(int(part, 0))
         except ValueError as exc:
-            raise UsageError(f"{what}: {part!r} is not a number or range (e.g. 1,2,4 or 1-8)") from exc
+            example = "1,2,4 or 1-8" if ranges else "0x1,0x5"
+            raise UsageError(f"{what}: {part!r} is not a number{' or range' if ranges else ''} (e.g. {example})"
+                             ) from exc
     return list(dict.fromkeys(out))
 
 
@@ -111,7 +113,7 @@ def cmd_measure(args: argparse.Namespace) -> int:
     vcpus = _int_list(args.vcpus, "--vcpus")
     types = _str_list(args.vcpu_type, VCPU_TYPES, "--vcpu-type")
     vmms = _str_list(args.vmm, VMMS, "--vmm")
-    features = _int_list(args.guest_features, "--guest-features")
+    features = _int_list(args.guest_features, "--guest-features", ranges=False)  # bitmasks, not ranges
     if (args.initrd or args.append is not None) and not args.kernel:
         raise UsageError("--initrd and --append need --kernel")
     kh = KernelHashes.from_files(args.kernel, args.initrd, args.append) if args.kernel else None
