@@ -291,3 +291,10 @@ def test_section_with_ukify_one_byte_magic_is_refused():
     assert blob[:1] == b"\0"
     with pytest.raises(FirmwareError, match="magic is 0x[0-9a-f]{8}, expected 0xfeeddead"):
         parse_efifw(blob, 2)
+
+
+def test_data_after_the_last_section_is_allowed():
+    # sbsign appends the Authenticode certificate table after the sections; the add-on still reads.
+    addon = build_addon([("fw", b"firmware")])
+    signed_like = addon + b"\x30\x82" + bytes(1022)
+    assert read_addon(signed_like).select("fw").payload == b"firmware"
