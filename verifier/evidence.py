@@ -61,7 +61,10 @@ def evidence_from_json(obj: Any) -> Evidence:
     if not isinstance(obj, dict):
         raise EvidenceError("evidence JSON must be an object")
     if "primary_evidence" in obj:      # the KBS composite wrapper; the inner object is the evidence
-        return evidence_from_json(obj["primary_evidence"])
+        inner = obj["primary_evidence"]
+        if isinstance(inner, dict) and "primary_evidence" in inner:
+            raise EvidenceError("primary_evidence is nested in primary_evidence")
+        return evidence_from_json(inner)
     if "attestation_report" in obj:
         return _from_snp_evidence(obj)
     if "outblob" in obj:
