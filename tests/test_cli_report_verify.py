@@ -144,3 +144,12 @@ def test_report_show_bad_input(capsys: pytest.CaptureFixture[str], tmp_path: Pat
     bad.write_bytes(b"\x02" * 100)
     code, _, err = run(capsys, "report", "show", str(bad))
     assert code == 2 and "1184" in err
+
+
+def test_report_from_stdin(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+    import sys
+    data = (SNP_VECTORS / "veraison-tsm-genoa-v3" / "tsm-report.json").read_bytes()
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
+    code, out, _ = run(capsys, "verify", "-", "--offline")
+    assert code == 0 and out.startswith("OK: -")

@@ -165,3 +165,33 @@ def test_signature_area_flips_fail() -> None:
         b = bytearray(raw)
         b[off] ^= 0x01
         assert not verify_evidence(bytes(b), opts).accepted, hex(off)
+
+
+def test_intermediate_must_match_its_pin() -> None:
+    from dataclasses import replace
+
+    from verifier.trust import AMD_PINS, TrustStore
+    case = "virtee-milan-v2"
+    leaf = _certs(SNP_VECTORS / case / "vcek.der")
+    roots = SNP_VECTORS / "roots" / "milan"
+    # ARK and ASVK but no ASK: a VCEK needs the ASK.
+    with pytest.raises(ChainError, match="ASK"):
+        verify_to_report(_raw(case), VerifyOptions(certs=leaf + _certs(roots / "ark.pem", roots / "asvk.pem")))
+    # The real ASK, but a store whose ASK pin differs: refused even though the ARK matches.
+    pins = dict(AMD_PINS)
+    pins[Product.MILAN] = replace(pins[Product.MILAN], ask="00" * 32)
+    with pytest.raises(ChainError, match="pins"):
+        verify_to_report(_raw(case), VerifyOptions(certs=leaf + _roots(Product.MILAN), trust_store=TrustStore(pins=pins)))
+    # And an ARK pin that differs.
+    pins[Product.MILAN] = replace(AMD_PINS[Product.MILAN], ark="11" * 32)
+    with pytest.raises(ChainError, match="pins"):
+        verify_to_report(_raw(case), VerifyOptions(certs=leaf + _roots(Product.MILAN), trust_store=TrustStore(pins=pins)))
+
+
+def test_pins_match_the_shared_roots() -> None:
+    from verifier.trust import AMD_PINS, der_sha256
+    for product, pins in AMD_PINS.items():
+        d = SNP_VECTORS / "roots" / product.value.lower()
+        for role in ("ark", "ask", "asvk"):
+            (cert,) = _certs(d / f"{role}.pem")
+            assert der_sha256(cert) == getattr(pins, role), (product, role)
