@@ -115,3 +115,13 @@ def test_duplicate_extension_is_bad_input_not_a_crash() -> None:
     raw_cert = _x509.load_der_x509_certificate(data)    # loaded elsewhere, unchecked
     with pytest.raises(CertificateFormatError):
         _parse(raw_cert)
+
+
+@pytest.mark.parametrize("data,match", [
+    (b"-----BEGIN A-----\n" * 20000, "no CERTIFICATE block"),                 # was quadratic in a regex
+    (b"-----BEGIN CERTIFICATE-----\n" * 18000, "without its END"),
+    (b"-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n" * 20, "does not parse"),
+])
+def test_hostile_pem_is_refused(data: bytes, match: str) -> None:
+    with pytest.raises(CertificateFormatError, match=match):
+        load_certificates(data)

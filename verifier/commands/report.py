@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import itertools
 import os
 import sys
 from pathlib import Path
@@ -81,8 +82,8 @@ def _load_evidence(path: str) -> Evidence:
 def _cert_files(path: str) -> list[Path]:
     p = Path(path)
     if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in (".pem", ".der", ".crt", ".cer",
-                                                                                        ".crl"))
+        wanted = (f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in (".pem", ".der", ".crt", ".cer", ".crl"))
+        files = sorted(itertools.islice(wanted, MAX_CERT_FILES + 1))
         if len(files) > MAX_CERT_FILES:
             raise UsageError(f"--certs {path}: more than {MAX_CERT_FILES} certificate files")
         return files
