@@ -125,3 +125,28 @@ def test_duplicate_extension_is_bad_input_not_a_crash() -> None:
 def test_hostile_pem_is_refused(data: bytes, match: str) -> None:
     with pytest.raises(CertificateFormatError, match=match):
         load_certificates(data)
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_VCEK = (SNP_VECTORS / "vcek-variants" / "turin-vcek.der").read_bytes() if SNP_VECTORS.is_dir() else b"0"
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(edits=st.lists(st.tuples(st.integers(0, len(_VCEK) - 1), st.integers(0, 255)), min_size=1, max_size=4))
+def test_mutated_vcek_parses_or_is_refused(edits: list[tuple[int, int]]) -> None:
+    data = bytearray(_VCEK)
+    for pos, value in edits:
+        data[pos] = value
+    try:
+        certs = load_certificates(bytes(data))
+    except CertificateFormatError:
+        return
+    for c in certs:
+        try:
+            info = parse_leaf(c)
+        except CertificateFormatError:
+            continue
+        info.tcb()
+        assert info.kind in ("VCEK", "VLEK")
