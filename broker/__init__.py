@@ -21,6 +21,9 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.config.from_mapping(from_env())
     if test_config is not None:
         app.config.from_mapping(test_config)
+    # No 308 redirects (HTML bodies) for "//" or a missing trailing slash: such paths are 404s.
+    app.url_map.merge_slashes = False
+    app.url_map.strict_slashes = False
     app.json.sort_keys = False  # type: ignore[attr-defined]  # keep JWE/JWKS member order as built
 
     from . import admin, errors, kbs, metrics, ops, state

@@ -337,8 +337,10 @@ def resource(repo: str, rtype: str, tag: str) -> Response:
     # Audit rows of a tenant-less denial go to the operator only: no tenant learns of other tenants' probes.
     audit_tenant = tenant if policy_id is not None else None
     if not decision.allowed:
-        raise _deny(orm, decision.variant, decision.reason, event="deny", tenant=audit_tenant,
+        err = _deny(orm, decision.variant, decision.reason, event="deny", tenant=audit_tenant,
                     session_id=row.id, resource=path, verdict=verdict, measurement=row.measurement)
+        err.detail = decision.public
+        raise err
     value = vault.get_secret(orm, st.box, tenant, vault.ResourcePath(repo, rtype, tag))
     if value is None:
         # Trustee answers a missing resource with 401 PluginInternalError; the guest was allowed it.

@@ -3,8 +3,11 @@
 The broker hands in the tenant's appraisal Verdict of the session's evidence
 (computed with the tenant's CURRENT policy, so a policy change that revokes a
 firmware takes effect at the next request) and the policy's answer for this
-resource path. Every denial carries a reason the guest may see: its own failed
-checks, never anything about other tenants or whether the resource exists.
+resource path. A denial carries `reason` (for the audit log) and `detail` (for
+the requester). Today the requester sees the failed checks in full, as the issue
+asks ("refused with its reason in the response"): they describe the requester's
+own evidence against the policy of the repository it asked for. `detail` exists
+so that can be narrowed to check names without touching callers.
 """
 from __future__ import annotations
 
@@ -16,8 +19,13 @@ from verifier.verdict import Verdict
 @dataclass(frozen=True)
 class ReleaseDecision:
     allowed: bool
-    reason: str
+    reason: str                  # for the audit log
     variant: str = "PolicyDeny"  # KBS error variant when denied
+    detail: str = ""             # for the requester; "" = same as reason
+
+    @property
+    def public(self) -> str:
+        return self.detail or self.reason
 
 
 def summarize_failures(verdict: Verdict, limit: int = 8) -> str:

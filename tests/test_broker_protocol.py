@@ -245,7 +245,8 @@ def test_firmware_not_allowed_refused(broker: Any) -> None:
     payload = json.loads(base64.urlsafe_b64decode(g.token.split(".")[1] + "=="))
     assert payload["submods"]["cpu0"]["ear.status"] == "contraindicated"
     r = g.resource("acme/key/disk")
-    assert_kbs_error(r, 401, "PolicyDeny", "matches no allowed firmware")
+    assert_kbs_error(r, 401, "PolicyDeny", "firmware.measurement: MEASUREMENT")
+    assert "matches no allowed firmware" in r.body["detail"]
     rec = [x for x in audit_of(srv, ctx["tokens"]["acme"]) if x["event"] in ("deny", "attest")]
     assert any(x["event"] == "deny" and "matches no allowed firmware" in x["reason"] for x in rec)
     assert any(x["event"] == "attest" and x["outcome"] == "denied" for x in rec)
@@ -316,6 +317,7 @@ def test_errors_are_json(broker: Any) -> None:
     u = srv.url
     assert_kbs_error(http("GET", u + "/kbs/v0/resource/a/b"), 404, "InvalidRequestPath", "")
     assert_kbs_error(http("GET", u + "/kbs/v0/resource/a/b/c/d"), 404, "InvalidRequestPath", "")
+    assert_kbs_error(http("GET", u + "/kbs/v0/resource/a//b/c"), 404, "InvalidRequestPath", "")  # no 308 HTML
     assert_kbs_error(http("GET", u + "/kbs/v0/resource/..%2F/b/c"), 404, "InvalidRequestPath", "")
     assert_kbs_error(http("GET", u + "/kbs/v0/auth"), 404, "InvalidRequestPath", "")
     assert_kbs_error(http("POST", u + "/kbs/v0/auth", raw=b"{not json"), 401, "SerdeError", "")

@@ -186,6 +186,9 @@ def test_release_decide() -> None:
     for kw, why in cases:
         d = release.decide(**kw)
         assert not d.allowed and why in d.reason, (kw, d)
+    d = release.decide(verdict=_verdict(False), path_allowed=None, tenant_has_policy=True)
+    assert d.public == d.reason == ("policy rejected the evidence: firmware.measurement: "
+                                    "MEASUREMENT matches no allowed firmware")
 
 
 # -- JSON bounds ----------------------------------------------------------------------------------
