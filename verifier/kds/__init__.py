@@ -80,7 +80,7 @@ def _int_ext(cert: x509.Certificate, oid: x509.ObjectIdentifier, name: str, *, r
     except ValueError as exc:
         raise CertificateFormatError(f"{name} extension is not a DER INTEGER") from exc
     if not 0 <= value <= 0xFF:
-        raise CertificateFormatError(f"{name} is {value}; an SPL is one byte")
+        raise CertificateFormatError(f"{name} is {value}; expected 0..255")
     return value
 
 
