@@ -171,3 +171,17 @@ def test_shape_parse_raises_only_usage_error(text):
         assert exc.exit_code == 2 and exc.diagnostics()
         return
     assert Shape.parse(shape.key()) == shape
+
+
+def test_shape_hash_survives_pickle_across_processes():
+    import pickle
+    import subprocess
+    import sys
+    s = Shape(4, "EPYC-Milan", "ec2", 0x5, KernelHashes.from_bytes(b"k"))
+    assert pickle.loads(pickle.dumps(s)) == s and hash(pickle.loads(pickle.dumps(s))) == hash(s)
+    # Another interpreter has another str-hash seed: the unpickled shape must still be a working dict key.
+    code = ("import pickle,sys; s=pickle.loads(sys.stdin.buffer.read()); "
+            "from verifier.measure.launch import Shape; t=Shape.parse(s.key()); print({t: 1}.get(s))")
+    out = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(s), capture_output=True, check=True,
+                         env={**__import__("os").environ, "PYTHONHASHSEED": "12345"})
+    assert out.stdout.strip() == b"1"

@@ -105,6 +105,18 @@ class Shape:
             raise UsageError(f"unknown vmm {self.vmm!r}; expected one of {', '.join(VMMS)}")
         if not isinstance(self.guest_features, int) or not 0 <= self.guest_features < 1 << 64:
             raise UsageError(f"guest_features must be a 64-bit value, got {self.guest_features!r}")
+        # Shapes are dict keys several times per table entry; the generated
+        # dataclass __hash__ rebuilds a tuple each call (half the per-shape cost).
+        object.__setattr__(self, "_hash", hash((self.vcpus, self.vcpu_type, self.vmm, self.guest_features,
+                                                self.kernel_hashes)))
+
+    def __hash__(self) -> int:
+        return self._hash  # type: ignore[attr-defined, no-any-return]
+
+    def __reduce__(self) -> tuple[type[Shape], tuple[object, ...]]:
+        # Rebuild through the constructor: a pickled _hash would be stale in a
+        # process with another string-hash seed.
+        return (Shape, (self.vcpus, self.vcpu_type, self.vmm, self.guest_features, self.kernel_hashes))
 
     @property
     def vcpu_sig(self) -> int:
