@@ -184,7 +184,7 @@ bytes = "firmware/v1.efi"          # the add-on the owner committed beside this 
 id = "{v2[0]}"
 sha384 = "{v2[1]}"
 svn = 2
-bytes = "firmware/v2.efi"
+bytes = "uploaded"                 # the owner lists the digest; the guest brings the bytes in its add-on
 ''')
     return f'''# Tenant "{TENANT}" for `firmgate demo`. It trusts a SIMULATED SEV-SNP platform
 # (--trust-root, not AMD): the flow is real, the hardware is not.
@@ -412,8 +412,10 @@ def _story(story: Story, url: str, vm: Any, host: Any, addons: dict[str, bytes],
                 st.outcome, st.detail = "wrong secret", f"{len(secret)} bytes that are not the stored value"
                 return
             st.outcome = "released"
+            st.facts.update(sent_addon=send_addon)
             st.detail = (f"token {st.facts['token_status']}; {RESOURCE} decrypted with this run's P-256 key "
-                         f"({len(secret)} bytes)")
+                         f"({len(secret)} bytes)" + ("; the add-on rode in additional_evidence, bound by "
+                                                     "REPORT_DATA" if send_addon else ""))
         return run
 
     def replay(st: Step) -> None:
@@ -439,18 +441,17 @@ def _story(story: Story, url: str, vm: Any, host: Any, addons: dict[str, bytes],
         st.facts.update(reasons=denials)
 
     def owner_commits_v2(st: Step) -> None:
-        (repo / "firmware" / "v2.efi").write_bytes(addons["v2"])
         pol.write_text(policy_text((fwids["v1"], digests["v1"]), (fwids["v2"], digests["v2"]), vcpus, vcpu_type))
         code, out = _cli(["policy", "check", str(pol)])
         if code != 0:
             st.outcome, st.detail = "policy check failed", out
             return
-        _git(repo, "add", "-A")
-        _git(repo, "commit", "-q", "-m", "demo: allow v2 (svn 2), min_svn 2")
+        _git(repo, "commit", "-q", "-am", "demo: allow v2 (svn 2), min_svn 2")
         commit = _git(repo, "rev-parse", "--short", "HEAD")
         time.sleep(1.1)  # the broker's policy store re-reads changed files at most once a second
         st.outcome = "committed"
-        st.detail = f"commit {commit}: v2 allowed with svn 2, firmware.min_svn = 2; `firmgate policy check` passed"
+        st.detail = (f"commit {commit}: v2 listed by digest (svn 2, bytes to come from the guest), "
+                     "firmware.min_svn = 2; `firmgate policy check` passed")
         st.facts.update(commit=commit)
 
     story.step("guest asks host-install for its v1 add-on", "installed", do_install("v1", by="guest"))
@@ -460,8 +461,9 @@ def _story(story: Story, url: str, vm: Any, host: Any, addons: dict[str, bytes],
                lambda st: (do_install("bad", by="host")(st), st.outcome == "installed" and do_attest("bad")(st)))
     story.step("replay the step-2 attestation (same and new session)", "denied", replay)
     story.step("owner commits v2 and min_svn 2 to the policy repo", "committed", owner_commits_v2)
-    story.step("guest asks for v2, attests", "released",
-               lambda st: (do_install("v2", by="guest")(st), st.outcome == "installed" and do_attest("v2")(st)))
+    story.step("guest asks for v2, attests sending the v2 add-on", "released",
+               lambda st: (do_install("v2", by="guest")(st),
+                           st.outcome == "installed" and do_attest("v2", send_addon=True)(st)))
     story.step("guest asks for v1 again (a downgrade), attests", "denied",
                lambda st: (do_install("v1", by="guest")(st), st.outcome == "installed" and do_attest("v1")(st)))
 

@@ -30,12 +30,13 @@ def _check_story(result: dict[str, Any]) -> None:
     assert [steps[i]["facts"]["by"] for i in (0, 2, 5, 6)] == ["guest", "host", "guest", "guest"]
     assert steps[1]["facts"]["token_status"] in ("affirming", "warning")
     assert steps[2]["facts"]["variant"] == "PolicyDeny"
-    assert "matches no allowed firmware" in steps[2]["facts"]["reason"]
+    assert "firmware.measurement" in steps[2]["facts"]["reason"]     # the failed check, by name
     same, new = steps[3]["facts"]["reasons"]
     assert "already used" in same and "nonce" in new
     assert steps[3]["facts"]["old_nonce"] != steps[3]["facts"]["new_nonce"]
     assert steps[4]["facts"]["commit"]
-    assert steps[6]["facts"]["variant"] == "PolicyDeny" and "below minimum 2" in steps[6]["facts"]["reason"]
+    assert steps[5]["facts"]["sent_addon"] is True and steps[1]["facts"]["sent_addon"] is False
+    assert steps[6]["facts"]["variant"] == "PolicyDeny" and "firmware.min_svn" in steps[6]["facts"]["reason"]
 
 
 def test_demo_without_qemu(firmware_dir: Path, tmp_path: Path) -> None:
