@@ -263,7 +263,8 @@ def measure_prepared(fw: PreparedFirmware, shapes: Iterable[Shape], *, cache: Me
     total = len(wanted)
     if any(s.kernel_hashes is not None for s in wanted):
         _check_kernel_hashes(fw)
-    fw_digest = fw.image.sha384
+    # The firmware digest only keys the cache: hashing 4 MiB again is not free.
+    fw_digest = fw.image.sha384 if cache is not None else ""
     out: dict[Shape, bytes] = {}
     if cache is not None:
         for s in wanted:
