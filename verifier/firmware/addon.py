@@ -355,6 +355,8 @@ def build_addon(entries: Sequence[tuple[str, bytes]], *,
         sections.append((raw_name, bytes(content), _SCN_DATA))
     if len(sections) > MAX_SECTIONS:
         raise FirmwareError(f"too many firmware images ({len(entries)})")
+    if sum(len(c) for _, c, _ in sections) > MAX_ADDON_SIZE:
+        raise FirmwareError(f"the firmware images add up to more than the {MAX_ADDON_SIZE}-byte add-on limit")
 
     # Headers: DOS stub header (64 bytes, e_lfanew = 0x40), "PE\0\0", COFF header
     # (20), optional header PE32+ (112 + 16 data directories * 8 = 240), section table.
@@ -364,14 +366,14 @@ def build_addon(entries: Sequence[tuple[str, bytes]], *,
     size_of_headers = _align(headers_len, FILE_ALIGNMENT)
 
     table = b""
-    body = b""
+    body: list[bytes] = []
     file_off = size_of_headers
     rva = _align(size_of_headers, SECTION_ALIGNMENT)
     size_code = size_init_data = 0
     for name, content, flags in sections:
         raw_size = _align(len(content), FILE_ALIGNMENT)
         table += struct.pack("<8sIIIIIIHHI", name, len(content), rva, raw_size, file_off, 0, 0, 0, 0, flags)
-        body += content + bytes(raw_size - len(content))
+        body += [content, bytes(raw_size - len(content))]
         if flags & 0x20:
             size_code += raw_size
         else:
@@ -404,7 +406,7 @@ def build_addon(entries: Sequence[tuple[str, bytes]], *,
     ) + bytes(16 * 8)
     assert len(opt) == opt_size  # layout invariant of this builder, not an input check
     image = bytes(dos) + b"PE\0\0" + coff + opt + table
-    image += bytes(size_of_headers - len(image)) + body
+    image += bytes(size_of_headers - len(image)) + b"".join(body)
 
     # PE/COFF "CheckSum": 16-bit ones'-complement sum of the file (CheckSum field
     # counted as zero, which it is here) plus the file length. Summing first and
