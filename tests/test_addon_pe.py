@@ -298,3 +298,8 @@ def test_data_after_the_last_section_is_allowed():
     addon = build_addon([("fw", b"firmware")])
     signed_like = addon + b"\x30\x82" + bytes(1022)
     assert read_addon(signed_like).select("fw").payload == b"firmware"
+
+
+def test_build_refuses_more_than_the_addon_limit():
+    with pytest.raises(FirmwareError, match="add-on limit"):
+        build_addon([("a", bytes(MAX_ADDON_SIZE // 2)), ("b", bytes(MAX_ADDON_SIZE // 2 + 1))])
