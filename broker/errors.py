@@ -67,11 +67,16 @@ def register_error_handlers(app: Flask) -> None:
         if _is_kbs():
             # The guest only handles 200/401 on /auth and /attest and 401/404 on /resource.
             variant = _HTTP_VARIANTS.get(code, "HTTPFailed")
-            status = 404 if variant == "InvalidRequestPath" else 401
-            if code == 413:
-                status = 413  # too large is not something re-attesting fixes
-            return _problem(ApiError(variant, err.description or err.name, status))
-        return _problem(ApiError(err.name.replace(" ", ""), err.description or err.name, code))
+            # 404/405/413 keep their status (re-attesting fixes none of them); the rest are 401.
+            status = code if code in (404, 405, 413) else 401
+            resp = _problem(ApiError(variant, err.description or err.name, status))
+            if code == 405 and getattr(err, "valid_methods", None):
+                resp.headers["Allow"] = ", ".join(err.valid_methods)  # type: ignore[attr-defined]
+            return resp
+        resp = _problem(ApiError(err.name.replace(" ", ""), err.description or err.name, code))
+        if code == 405 and getattr(err, "valid_methods", None):
+            resp.headers["Allow"] = ", ".join(err.valid_methods)  # type: ignore[attr-defined]
+        return resp
 
     @app.errorhandler(FirmgateError)
     def _firmgate_error(err: FirmgateError) -> Response:

@@ -7,6 +7,12 @@ _ERR = {"$ref": "#/components/schemas/Error"}
 
 
 def _err(desc: str) -> dict[str, Any]:
+    """An RFC 9457 problem (admin and ops routes)."""
+    return {"description": desc, "content": {"application/problem+json": {"schema": _ERR}}}
+
+
+def _kerr(desc: str) -> dict[str, Any]:
+    """Trustee's ErrorInformation (KBS routes: the guest expects application/json)."""
     return {"description": desc, "content": {"application/json": {"schema": _ERR}}}
 
 
@@ -32,7 +38,7 @@ def openapi_document() -> dict[str, Any]:
                 "requestBody": {"required": True, "content": {"application/json": {"schema": {
                     "$ref": "#/components/schemas/Request"}}}},
                 "responses": {"200": _json({"$ref": "#/components/schemas/Challenge"}),
-                              "401": _err("protocol version or tee not supported")}}},
+                              "401": _kerr("protocol version or tee not supported")}}},
             "/kbs/v0/attest": {"post": {
                 "summary": "Send evidence bound to the nonce; returns the EAR token",
                 "security": [{"sessionCookie": []}],
@@ -40,15 +46,15 @@ def openapi_document() -> dict[str, Any]:
                     "$ref": "#/components/schemas/Attestation"}}}},
                 "responses": {"200": _json({"type": "object", "required": ["token"],
                                             "properties": {"token": {"type": "string"}}}),
-                              "401": _err("evidence rejected, nonce replayed or session expired"),
-                              "413": _err("request too large")}}},
+                              "401": _kerr("evidence rejected, nonce replayed or session expired"),
+                              "413": _kerr("request too large")}}},
             "/kbs/v0/resource/{repository}/{type}/{tag}": {"get": {
                 "summary": "A secret as a flattened JWE to the attested tee-pubkey",
                 "parameters": _RES_PARAMS,
                 "security": [{"sessionCookie": []}, {"earToken": []}],
                 "responses": {"200": _json({"$ref": "#/components/schemas/Jwe"}),
-                              "401": _err("not attested, or the tenant's policy denies it"),
-                              "404": _err("invalid resource path")}}},
+                              "401": _kerr("not attested, or the tenant's policy denies it"),
+                              "404": _kerr("invalid resource path")}}},
             "/kbs/v0/jwks": {"get": {"summary": "Public key of the EAR token signer",
                                      "responses": {"200": _json({"$ref": "#/components/schemas/Jwks"})}}},
             "/.well-known/jwks.json": {"get": {"summary": "Same as /kbs/v0/jwks",

@@ -319,7 +319,7 @@ def test_errors_are_json(broker: Any) -> None:
     assert_kbs_error(http("GET", u + "/kbs/v0/resource/a/b/c/d"), 404, "InvalidRequestPath", "")
     assert_kbs_error(http("GET", u + "/kbs/v0/resource/a//b/c"), 404, "InvalidRequestPath", "")  # no 308 HTML
     assert_kbs_error(http("GET", u + "/kbs/v0/resource/..%2F/b/c"), 404, "InvalidRequestPath", "")
-    assert_kbs_error(http("GET", u + "/kbs/v0/auth"), 404, "InvalidRequestPath", "")
+    assert_kbs_error(http("GET", u + "/kbs/v0/auth"), 405, "InvalidRequestPath", "")
     assert_kbs_error(http("POST", u + "/kbs/v0/auth", raw=b"{not json"), 401, "SerdeError", "")
     assert_kbs_error(http("POST", u + "/kbs/v0/auth", raw=b"[" * 50000), 401, "SerdeError", "")
     assert_kbs_error(http("POST", u + "/kbs/v0/auth", raw=b"x" * (200 * 1024)), 413, "SerdeError", "")
