@@ -40,12 +40,13 @@ def new_session(orm: OrmSession, tee: str, ttl_s: int, tenant_hint: str | None, 
 def consume(orm: OrmSession, session_id: str) -> Consumed:
     """Atomically move a live, unused session to `attesting`; say why not otherwise."""
     t = now_ms()
-    res = orm.execute(update(Session)
+    won = orm.execute(update(Session)
                       .where(Session.id == session_id, Session.state == "new", Session.expires_at > t)
-                      .values(state="attesting"))
+                      .values(state="attesting")
+                      .returning(Session.id)).first()
     orm.commit()
     row = orm.get(Session, session_id, populate_existing=True)
-    if res.rowcount == 1 and row is not None:
+    if won is not None and row is not None:
         return Consumed(True, "", row)
     if row is None:
         return Consumed(False, "unknown session (no /auth, or it was purged)", None)

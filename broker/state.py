@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,7 @@ class BrokerState:
     appraiser: Appraiser | None
     appraiser_error: str | None
     firmware_seen: set[str]
+    firmware_checked_at: float = 0.0
 
 
 def _master_key(app: Flask) -> bytes:
@@ -105,10 +107,15 @@ def _close_orm(_exc: BaseException | None) -> None:
         orm.close()
 
 
-def sync_firmware(st: BrokerState, orm: OrmSession) -> None:
-    """Give the appraiser firmware bytes uploaded through any replica since we last looked."""
+def sync_firmware(st: BrokerState, orm: OrmSession, min_interval: float = 1.0) -> None:
+    """Give the appraiser firmware bytes uploaded through any replica since we last looked
+    (at most once a second: uploads through this replica are added at once anyway)."""
     if st.appraiser is None:
         return
+    now = time.monotonic()
+    if now - st.firmware_checked_at < min_interval:
+        return
+    st.firmware_checked_at = now
     digests = set(orm.execute(select(FirmwareBlob.sha384)).scalars())
     for digest in digests - st.firmware_seen:
         blob = orm.get(FirmwareBlob, digest)
