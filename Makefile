@@ -14,6 +14,11 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2
 
+# Longer fuzzing than `make test` does (FUZZ_SECONDS per target, default 120): atheris, every target.
+fuzz: $(STAMP)
+	$(BIN)/pip install -q -e '.[fuzz]'
+	PYTHONPATH=. $(BIN)/python -m fuzz.all --seconds $${FUZZ_SECONDS:-120}
+
 demo: $(STAMP)
 	$(BIN)/firmgate demo
 
