@@ -30,6 +30,9 @@ class _Kds(BaseHTTPRequestHandler):
         elif self.path.startswith("/vcek/v1/Milan/"):
             body = (SNP_VECTORS / "virtee-milan-v2" / "vcek.der").read_bytes()
             self.send_response(200)
+        elif self.path.startswith("/vcek/v1/Turin/"):
+            body = b"<html>captive portal</html>"
+            self.send_response(200)
         elif self.path.startswith("/vcek/v1/Genoa/"):
             body = b"slow down"
             self.send_response(429)
@@ -102,3 +105,12 @@ def test_cached_crl_is_read_offline(tmp_path: Path) -> None:
             ).write_bytes(b"crl-bytes")
     assert f.local_crl(Product.MILAN, "VCEK") == b"crl-bytes"
     assert FirstOf(DirFetcher(tmp_path / "none"), f).local_crl(Product.MILAN, "VCEK") == b"crl-bytes"
+
+
+def test_garbage_is_not_cached(kds: str, tmp_path: Path) -> None:
+    from verifier.abi.fields import TcbVersion
+    f = HttpFetcher(tmp_path, base_url=kds)
+    tcb = TcbVersion(bootloader=1, tee=0, snp=1, microcode=1, fmc=1)
+    with pytest.raises(FetchError, match="not a certificate"):
+        f.vcek(Product.TURIN, bytes(64), tcb)
+    assert list(tmp_path.iterdir()) == []

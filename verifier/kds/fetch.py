@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Protocol
 
 from ..abi.fields import Product, TcbVersion
-from ..errors import FetchError
+from ..certs import load_certificates, load_crl
+from ..errors import CertificateFormatError, FetchError
 from . import KDS_BASE, chain_url, crl_url, vcek_url
 
 MAX_RESPONSE = 64 * 1024
@@ -50,7 +51,7 @@ class HttpFetcher:
     def _path(self, url: str) -> Path:
         return self.cache_dir / (hashlib.sha256(url.encode()).hexdigest()[:40] + ".bin")
 
-    def _get(self, url: str, max_age: float | None = None) -> bytes:
+    def _get(self, url: str, max_age: float | None = None, *, crl: bool = False) -> bytes:
         url = self.base_url + url.removeprefix(KDS_BASE)
         path = self._path(url)
         if path.is_file() and (max_age is None or self.offline or time.time() - path.stat().st_mtime < max_age):
@@ -70,6 +71,12 @@ class HttpFetcher:
             raise FetchError(f"AMD KDS unreachable for {url}: {exc}") from exc
         if len(body) > MAX_RESPONSE:
             raise FetchError(f"AMD KDS response for {url} is larger than {MAX_RESPONSE} bytes")
+        # Only what parses goes into the cache (a proxy's HTML page must not poison it).
+        try:
+            load_crl(body, url) if crl else load_certificates(body, url)
+        except CertificateFormatError as exc:
+            raise FetchError(f"AMD KDS answered {url} with something that is not a "
+                             f"{'CRL' if crl else 'certificate'}: {exc.diagnostics()}") from exc
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.cache_dir)
         with os.fdopen(fd, "wb") as f:
@@ -84,7 +91,7 @@ class HttpFetcher:
         return self._get(chain_url(product, signer))
 
     def crl(self, product: Product, signer: str) -> bytes | None:
-        return self._get(crl_url(product, signer), max_age=CRL_MAX_AGE)
+        return self._get(crl_url(product, signer), max_age=CRL_MAX_AGE, crl=True)
 
     def local_crl(self, product: Product, signer: str) -> bytes | None:
         """The cached CRL, whatever its age, without any network access (None if never fetched)."""
