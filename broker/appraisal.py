@@ -7,12 +7,15 @@ inside verifier types beyond what this module extracts into `Attested`.
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from verifier.errors import EvidenceError, FirmgateError
 from verifier.verdict import Verdict
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -113,14 +116,21 @@ class VerifierAppraiser:
             evidence = evidence_from_json(primary_evidence)
         except FirmgateError:
             raise
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:  # a parser gap must not become a 500
-            raise EvidenceError(f"evidence does not parse: {type(exc).__name__}") from exc
+        except Exception as exc:  # a parser gap must not become a 500: fail closed with a 401
+            log.warning("evidence parser raised %s", type(exc).__name__, exc_info=True)
+            raise EvidenceError(f"evidence does not parse ({type(exc).__name__})") from exc
         r = evidence.report
         return Parsed(bytes(r.report_data), bytes(r.host_data), bytes(r.measurement), evidence)
 
     def verify(self, parsed: Parsed) -> Attested:
         from verifier.verify import verify_report
-        verified = verify_report(parsed.handle, self._options)
+        try:
+            verified = verify_report(parsed.handle, self._options)
+        except FirmgateError:
+            raise
+        except Exception as exc:  # hostile certificates can make a library raise anything: fail closed, 401
+            log.warning("verifier raised %s on guest evidence", type(exc).__name__, exc_info=True)
+            raise EvidenceError(f"evidence could not be verified ({type(exc).__name__})") from exc
         report = verified.report
         return Attested(report_data=bytes(report.report_data), host_data=bytes(report.host_data),
                         measurement=bytes(report.measurement), snp_claims=snp_claims(report), handle=verified)

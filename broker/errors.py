@@ -12,6 +12,8 @@ import logging
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
+from sqlalchemy.exc import DBAPIError, DisconnectionError
+from sqlalchemy.exc import TimeoutError as SaTimeoutError
 from werkzeug.exceptions import HTTPException
 
 from verifier.errors import FirmgateError
@@ -83,6 +85,17 @@ def register_error_handlers(app: Flask) -> None:
         # Errors from the verifier that escaped a handler: the evidence or input was bad.
         return _problem(ApiError("AttestationError" if _is_kbs() else "BadInput", err.diagnostics(),
                                  401 if _is_kbs() else 400))
+
+    @app.errorhandler(DBAPIError)
+    @app.errorhandler(DisconnectionError)
+    @app.errorhandler(SaTimeoutError)
+    def _database_down(err: Exception) -> Response:
+        # The database is unreachable or failed: not the client's fault, and worth retrying.
+        log.warning("database error on %s %s: %s", request.method, request.path, type(err).__name__)
+        resp = _problem(ApiError("StorageUnavailable" if not _is_kbs() else "HTTPFailed",
+                                 "the broker's database is unavailable; retry later", 503))
+        resp.headers["Retry-After"] = "2"
+        return resp
 
     @app.errorhandler(Exception)
     def _unexpected(err: Exception) -> Response:

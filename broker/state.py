@@ -104,7 +104,10 @@ def get_orm() -> OrmSession:
 def _close_orm(_exc: BaseException | None) -> None:
     orm = g.pop("fg_orm", None)
     if orm is not None:
-        orm.close()
+        try:
+            orm.close()
+        except Exception as exc:  # noqa: BLE001 - a dead connection at teardown must not become an HTML 500
+            log.warning("closing the database session failed: %s", type(exc).__name__)
 
 
 def sync_firmware(st: BrokerState, orm: OrmSession, min_interval: float = 1.0) -> None:

@@ -311,3 +311,28 @@ def test_cli_serve_bad_arguments(tmp_path: Path) -> None:
 
 def test_firmgate_error_tree_used() -> None:
     assert issubclass(SchemaError, FirmgateError) and issubclass(jwe.TeeKeyError, FirmgateError)
+
+
+def test_database_outage_is_a_503_json(tmp_path: Path) -> None:
+    """Every route answers 503 problem JSON (KBS shape on /kbs) while the database is unreachable."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import sessionmaker
+
+    from broker import create_app
+    app = create_app({"DATABASE_URL": f"sqlite:///{tmp_path}/o.db", "MASTER_KEY": b"o" * 32,
+                      "OPERATOR_TOKEN": "op", "APPRAISER": object()})
+    st = app.extensions["firmgate"]
+    dead = create_engine("postgresql+psycopg://nobody@127.0.0.1:1/none?connect_timeout=2")
+    st.sessions = sessionmaker(dead)
+    c = app.test_client()
+    for method, url, kw in (("POST", "/kbs/v0/auth", {"json": {"version": "0.4.0", "tee": "snp"}}),
+                            ("GET", "/kbs/v0/resource/a/b/c", {}),
+                            ("GET", "/admin/v0/secrets", {"headers": {"Authorization": "Bearer fgt_x"}}),
+                            ("GET", "/healthz", {})):
+        r = c.open(url, method=method, **kw)
+        assert r.status_code == 503, (url, r.status_code, r.data[:200])
+        body = r.get_json()
+        assert isinstance(body["detail"], str) and body["detail"]
+        if url.startswith("/kbs/"):
+            assert body["type"].startswith("https://github.com/confidential-containers/kbs/errors/")
+    dead.dispose()
