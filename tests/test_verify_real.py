@@ -195,3 +195,23 @@ def test_pins_match_the_shared_roots() -> None:
         for role in ("ark", "ask", "asvk"):
             (cert,) = _certs(d / f"{role}.pem")
             assert der_sha256(cert) == getattr(pins, role), (product, role)
+
+
+def test_the_vcek_for_this_chip_is_chosen_among_several() -> None:
+    # A trust directory may hold many VCEKs: the one whose hwID is CHIP_ID signs.
+    many = (_certs(SNP_VECTORS / "virtee-milan-v2" / "vcek.der") + _certs(SNP_VECTORS / "gosevguest-milan-v2-debug" / "vcek.der")
+            + _certs(SNP_VECTORS / "trustee-milan-v2" / "vcek.der") + _roots(Product.MILAN))
+    for case in ("trustee-milan-v2", "virtee-milan-v2", "gosevguest-milan-v2-debug"):
+        v = verify_to_report(_raw(case), VerifyOptions(certs=many))
+        assert v.accepted and v.leaf_info.hwid == v.report.chip_id
+
+
+def test_an_unpinned_ark_in_the_evidence_does_not_matter() -> None:
+    # A rogue self-signed "ARK" next to the real chain changes nothing; alone it is refused.
+    from sim.platform import SimPlatform
+    rogue = SimPlatform("Genoa", key_label="rogue-ark").ark
+    case = "tav-genoa-v3"
+    leaf = _certs(SNP_VECTORS / case / "vcek.pem")
+    assert verify_to_report(_raw(case), VerifyOptions(certs=(rogue,) + leaf + _roots(Product.GENOA))).accepted
+    with pytest.raises(ChainError):
+        verify_to_report(_raw(case), VerifyOptions(certs=(rogue,) + leaf))
