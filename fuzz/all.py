@@ -33,7 +33,7 @@ def main() -> int:
         before = set(crashes.iterdir())
         t0 = time.monotonic()
         proc = subprocess.run([sys.executable, "-m", "fuzz.run", name, str(HERE / "corpus" / name),
-                               f"-max_total_time={args.seconds}", "-print_final_stats=1", "-max_len=65536",
+                               f"-max_total_time={args.seconds}", "-print_final_stats=1", "-max_len=65536", "-timeout=10",
                                "-rss_limit_mb=4096", f"-artifact_prefix={crashes}/{name}-"],
                               cwd=REPO, env=env, capture_output=True, text=True)
         out = proc.stdout + proc.stderr

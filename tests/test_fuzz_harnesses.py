@@ -30,9 +30,7 @@ NAMES = sorted(TARGETS)
 
 # Open bugs found by fuzzing: regression inputs that still crash, until the owner's
 # module is fixed (then the entry goes and the input keeps guarding the fix).
-OPEN_BUGS: dict[str, str] = {
-    "cert/duplicate-extension.der": "BUG-1: verifier.kds.parse_leaf lets cryptography's DuplicateExtension escape",
-}
+OPEN_BUGS: dict[str, str] = {}  # BUG-1 (cert/duplicate-extension.der) fixed in 1bb9cc4
 
 
 def _run(name: str, data: bytes) -> None:
@@ -69,14 +67,14 @@ def test_every_regression_dir_names_a_target() -> None:
 def _atheris(name: str, tmp: Path) -> tuple[int, str]:
     cached_seeds(name)  # built here once, so the subprocess spends its time fuzzing
     cmd = [sys.executable, "-m", "fuzz.run", name, str(tmp / "corpus"), f"-max_total_time={SECONDS}",
-           "-print_final_stats=1", "-max_len=65536", f"-artifact_prefix={tmp}/", "-rss_limit_mb=2048"]
+           "-print_final_stats=1", "-max_len=65536", "-timeout=10", f"-artifact_prefix={tmp}/", "-rss_limit_mb=2048"]
     env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=SECONDS + 120)
     return proc.returncode, proc.stdout + proc.stderr
 
 
 # Targets whose open bug a short run may hit again (not strict: a run may also miss it).
-OPEN_TARGETS = {"cert": OPEN_BUGS["cert/duplicate-extension.der"]}
+OPEN_TARGETS: dict[str, str] = {}
 
 
 @pytest.mark.slow

@@ -56,7 +56,7 @@ def test_control_good_leaf_is_accepted_by_the_verifier(client: Any, sim: Any) ->
 
 
 # Open until the verifier is fixed (BUG-1 in docs/security.md): strict, so the fix shows up here.
-OPEN = {"duplicate-extension.der": "BUG-1: DuplicateExtension escapes parse_leaf/_is_ca -> broker 500"}
+OPEN: dict[str, str] = {}  # BUG-1 (duplicate-extension.der) fixed in 1bb9cc4
 
 
 @pytest.mark.parametrize("path", [pytest.param(p, id=p.name, marks=[pytest.mark.xfail(reason=OPEN[p.name], strict=True)]
