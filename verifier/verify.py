@@ -145,7 +145,10 @@ def _check_pss_signed(cert: x509.Certificate | x509.CertificateRevocationList, i
         raise ChainError(f"{what}: unsupported signature hash") from exc
     if not isinstance(hash_alg, hashes.SHA384):
         raise ChainError(f"{what}: signature hash is {getattr(hash_alg, 'name', hash_alg)}; expected sha384")
-    params = cert.signature_algorithm_parameters
+    try:
+        params = cert.signature_algorithm_parameters
+    except LAZY_PARSE_ERRORS as exc:
+        raise ChainError(f"{what}: RSASSA-PSS parameters do not parse ({exc})") from None
     if not isinstance(params, padding.PSS) or not isinstance(params.mgf, padding.MGF1):
         raise ChainError(f"{what}: RSASSA-PSS parameters are not MGF1")
     key = issuer.public_key()
