@@ -134,8 +134,10 @@ def read_audit() -> Response:
     caller = _caller()
     try:
         after = int(request.args.get("after", "0"))
-        limit = min(max(int(request.args.get("limit", "100")), 1), 1000)
+        limit = int(request.args.get("limit", "100"))
     except ValueError:
         raise ApiError("BadRequest", "after and limit must be integers", 400) from None
+    if not 1 <= limit <= 1000 or after < 0:
+        raise ApiError("BadRequest", "limit must be 1..1000 and after >= 0", 400)
     records: list[dict[str, Any]] = audit.read(get_orm(), caller, after, limit)
     return jsonify({"tenant": caller, "records": records})

@@ -16,6 +16,8 @@ DEFAULTS: dict[str, Any] = {
     "OPERATOR_TOKEN": None,          # bearer token for tenant creation over the admin API
     "SESSION_TTL": 300,              # seconds a session (its nonce, its cookie) lives: Trustee's 5 min
     "TOKEN_TTL": 300,                # EAR token lifetime
+    "AUDIT_RETENTION_DAYS": 90,      # audit rows are deleted after this many days ...
+    "AUTH_AUDIT_RETENTION_HOURS": 24,  # ... `auth` rows (one per challenge, no decision) after this
     "MAX_CONTENT_LENGTH": 64 * 1024,  # every route, except the two below
     "ATTEST_MAX_BYTES": 16 * 1024 * 1024,  # evidence may carry a firmware add-on (OVMF is 2-4 MiB)
     "UPLOAD_MAX_BYTES": 16 * 1024 * 1024,  # firmware upload over the admin API
@@ -35,6 +37,8 @@ ENV: dict[str, tuple[str, Any]] = {
     "FIRMGATE_OPERATOR_TOKEN": ("OPERATOR_TOKEN", str),
     "FIRMGATE_SESSION_TTL": ("SESSION_TTL", int),
     "FIRMGATE_TOKEN_TTL": ("TOKEN_TTL", int),
+    "FIRMGATE_AUDIT_RETENTION_DAYS": ("AUDIT_RETENTION_DAYS", int),
+    "FIRMGATE_AUTH_AUDIT_RETENTION_HOURS": ("AUTH_AUDIT_RETENTION_HOURS", int),
 }
 
 

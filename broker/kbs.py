@@ -79,7 +79,8 @@ def auth() -> Response:
     if hint is not None and not valid_name(hint):
         raise ApiError("AttestationError", "extra-params.tenant is not a valid tenant name")
     if now_ms() % 50 == 0:  # now and then, not on every request
-        nonces.purge_expired(orm)
+        cfg = current_app.config
+        nonces.purge_expired(orm, int(cfg["AUDIT_RETENTION_DAYS"]), int(cfg["AUTH_AUDIT_RETENTION_HOURS"]))
     row = nonces.new_session(orm, str(tee), int(current_app.config["SESSION_TTL"]), hint, commit=False)
     audit.record(orm, event="auth", outcome="ok", reason="challenge issued", tenant=hint, session_id=row.id)
     metrics.count_event("auth", "ok")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from sqlalchemy import delete, update
 from sqlalchemy.orm import Session as OrmSession
 
-from .db import Session, SessionVerdict, now_ms
+from .db import AuditRecord, Session, SessionVerdict, now_ms
 
 # Sessions are kept this long after they expire (audit has the history), then deleted.
 GRACE_MS = 3600 * 1000
@@ -55,10 +55,19 @@ def consume(orm: OrmSession, session_id: str) -> Consumed:
     return Consumed(False, "the session expired; start again at /auth", row)
 
 
-def purge_expired(orm: OrmSession) -> None:
-    cutoff = now_ms() - GRACE_MS
-    old = [sid for (sid,) in orm.query(Session.id).filter(Session.expires_at < cutoff).limit(500)]
+def purge_expired(orm: OrmSession, audit_days: int = 90, auth_audit_hours: int = 24) -> None:
+    """Delete sessions an hour past expiry, `auth` audit rows (no decision in them) after
+    `auth_audit_hours`, and every other audit row after `audit_days`. Bounded per call."""
+    t = now_ms()
+    old = [sid for (sid,) in orm.query(Session.id).filter(Session.expires_at < t - GRACE_MS).limit(500)]
     if old:
         orm.execute(delete(SessionVerdict).where(SessionVerdict.session_id.in_(old)))
         orm.execute(delete(Session).where(Session.id.in_(old)))
-        orm.commit()
+    for cutoff, only_auth in ((t - auth_audit_hours * 3600 * 1000, True), (t - audit_days * 86400 * 1000, False)):
+        q = orm.query(AuditRecord.id).filter(AuditRecord.at < cutoff)
+        if only_auth:
+            q = q.filter(AuditRecord.event == "auth")
+        ids = [i for (i,) in q.limit(5000)]
+        if ids:
+            orm.execute(delete(AuditRecord).where(AuditRecord.id.in_(ids)))
+    orm.commit()

@@ -69,7 +69,9 @@ def openapi_document() -> dict[str, Any]:
                 "summary": "Create a tenant (operator token); returns its first API token",
                 "security": _BEARER,
                 "requestBody": {"required": True, "content": {"application/json": {"schema": {
-                    "type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}}}}},
+                    "type": "object", "required": ["name"], "properties": {"name": {
+                        "type": "string", "minLength": 1, "maxLength": 64,
+                        "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"}}}}}},
                 "responses": {"201": _json(obj), "400": _err("bad name"), "401": _err("no or bad token"),
                               "403": _err("not the operator"), "409": _err("exists")}}},
             "/admin/v0/secrets": {"get": {"summary": "List the calling tenant's secrets (paths, no values)",
@@ -96,8 +98,9 @@ def openapi_document() -> dict[str, Any]:
             "/admin/v0/audit": {"get": {
                 "summary": "The calling tenant's audit records (the operator sees all)",
                 "security": _BEARER,
-                "parameters": [{"name": "after", "in": "query", "schema": {"type": "integer"}},
-                               {"name": "limit", "in": "query", "schema": {"type": "integer", "maximum": 1000}}],
+                "parameters": [{"name": "after", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+                               {"name": "limit", "in": "query",
+                                "schema": {"type": "integer", "minimum": 1, "maximum": 1000}}],
                 "responses": {"200": _json(obj), "400": _err("bad query"), "401": _err("no or bad token")}}},
         },
         "components": {

@@ -336,3 +336,29 @@ def test_database_outage_is_a_503_json(tmp_path: Path) -> None:
         if url.startswith("/kbs/"):
             assert body["type"].startswith("https://github.com/confidential-containers/kbs/errors/")
     dead.dispose()
+
+
+def test_purge_sessions_and_audit_retention(tmp_path: Path) -> None:
+    from sqlalchemy.orm import sessionmaker
+
+    from broker import audit, nonces
+    from broker.db import AuditRecord, Session, now_ms
+    engine = make_engine(f"sqlite:///{tmp_path}/p.db")
+    migrate(engine)
+    day = 86400 * 1000
+    with sessionmaker(engine)() as orm:
+        live = nonces.new_session(orm, "snp", 300, None)
+        dead = nonces.new_session(orm, "snp", 300, None)
+        dead.expires_at = now_ms() - 2 * 3600 * 1000
+        for event, age in (("auth", 2 * day), ("auth", 0), ("release", 2 * day), ("release", 100 * day)):
+            audit.record(orm, event=event, outcome="ok", reason=f"{event} {age}", commit=False)
+            orm.flush()
+        orm.query(AuditRecord).filter(AuditRecord.reason.like("% 0")).update({"at": now_ms()})
+        for r in orm.query(AuditRecord).all():
+            r.at = now_ms() - int(r.reason.split()[1])
+        orm.commit()
+        nonces.purge_expired(orm, audit_days=90, auth_audit_hours=24)
+        assert {s.id for s in orm.query(Session).all()} == {live.id}
+        assert sorted(r.reason for r in orm.query(AuditRecord).all()) == [
+            "auth 0", f"release {2 * day}"]
+    engine.dispose()
