@@ -431,8 +431,6 @@ def pg() -> Iterator[PgCluster]:
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
-@pytest.mark.xfail(strict=True, reason="BUG-6: a database outage is answered 500 HTTPFailed (sometimes an HTML "
-                   "500 page), not 503 with a reason")
 def test_postgres_outage_gives_503_then_recovers(site: Site, pg: PgCluster) -> None:
     from broker import create_app
     app = create_app({"DATABASE_URL": pg.url, "MASTER_KEY": site.master_key, "OPERATOR_TOKEN": OP,

@@ -18,7 +18,7 @@ import pytest
 import schemathesis
 from schemathesis.core.failures import FailureGroup
 from schemathesis.core.parameters import ParameterLocation
-from schemathesis.checks import CHECKS, load_all_checks
+from schemathesis.checks import load_all_checks
 from hypothesis import HealthCheck, settings
 
 from broker import create_app
@@ -31,12 +31,7 @@ _tmp = Path(tempfile.mkdtemp(prefix="fg-schemathesis-"))
 APP = create_app({"DATABASE_URL": f"sqlite:///{_tmp / 'broker.db'}", "MASTER_KEY": secrets.token_bytes(32),
                   "POLICIES_DIR": str(_tmp / "policies"), "OPERATOR_TOKEN": OP})
 schema = schemathesis.openapi.from_wsgi("/openapi.json", APP)
-load_all_checks()
-_CHECK = {f.__name__: f for f in CHECKS.get_all()}
-# Deliberate differences from schemathesis' generic expectations, each for a protocol reason:
-# - KBS routes answer an undeclared method with 404 InvalidRequestPath, not 405: an unmodified
-#   Trustee guest only understands 401 and 404 there (KBS-FACTS section 5; broker/errors.py).
-KBS_EXCLUDED = [_CHECK["unsupported_method"], _CHECK["allow_header_conformance"]]
+load_all_checks()  # every check schemathesis has, including unsupported_method and allow_header
 
 
 @schema.parametrize()
@@ -46,25 +41,19 @@ def test_broker_matches_its_openapi_document(case: schemathesis.Case) -> None:
     # The operator's token on admin routes, except where schemathesis deliberately left a header out.
     negative_headers = case.meta is not None and case.meta.is_negative_at(ParameterLocation.HEADER)
     headers = {"Authorization": f"Bearer {OP}"} if case.path.startswith("/admin/") and not negative_headers else None
-    excluded = KBS_EXCLUDED if case.path.startswith("/kbs/") else []
     try:
-        case.call_and_validate(headers=headers, excluded_checks=excluded)
+        case.call_and_validate(headers=headers)
     except FailureGroup as group:
-        # Known findings are pinned by the strict xfail tests below; anything else fails here.
+        # Known open findings are pinned by strict xfail tests below; anything else fails here.
         unknown = [f for f in group.exceptions if not any(k in str(f) for k in OPEN_BUGS)]
         if unknown:
             raise FailureGroup(unknown, str(group)) from None
 
 
-# Findings waiting for the owner's module to be fixed (docs/security.md lists them). Each has a
-# deterministic strict-xfail test below, so a fix shows up as XPASS and the entry goes.
-OPEN_BUGS = {
-    "without required `Allow` header": "BUG-2",
-    "Undocumented Content-Type": "BUG-3",
-    "greater than maximum": "BUG-4",
-    "violates `maximum`": "BUG-4",
-    "Schema-valid request rejected": "BUG-5",
-}
+# Findings waiting for the owner's module to be fixed (docs/security.md lists them), as
+# {text of the schemathesis failure: bug id}; each gets a deterministic strict-xfail test below.
+# BUG-2..5, found here, are fixed (7619448, eb810f8); their tests below now guard the fixes.
+OPEN_BUGS: dict[str, str] = {}
 
 
 def _documented_types(path: str, method: str, status: int) -> set[str]:
@@ -72,31 +61,24 @@ def _documented_types(path: str, method: str, status: int) -> set[str]:
     return set(doc["paths"][path][method]["responses"][str(status)].get("content", {}))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG-2: a 405 on non-KBS routes drops werkzeug's Allow header")
-def test_405_names_the_allowed_methods() -> None:
+def test_405_names_the_allowed_methods() -> None:  # BUG-2
     r = APP.test_client().open("/healthz", method="TRACE")
     assert r.status_code == 405
     assert "GET" in r.headers.get("Allow", "")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG-3: admin errors are application/problem+json; the document says "
-                   "application/json")
-def test_admin_error_content_type_is_documented() -> None:
+def test_admin_error_content_type_is_documented() -> None:  # BUG-3
     r = APP.test_client().get("/admin/v0/secrets")
     assert r.status_code == 401
     assert r.mimetype in _documented_types("/admin/v0/secrets", "get", 401)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG-4: audit limit above the documented maximum 1000 is clamped, "
-                   "not refused with 400")
-def test_audit_limit_above_document_maximum_is_refused() -> None:
+def test_audit_limit_above_document_maximum_is_refused() -> None:  # BUG-4
     r = APP.test_client().get("/admin/v0/audit?limit=1001", headers={"Authorization": f"Bearer {OP}"})
     assert r.status_code == 400
 
 
-@pytest.mark.xfail(strict=True, reason="BUG-5: POST /admin/v0/tenants documents name as any string; the "
-                   "broker refuses names outside [A-Za-z0-9._-]{1,64} (the document should say so)")
-def test_tenant_name_rule_is_documented() -> None:
+def test_tenant_name_rule_is_documented() -> None:  # BUG-5
     doc = APP.test_client().get("/openapi.json").get_json()
     schema_ = doc["paths"]["/admin/v0/tenants"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     name = schema_["properties"]["name"]
