@@ -120,6 +120,7 @@ def run_cert(data: bytes) -> None:
     for c in certs:
         serial_number(c)
         common_name(c)
+        c.issuer, c.subject  # noqa: B018 - verify compares them; cryptography parses them lazily
         try:
             info = parse_leaf(c)
         except FirmgateError:

@@ -23,7 +23,9 @@ from hypothesis import strategies as st
 from fuzz.targets import TARGETS, cached_seeds, regressions
 
 REPO = Path(__file__).resolve().parent.parent
-HAVE_ATHERIS = importlib.util.find_spec("atheris") is not None
+# FIRMGATE_FUZZ_ENGINE=hypothesis forces the fallback (what a machine without atheris runs).
+HAVE_ATHERIS = (importlib.util.find_spec("atheris") is not None
+                and os.environ.get("FIRMGATE_FUZZ_ENGINE", "atheris") != "hypothesis")
 # Seconds of fuzzing per target in `make test` (9 targets, about a minute in all).
 SECONDS = int(os.environ.get("FIRMGATE_FUZZ_SECONDS", "4"))
 NAMES = sorted(TARGETS)
@@ -33,6 +35,8 @@ NAMES = sorted(TARGETS)
 # BUG-1 (cert/duplicate-extension.der) fixed in 1bb9cc4.
 OPEN_BUGS: dict[str, str] = {
     "cert/invalid-version.der": "BUG-8: verifier.certs.load_certificates lets cryptography's InvalidVersion escape",
+    "cert/bad-issuer-name.der": "BUG-9: a certificate whose issuer Name does not parse loads; ValueError later",
+    "chain/vcek-bad-issuer-name.bin": "BUG-9: verifier.verify._find_chain reads leaf/pool .issuer: ValueError escapes",
 }
 
 
@@ -77,8 +81,7 @@ def _atheris(name: str, tmp: Path) -> tuple[int, str]:
 
 
 # Targets whose open bug a short run may hit again (not strict: a run may also miss it).
-OPEN_TARGETS: dict[str, str] = {"cert": OPEN_BUGS["cert/invalid-version.der"],
-                                 "chain": OPEN_BUGS["cert/invalid-version.der"]}
+OPEN_TARGETS: dict[str, str] = {"cert": "BUG-8, BUG-9", "chain": "BUG-8, BUG-9"}
 
 
 @pytest.mark.slow
@@ -118,7 +121,8 @@ def _mutations(name: str) -> st.SearchStrategy[bytes]:
 
 @pytest.mark.slow
 @pytest.mark.skipif(HAVE_ATHERIS, reason="atheris installed: the coverage-guided run covers this target")
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.xfail(reason=OPEN_TARGETS[n], strict=False)]
+                                               if n in OPEN_TARGETS else []) for n in NAMES])
 def test_hypothesis_bounded(name: str) -> None:
     @settings(max_examples=300, deadline=None, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

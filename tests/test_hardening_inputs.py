@@ -69,16 +69,26 @@ def test_crashing_certificate_inside_evidence_is_a_401(client: Any, sim: Any, pa
     assert r.get_json()["detail"].startswith("evidence rejected"), r.get_json()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG-8: a certificate with an invalid X.509 version raises "
-                   "cryptography's InvalidVersion out of verifier.certs (firmgate verify --certs: traceback)")
-def test_cli_verify_with_invalid_version_certificate_is_exit_2(tmp_path: Path, sim: Any) -> None:
+@pytest.mark.parametrize("name", [
+    pytest.param("invalid-version.der", marks=pytest.mark.xfail(strict=True, reason=(
+        "BUG-8: a certificate with an invalid X.509 version raises cryptography's InvalidVersion "
+        "out of verifier.certs (firmgate verify --certs: traceback)"))),
+    pytest.param("bad-issuer-name.der", marks=pytest.mark.xfail(strict=True, reason=(
+        "BUG-9: a certificate whose issuer Name does not parse loads, then verify raises ValueError "
+        "(firmgate verify --certs --trust-root: traceback)"))),
+])
+def test_cli_verify_with_malformed_certificate_is_exit_2(tmp_path: Path, sim: Any, name: str) -> None:
+    """The CLI, like the broker, answers a malformed certificate with one `error:` line and exit 2."""
     import subprocess
     import sys
     report = tmp_path / "report.bin"
     report.write_bytes(sim.sign_report(report_data=b"\0" * 64))
     certs = tmp_path / "vcek.der"
-    certs.write_bytes((REGRESSIONS / "cert" / "invalid-version.der").read_bytes())
-    proc = subprocess.run([sys.executable, "-m", "verifier.cli", "verify", str(report), "--certs", str(certs)],
+    certs.write_bytes((REGRESSIONS / "cert" / name).read_bytes())
+    root = tmp_path / "root.pem"
+    root.write_bytes(sim.root_pem())
+    proc = subprocess.run([sys.executable, "-m", "verifier.cli", "verify", str(report), "--certs", str(certs),
+                           "--trust-root", str(root)],
                           capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parent.parent)
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-500:])
     assert "Traceback" not in proc.stderr and proc.stderr.startswith("error:"), proc.stderr[-500:]
