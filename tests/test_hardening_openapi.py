@@ -14,7 +14,6 @@ import secrets
 import tempfile
 from pathlib import Path
 
-import pytest
 import schemathesis
 from schemathesis.core.failures import FailureGroup
 from schemathesis.core.parameters import ParameterLocation
