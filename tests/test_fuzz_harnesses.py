@@ -37,6 +37,9 @@ OPEN_BUGS: dict[str, str] = {
     "cert/invalid-version.der": "BUG-8: verifier.certs.load_certificates lets cryptography's InvalidVersion escape",
     "cert/bad-issuer-name.der": "BUG-9: a certificate whose issuer Name does not parse loads; ValueError later",
     "chain/vcek-bad-issuer-name.bin": "BUG-9: verifier.verify._find_chain reads leaf/pool .issuer: ValueError escapes",
+    "cert/bad-name-attribute.der": "BUG-9: a Name attribute of the wrong ASN.1 type: cryptography's TypeError, lazily",
+    "chain/vcek-bad-name-attribute.bin": "BUG-9: a Name attribute of the wrong ASN.1 type: TypeError escapes verify",
+    "evidence/tsm-pem-invalid-version.json": "BUG-8: InvalidVersion escapes the PEM branch of load_certificates",
 }
 
 
