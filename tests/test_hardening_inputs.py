@@ -1,17 +1,23 @@
-"""Fuzz findings replayed end to end: hostile evidence reaching the broker fails closed (401), never a 500.
+"""Hostile evidence reaching the broker fails closed (401), never a 500; the CLI says one line, exit 2.
 
 The inputs are the regression files under fuzz/regressions/ that crashed a
-parser; here they travel inside an otherwise well-formed, correctly bound KBS
-attestation, the way a malicious host or guest would send them.
+parser, travelling inside an otherwise well-formed, correctly bound KBS
+attestation the way a malicious host or guest would send them; and random
+structural damage (hypothesis) to such an attestation, with the nonce and
+REPORT_DATA left right so that parsing and verification really run.
 """
 from __future__ import annotations
 
+import copy
 import json
+import os
 import secrets
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from test_broker_support import KBS_ERR, guest_report_data, new_tee_key
 
 from broker import create_app
@@ -92,3 +98,46 @@ def test_cli_verify_with_malformed_certificate_is_exit_2(tmp_path: Path, sim: An
                           capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parent.parent)
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-500:])
     assert "Traceback" not in proc.stderr and proc.stderr.startswith("error:"), proc.stderr[-500:]
+
+
+# -- structure-aware: a correctly bound attestation with one to three JSON nodes replaced --------
+_ODD = [None, True, False, 0, -1, 2**64, 2**70, -2**63, 1.5, 1e308, "", "x" * 300, "00" * 40, [], {},
+        [0] * 100, [255] * 72, [256], [-1], ["a"], {"a": 1}, "AAAA", 2, 3, 4, 5, 6]
+
+
+def _paths(obj: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    out = [path]
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out += _paths(v, path + (k,))
+    elif isinstance(obj, list) and len(obj) < 80:  # byte arrays are leaves: one value stands for all
+        for i, v in enumerate(obj):
+            out += _paths(v, path + (i,))
+    return out
+
+
+@pytest.mark.slow
+@settings(max_examples=int(os.environ.get("FIRMGATE_ATTEST_EXAMPLES", "200")), deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data(), shape=st.sampled_from(["trustee", "firmgate", "tsm"]))
+def test_bound_attestation_with_odd_json_nodes_never_500(client: Any, sim: Any, data: st.DataObject,
+                                                          shape: str) -> None:
+    """The nonce and REPORT_DATA are right, so parsing and verification run for real on the odd values."""
+    nonce = client.post("/kbs/v0/auth", json={"version": "0.4.0", "tee": "snp"}).get_json()["nonce"]
+    _key, jwk = new_tee_key()
+    report = sim.sign_report(report_data=guest_report_data(nonce, jwk))
+    ev = {"trustee": lambda: sim.trustee_json(report, include=("ARK", "ASK", "LEAF")),
+          "firmgate": lambda: sim.firmgate_json(report), "tsm": lambda: sim.tsm_json(report)}[shape]()
+    body = {"init-data": None, "runtime-data": {"nonce": nonce, "tee-pubkey": jwk},
+            "tee-evidence": {"primary_evidence": ev, "additional_evidence": ""}}
+    for _ in range(data.draw(st.integers(1, 3))):
+        paths = [p for p in _paths(body) if p and "report_data" not in p and p != ("runtime-data", "nonce")]
+        path = data.draw(st.sampled_from(paths))
+        node = body
+        for p in path[:-1]:
+            node = node[p]
+        node[path[-1]] = copy.deepcopy(data.draw(st.sampled_from(_ODD)))
+    r = client.post("/kbs/v0/attest", data=json.dumps(body), content_type="application/json")
+    assert r.status_code in (200, 401, 413), (r.status_code, r.get_data()[:300])
+    err = r.get_json()
+    assert "token" in err if r.status_code == 200 else isinstance(err.get("detail"), str), err
