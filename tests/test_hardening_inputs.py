@@ -105,6 +105,11 @@ _ODD = [None, True, False, 0, -1, 2**64, 2**70, -2**63, 1.5, 1e308, "", "x" * 30
         [0] * 100, [255] * 72, [256], [-1], ["a"], {"a": 1}, "AAAA", 2, 3, 4, 5, 6]
 
 
+# Nodes whose damage is a known open bug (pinned by its own strict xfail test below); kept out of the
+# property so that it keeps looking for new ones.
+OPEN_PATHS = {("tee-pubkey", "crv")}  # BUG-10
+
+
 def _paths(obj: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
     out = [path]
     if isinstance(obj, dict):
@@ -131,7 +136,8 @@ def test_bound_attestation_with_odd_json_nodes_never_500(client: Any, sim: Any, 
     body = {"init-data": None, "runtime-data": {"nonce": nonce, "tee-pubkey": jwk},
             "tee-evidence": {"primary_evidence": ev, "additional_evidence": ""}}
     for _ in range(data.draw(st.integers(1, 3))):
-        paths = [p for p in _paths(body) if p and "report_data" not in p and p != ("runtime-data", "nonce")]
+        paths = [p for p in _paths(body) if p and "report_data" not in p and p != ("runtime-data", "nonce")
+                 and p[-2:] not in OPEN_PATHS]
         path = data.draw(st.sampled_from(paths))
         node = body
         for p in path[:-1]:
@@ -141,3 +147,18 @@ def test_bound_attestation_with_odd_json_nodes_never_500(client: Any, sim: Any, 
     assert r.status_code in (200, 401, 413), (r.status_code, r.get_data()[:300])
     err = r.get_json()
     assert "token" in err if r.status_code == 200 else isinstance(err.get("detail"), str), err
+
+
+@pytest.mark.parametrize("crv", [[], {}, [1, 2]], ids=["list", "object", "list2"])
+@pytest.mark.xfail(strict=True, reason="BUG-10: a tee-pubkey whose crv is a JSON array/object makes "
+                   "broker.jwe.load_tee_pubkey raise TypeError (unhashable) -> 500")
+def test_tee_pubkey_with_unhashable_crv_is_a_401(client: Any, sim: Any, crv: Any) -> None:
+    nonce = client.post("/kbs/v0/auth", json={"version": "0.4.0", "tee": "snp"}).get_json()["nonce"]
+    _key, jwk = new_tee_key()
+    jwk = dict(jwk, crv=crv)
+    report = sim.sign_report(report_data=guest_report_data(nonce, jwk))
+    body = {"init-data": None, "runtime-data": {"nonce": nonce, "tee-pubkey": jwk},
+            "tee-evidence": {"primary_evidence": sim.firmgate_json(report), "additional_evidence": ""}}
+    r = client.post("/kbs/v0/attest", data=json.dumps(body), content_type="application/json")
+    assert r.status_code == 401, (r.status_code, r.get_json())
+    assert "tee-pubkey" in r.get_json()["detail"]
