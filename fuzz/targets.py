@@ -260,12 +260,17 @@ def _broker() -> Any:
         # fuzzed body ends; tests/test_hardening_inputs.py drives bound evidence into the verifier.
         app = create_app({"DATABASE_URL": f"sqlite:///{tmp / 'fuzz.db'}", "MASTER_KEY": _secrets.token_bytes(32),
                           "POLICIES_DIR": str(tmp / "policies"), "OPERATOR_TOKEN": "fuzz-operator"})
+        # A tenant "a" so that the tenant routes (secrets of a/..., firmware upload) run past authentication.
+        r = app.test_client().post("/admin/v0/tenants", json={"name": "a"},
+                                   headers={"Authorization": "Bearer fuzz-operator"})
+        app.config["FUZZ_TENANT_TOKEN"] = r.get_json()["token"]
         _BROKER = app
     return _BROKER
 
 
 _ROUTES = (("POST", "/kbs/v0/auth"), ("POST", "/kbs/v0/attest"), ("GET", "/kbs/v0/resource/a/b/c"),
-           ("POST", "/admin/v0/tenants"), ("PUT", "/admin/v0/secrets/a/b/c"), ("GET", "/admin/v0/audit"))
+           ("POST", "/admin/v0/tenants"), ("PUT", "/admin/v0/secrets/a/b/c"), ("GET", "/admin/v0/audit"),
+           ("POST", "/admin/v0/firmware"))
 
 
 def run_broker(data: bytes) -> None:
@@ -278,7 +283,8 @@ def run_broker(data: bytes) -> None:
     client = app.test_client()
     headers = {"Content-Type": "application/json"}
     if path.startswith("/admin/"):
-        headers["Authorization"] = "Bearer fuzz-operator"
+        token = "fuzz-operator" if path in ("/admin/v0/tenants", "/admin/v0/audit") else app.config["FUZZ_TENANT_TOKEN"]
+        headers["Authorization"] = f"Bearer {token}"
     if path == "/kbs/v0/attest":
         r = client.post("/kbs/v0/auth", json={"version": "0.4.0", "tee": "snp"})
         if r.status_code != 200:
@@ -311,9 +317,10 @@ def seeds_broker() -> list[bytes]:
                                                          "x": "AAAA", "y": "AAAA"}},
            "tee-evidence": {"primary_evidence": sim.trustee_json(rep), "additional_evidence": ""}}
     auth = {"version": "0.4.0", "tee": "snp", "extra-params": {"supported-hash-algorithms": ["sha384"]}}
+    from verifier.firmware.addon import build_addon
     return [b"\x00" + json.dumps(auth).encode(), b"\x01" + json.dumps(att).encode(),
             b"\x81" + json.dumps(att).encode(), b"\x02", b"\x03" + b'{"name": "acme"}', b"\x04value",
-            b"\x05after=1&limit=5"]
+            b"\x05after=1&limit=5", b"\x06" + bytes(build_addon([("edk2-fuzz.1", b"\xaa" * 4096)]))]
 
 
 TARGETS: dict[str, Target] = {t.name: t for t in (
