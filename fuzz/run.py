@@ -20,11 +20,13 @@ def main(argv: list[str]) -> None:
         raise SystemExit("usage: python -m fuzz.run TARGET [CORPUS_DIR] [libFuzzer flags]")
     name = argv[1]
     warnings.simplefilter("ignore")  # cryptography warns on odd certificates; not a crash
-    with atheris.instrument_imports(include=["verifier", "broker", "fuzz"]):
+    with atheris.instrument_imports(include=["verifier", "broker", "host_install", "fuzz"]):
         from fuzz import targets
         import verifier.abi.certtable, verifier.abi.report, verifier.certs, verifier.evidence  # noqa: E401,F401
         import verifier.kds, verifier.firmware.addon, verifier.firmware.image  # noqa: E401,F401
         import verifier.appraise.policy  # noqa: F401
+        if name == "channel":
+            import host_install.channel  # noqa: F401
         if name == "broker":
             import broker, broker.kbs, broker.admin, broker.limits  # noqa: E401,F401
     if name not in targets.TARGETS:

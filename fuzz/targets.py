@@ -243,6 +243,37 @@ def seeds_policy() -> list[bytes]:
     return [p.read_bytes() for p in sorted((REPO / "policies").glob("*.toml"))]
 
 
+# -- host_install's update channel: frames a guest sends to the host -----------------------------
+class _Peer:
+    """What read_frame needs of a socket: recv() over fixed bytes, then EOF."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data, self._pos = data, 0
+
+    def recv(self, n: int) -> bytes:
+        chunk = self._data[self._pos:self._pos + n]
+        self._pos += len(chunk)
+        return chunk
+
+
+def run_channel(data: bytes) -> None:
+    from host_install.channel import REQUEST_MAGIC, read_frame
+    try:
+        header, body = read_frame(_Peer(data), REQUEST_MAGIC)  # type: ignore[arg-type]
+    except FirmgateError:
+        return
+    if not isinstance(header, dict) or not isinstance(body, bytes):
+        raise AssertionError("read_frame returned something other than (dict, bytes)")
+
+
+def seeds_channel() -> list[bytes]:
+    from host_install.channel import REQUEST_MAGIC, encode_frame
+    from verifier.firmware.addon import build_addon
+    addon = bytes(build_addon([("edk2-fuzz.1", b"\xaa" * 64)]))
+    return [encode_frame(REQUEST_MAGIC, {"version": 1, "op": "install", "fwid": None}, addon),
+            encode_frame(REQUEST_MAGIC, {"version": 1, "op": "install", "fwid": "edk2-fuzz.1"}, b"")]
+
+
 # -- the broker's JSON endpoints (in-process WSGI, real verifier, SQLite) -----------------------
 _BROKER: Any = None
 
@@ -332,6 +363,7 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("addon", run_addon, seeds_addon, "verifier.firmware.addon: UKI add-on PE, .efifw/.hwids"),
     Target("ovmf", run_ovmf, seeds_ovmf, "verifier.firmware.image: OVMF footer table, SEV metadata"),
     Target("policy", run_policy, seeds_policy, "verifier.appraise.policy: tenant TOML policy"),
+    Target("channel", run_channel, seeds_channel, "host_install.channel.read_frame: guest -> host update frames"),
     Target("broker", run_broker, seeds_broker, "broker: KBS and admin JSON endpoints (no 500, JSON errors)"),
 )}
 

@@ -162,3 +162,43 @@ def test_tee_pubkey_with_unhashable_crv_is_a_401(client: Any, sim: Any, crv: Any
     r = client.post("/kbs/v0/attest", data=json.dumps(body), content_type="application/json")
     assert r.status_code == 401, (r.status_code, r.get_json())
     assert "tee-pubkey" in r.get_json()["detail"]
+
+
+# -- the host's update listener, fed by a malicious guest ------------------------------------------
+@pytest.mark.xfail(strict=True, reason="BUG-11: a request frame whose JSON header nests 16,000 arrays raises "
+                   "RecursionError out of host_install.channel.read_frame; Listener.serve_one lets it escape, "
+                   "so one guest frame stops `host-install listen`")
+def test_listener_answers_a_deeply_nested_header_and_keeps_serving(tmp_path: Path) -> None:
+    import socket
+    import threading
+
+    from host_install.channel import ANSWER_MAGIC, Listener, read_frame
+    from host_install.vm import VmDir
+    vm = VmDir.create(tmp_path / "vm", snp=True)
+    listener = Listener(vm, launch=False)
+    outcome: dict[str, Any] = {}
+
+    def serve_two() -> None:
+        try:
+            outcome["answers"] = [listener.serve_one(), listener.serve_one()]
+        except BaseException as exc:  # noqa: BLE001 - what escapes is the finding
+            outcome["escaped"] = exc
+
+    t = threading.Thread(target=serve_two, daemon=True)
+    t.start()
+    try:
+        for _ in range(2):  # the hostile frame, then a second guest that must still get an answer
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(10)
+                s.connect(str(vm.channel_path))
+                s.sendall((REGRESSIONS / "channel" / "nested-json-header.bin").read_bytes())
+                s.shutdown(socket.SHUT_WR)
+                try:
+                    header, _ = read_frame(s, ANSWER_MAGIC)
+                except Exception as exc:  # noqa: BLE001
+                    raise AssertionError(f"no answer frame: {exc!r}; listener: {outcome.get('escaped')!r}")
+                assert header["exit_code"] == 2 and header["ok"] is False, header
+        t.join(10)
+        assert "escaped" not in outcome, outcome.get("escaped")
+    finally:
+        listener.close()
