@@ -202,3 +202,16 @@ def test_listener_answers_a_deeply_nested_header_and_keeps_serving(tmp_path: Pat
         assert "escaped" not in outcome, outcome.get("escaped")
     finally:
         listener.close()
+
+
+@pytest.mark.xfail(strict=True, reason="BUG-12: additional_evidence holding deeply nested JSON (bound by "
+                   "REPORT_DATA, so it reaches broker.kbs._guest_firmware) raises RecursionError -> 500")
+def test_deeply_nested_additional_evidence_is_a_401(client: Any, sim: Any) -> None:
+    nonce = client.post("/kbs/v0/auth", json={"version": "0.4.0", "tee": "snp"}).get_json()["nonce"]
+    _key, jwk = new_tee_key()
+    additional = "[" * 5000  # a string field; the guest binds it into REPORT_DATA, the broker parses it
+    report = sim.sign_report(report_data=guest_report_data(nonce, jwk, additional))
+    body = {"init-data": None, "runtime-data": {"nonce": nonce, "tee-pubkey": jwk},
+            "tee-evidence": {"primary_evidence": sim.firmgate_json(report), "additional_evidence": additional}}
+    r = client.post("/kbs/v0/attest", data=json.dumps(body), content_type="application/json")
+    assert r.status_code in (200, 401), (r.status_code, r.get_json())  # device evidence of another shape: not ours
