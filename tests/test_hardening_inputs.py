@@ -215,3 +215,35 @@ def test_deeply_nested_additional_evidence_is_a_401(client: Any, sim: Any) -> No
             "tee-evidence": {"primary_evidence": sim.firmgate_json(report), "additional_evidence": additional}}
     r = client.post("/kbs/v0/attest", data=json.dumps(body), content_type="application/json")
     assert r.status_code in (200, 401), (r.status_code, r.get_json())  # device evidence of another shape: not ours
+
+
+@pytest.mark.parametrize("toml_body", [
+    pytest.param("algorithm = " + "[" * 3000 + "]" * 3000, id="nested"),
+    pytest.param("algorithm = []", id="array"),
+    pytest.param("algorithm = {a = 1}", id="table"),
+])
+@pytest.mark.xfail(strict=True, reason="BUG-13: init-data TOML that nests deeply (RecursionError) or whose "
+                   "algorithm is an array/table (TypeError: unhashable) escapes broker.runtime_data."
+                   "initdata_host_data -> 500, before any evidence is checked")
+def test_hostile_init_data_is_a_401(client: Any, sim: Any, toml_body: str) -> None:
+    nonce = client.post("/kbs/v0/auth", json={"version": "0.4.0", "tee": "snp"}).get_json()["nonce"]
+    _key, jwk = new_tee_key()
+    report = sim.sign_report(report_data=guest_report_data(nonce, jwk))
+    body = {"init-data": {"format": "toml", "body": toml_body}, "runtime-data": {"nonce": nonce, "tee-pubkey": jwk},
+            "tee-evidence": {"primary_evidence": sim.firmgate_json(report), "additional_evidence": ""}}
+    r = client.post("/kbs/v0/attest", data=json.dumps(body), content_type="application/json")
+    assert r.status_code == 401, (r.status_code, r.get_json())
+    assert "init-data" in r.get_json()["detail"]
+
+
+@pytest.mark.xfail(strict=True, reason="BUG-14: a policy file nesting arrays 3,000 deep raises RecursionError "
+                   "out of verifier.appraise.policy.parse_policy (firmgate policy check: traceback)")
+def test_cli_policy_check_on_deeply_nested_policy_is_one_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    f = tmp_path / "acme.toml"
+    f.write_bytes((REGRESSIONS / "policy" / "nested-arrays.toml").read_bytes())
+    proc = subprocess.run([sys.executable, "-m", "verifier.cli", "policy", "check", str(f)], capture_output=True,
+                          text=True, timeout=60, cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode in (1, 2), (proc.returncode, proc.stderr[-300:])
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-500:]
