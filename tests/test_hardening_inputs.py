@@ -247,3 +247,38 @@ def test_cli_policy_check_on_deeply_nested_policy_is_one_line(tmp_path: Path) ->
                           text=True, timeout=60, cwd=Path(__file__).resolve().parent.parent)
     assert proc.returncode in (1, 2), (proc.returncode, proc.stderr[-300:])
     assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-500:]
+
+
+# -- firmgate's own guest, facing a malicious broker or a network attacker -----------------------------
+@pytest.mark.parametrize("status", [200, 401])
+@pytest.mark.xfail(strict=True, reason="BUG-15: a broker answer of deeply nested JSON raises RecursionError "
+                   "out of broker.guest.http.KbsSession.request (also guest/keys.py validate_jwe, "
+                   "guest/client.py token_claims): `firmgate guest attest` ends in a traceback")
+def test_guest_client_refuses_deeply_nested_answers(status: int) -> None:
+    import http.server
+    import threading
+
+    from broker.guest.client import auth
+    from broker.guest.http import KbsSession
+    from verifier.errors import FirmgateError
+
+    class Evil(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
+            body = b"[" * 50_000
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    srv = http.server.HTTPServer(("127.0.0.1", 0), Evil)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(FirmgateError):
+            auth(KbsSession(f"http://127.0.0.1:{srv.server_port}/kbs/v0"))
+    finally:
+        srv.shutdown()
+        srv.server_close()
