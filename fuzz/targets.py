@@ -154,43 +154,46 @@ def _chain_ctx() -> Any:
         from cryptography.hazmat.primitives.serialization import Encoding
         from verifier.options import default_options
         f = _mkdir(SEED_CACHE) / "chain-context.json"
-        if not f.exists():
+        if not f.exists() or "crl" not in json.loads(f.read_text() or "{}"):  # absent, or from an older layout
+            from sim.platform import make_crl
             sim = _sim()
             ctx = {"certs": [base64.b64encode(c.public_bytes(Encoding.DER)).decode()
                              for c in (sim.ark, sim.intermediate, sim.leaf)],
-                   "report": base64.b64encode(sim.sign_report(report_data=b"\x05" * 64)).decode()}
+                   "report": base64.b64encode(sim.sign_report(report_data=b"\x05" * 64)).decode(),
+                   "crl": base64.b64encode(make_crl(sim, [7, 8])).decode()}
             tmp = f.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(json.dumps(ctx))
             tmp.replace(f)
         ctx = json.loads(f.read_text())
         certs = [base64.b64decode(c) for c in ctx["certs"]]
         root = x509.load_der_x509_certificate(certs[0])
-        _CHAIN = (certs, base64.b64decode(ctx["report"]), default_options(trust_root=root))
+        _CHAIN = (certs, base64.b64decode(ctx["report"]), base64.b64decode(ctx["crl"]),
+                  default_options(trust_root=root))
     return _CHAIN
 
 
 def run_chain(data: bytes) -> None:
-    """First byte: which part the rest replaces (0 ARK, 1 ASK, 2 VCEK, 3 the raw report)."""
+    """First byte: which part the rest replaces (0 ARK, 1 ASK, 2 VCEK, 3 the raw report, 4 the ARK's CRL)."""
     from verifier.abi.report import AttestationReport
-    from verifier.certs import load_certificate
+    from verifier.certs import load_certificate, load_crl
     from verifier.evidence import Evidence
     from verifier.verify import verify_report
     if not data:
         return
-    certs, report, options = _chain_ctx()
-    parts = list(certs) + [report]
-    parts[data[0] % 4] = data[1:]
+    certs, report, crl, options = _chain_ctx()
+    parts = list(certs) + [report, crl]
+    parts[data[0] % 5] = data[1:]
     try:
         ev = Evidence(report=AttestationReport.from_bytes(parts[3]),
-                      certs=tuple(load_certificate(c) for c in parts[:3]), shape="raw")
+                      certs=tuple(load_certificate(c) for c in parts[:3]), crls=(load_crl(parts[4]),), shape="raw")
         verify_report(ev, options)
     except FirmgateError:
         return
 
 
 def seeds_chain() -> list[bytes]:
-    certs, report, _ = _chain_ctx()
-    return [bytes([i]) + c for i, c in enumerate(certs)] + [b"\x03" + report]
+    certs, report, crl, _ = _chain_ctx()
+    return [bytes([i]) + c for i, c in enumerate(certs)] + [b"\x03" + report, b"\x04" + crl]
 
 
 # -- UKI add-on reader (.efifw, .hwids) -----------------------------------------------------------
@@ -359,7 +362,7 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("evidence", run_evidence, seeds_evidence, "verifier.evidence: raw / Trustee / firmgate / tsm JSON"),
     Target("certtable", run_certtable, seeds_certtable, "verifier.abi.certtable: extended-report cert table"),
     Target("cert", run_cert, seeds_cert, "verifier.certs + kds.parse_leaf: DER/PEM certs, AMD extensions"),
-    Target("chain", run_chain, seeds_chain, "verifier.verify: chain, signature, TCB checks on hostile certs"),
+    Target("chain", run_chain, seeds_chain, "verifier.verify: chain, signature, CRL, TCB checks on hostile input"),
     Target("addon", run_addon, seeds_addon, "verifier.firmware.addon: UKI add-on PE, .efifw/.hwids"),
     Target("ovmf", run_ovmf, seeds_ovmf, "verifier.firmware.image: OVMF footer table, SEV metadata"),
     Target("policy", run_policy, seeds_policy, "verifier.appraise.policy: tenant TOML policy"),
@@ -368,7 +371,7 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
 )}
 
 
-SEED_CACHE = Path(os.environ.get("FIRMGATE_FUZZ_SEEDS", REPO / "fuzz" / "corpus" / ".seeds"))
+SEED_CACHE = Path(os.environ.get("FIRMGATE_FUZZ_SEEDS", REPO / "fuzz" / "corpus" / ".seeds-v2"))  # v2: CRL
 
 
 def cached_seeds(name: str) -> list[bytes]:

@@ -282,3 +282,23 @@ def test_guest_client_refuses_deeply_nested_answers(status: int) -> None:
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+@pytest.mark.parametrize("name", ["crl-bad-issuer.bin", "crl-bad-name-attribute.bin", "crl-invalid-version.bin"])
+@pytest.mark.xfail(strict=True, reason="BUG-16: a malformed CRL in the evidence's cert_chain (Trustee 'CRL' "
+                   "entry) escapes verifier.certs.load_crl / verify as InvalidVersion, ValueError or TypeError "
+                   "(firmgate verify: traceback)")
+def test_cli_verify_with_malformed_crl_in_evidence_is_one_line(tmp_path: Path, sim: Any, name: str) -> None:
+    import subprocess
+    import sys
+    crl = (REGRESSIONS / "chain" / name).read_bytes()[1:]  # the chain target's selector byte, then the CRL
+    ev = sim.trustee_json(sim.sign_report(report_data=b"\0" * 64), include=("ARK", "ASK", "LEAF"))
+    ev["cert_chain"].append({"cert_type": "CRL", "data": list(crl)})
+    f = tmp_path / "evidence.json"
+    f.write_text(json.dumps(ev))
+    root = tmp_path / "root.pem"
+    root.write_bytes(sim.root_pem())
+    proc = subprocess.run([sys.executable, "-m", "verifier.cli", "verify", str(f), "--trust-root", str(root)],
+                          capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parent.parent)
+    assert "Traceback" not in proc.stderr, proc.stderr[-500:]
+    assert proc.returncode in (1, 2) and proc.stderr.startswith("error:"), (proc.returncode, proc.stderr[-300:])
