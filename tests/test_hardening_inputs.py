@@ -76,9 +76,7 @@ def test_crashing_certificate_inside_evidence_is_a_401(client: Any, sim: Any, pa
 
 
 @pytest.mark.parametrize("name", [
-    pytest.param("invalid-version.der", marks=pytest.mark.xfail(strict=True, reason=(
-        "BUG-8: a certificate with an invalid X.509 version raises cryptography's InvalidVersion "
-        "out of verifier.certs (firmgate verify --certs: traceback)"))),
+    pytest.param("invalid-version.der"),
     pytest.param("bad-issuer-name.der", marks=pytest.mark.xfail(strict=True, reason=(
         "BUG-9: a certificate whose issuer Name does not parse loads, then verify raises ValueError "
         "(firmgate verify --certs --trust-root: traceback)"))),

@@ -59,7 +59,8 @@ def _pem_blocks(data: bytes, label: bytes) -> list[bytes]:
 
 
 # What cryptography may raise when it parses a part of a certificate lazily.
-LAZY_PARSE_ERRORS = (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType, UnsupportedAlgorithm)
+LAZY_PARSE_ERRORS = (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType, UnsupportedAlgorithm,
+                     x509.InvalidVersion)
 
 
 def _parsed_now(cert: x509.Certificate, what: str) -> x509.Certificate:
@@ -96,7 +97,7 @@ def load_certificates(data: bytes, what: str = "certificates") -> list[x509.Cert
             try:
                 with _serial_zero_ok():
                     certs.append(_parsed_now(x509.load_pem_x509_certificate(block), what))
-            except ValueError as exc:
+            except (ValueError, x509.InvalidVersion) as exc:
                 raise CertificateFormatError(f"{what}: a PEM certificate does not parse: {exc}") from exc
         if not certs:
             raise CertificateFormatError(f"{what}: PEM input holds no CERTIFICATE block")
@@ -106,7 +107,7 @@ def load_certificates(data: bytes, what: str = "certificates") -> list[x509.Cert
     try:
         with _serial_zero_ok():
             cert = x509.load_der_x509_certificate(data)
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:
         raise CertificateFormatError(f"{what}: not a DER or PEM certificate ({exc})") from exc
     return [_parsed_now(cert, what)]
 
