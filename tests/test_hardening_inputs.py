@@ -77,9 +77,7 @@ def test_crashing_certificate_inside_evidence_is_a_401(client: Any, sim: Any, pa
 
 @pytest.mark.parametrize("name", [
     pytest.param("invalid-version.der"),
-    pytest.param("bad-issuer-name.der", marks=pytest.mark.xfail(strict=True, reason=(
-        "BUG-9: a certificate whose issuer Name does not parse loads, then verify raises ValueError "
-        "(firmgate verify --certs --trust-root: traceback)"))),
+    pytest.param("bad-issuer-name.der"),
 ])
 def test_cli_verify_with_malformed_certificate_is_exit_2(tmp_path: Path, sim: Any, name: str) -> None:
     """The CLI, like the broker, answers a malformed certificate with one `error:` line and exit 2."""

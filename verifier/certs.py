@@ -60,7 +60,7 @@ def _pem_blocks(data: bytes, label: bytes) -> list[bytes]:
 
 # What cryptography may raise when it parses a part of a certificate lazily.
 LAZY_PARSE_ERRORS = (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType, UnsupportedAlgorithm,
-                     x509.InvalidVersion)
+                     x509.InvalidVersion, TypeError)
 
 
 def _parsed_now(cert: x509.Certificate, what: str) -> x509.Certificate:
@@ -69,6 +69,7 @@ def _parsed_now(cert: x509.Certificate, what: str) -> x509.Certificate:
     try:
         cert.extensions
         cert.public_key()
+        cert.issuer, cert.subject
     except LAZY_PARSE_ERRORS as exc:
         raise CertificateFormatError(f"{what}: malformed certificate ({exc})") from None
     return cert
