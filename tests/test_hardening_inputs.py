@@ -281,9 +281,6 @@ def test_guest_client_refuses_deeply_nested_answers(status: int) -> None:
 
 
 @pytest.mark.parametrize("name", ["crl-bad-issuer.bin", "crl-bad-name-attribute.bin", "crl-invalid-version.bin"])
-@pytest.mark.xfail(strict=True, reason="BUG-16: a malformed CRL in the evidence's cert_chain (Trustee 'CRL' "
-                   "entry) escapes verifier.certs.load_crl / verify as InvalidVersion, ValueError or TypeError "
-                   "(firmgate verify: traceback)")
 def test_cli_verify_with_malformed_crl_in_evidence_is_one_line(tmp_path: Path, sim: Any, name: str) -> None:
     import subprocess
     import sys

@@ -119,10 +119,15 @@ def load_crl(data: bytes, what: str = "CRL") -> x509.CertificateRevocationList:
         raise CertificateFormatError(f"{what}: {len(data)} bytes is too large")
     try:
         if b"-----BEGIN X509 CRL-----" in data:
-            return x509.load_pem_x509_crl(data)
-        return x509.load_der_x509_crl(data)
-    except ValueError as exc:
+            crl = x509.load_pem_x509_crl(data)
+        else:
+            crl = x509.load_der_x509_crl(data)
+        crl.issuer, crl.extensions, crl.next_update_utc  # parsed lazily: fail here, not inside verify
+        for revoked in crl:
+            revoked.serial_number
+    except LAZY_PARSE_ERRORS as exc:
         raise CertificateFormatError(f"{what}: does not parse ({exc})") from exc
+    return crl
 
 
 def common_name(cert: x509.Certificate) -> str:
