@@ -75,7 +75,7 @@ def load_tee_pubkey(jwk: Any) -> ec.EllipticCurvePublicKey | rsa.RSAPublicKey:
         if alg not in (None, ECDH_ALG):
             raise TeeKeyError(f"tee-pubkey alg {alg!r} is not {ECDH_ALG}")
         crv = jwk.get("crv")
-        if crv not in CURVES:
+        if not isinstance(crv, str) or crv not in CURVES:  # a JSON array/object is unhashable
             raise TeeKeyError(f"tee-pubkey curve {crv!r} is not one of {', '.join(CURVES)}")
         curve, size = CURVES[crv]
         x, y = _int_field(jwk, "x", size), _int_field(jwk, "y", size)

@@ -103,7 +103,7 @@ _ODD = [None, True, False, 0, -1, 2**64, 2**70, -2**63, 1.5, 1e308, "", "x" * 30
 
 # Nodes whose damage is a known open bug (pinned by its own strict xfail test below); kept out of the
 # property so that it keeps looking for new ones.
-OPEN_PATHS = {("tee-pubkey", "crv")}  # BUG-10
+OPEN_PATHS: set[tuple[str, str]] = set()  # BUG-10 fixed
 
 
 def _paths(obj: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
@@ -146,8 +146,6 @@ def test_bound_attestation_with_odd_json_nodes_never_500(client: Any, sim: Any, 
 
 
 @pytest.mark.parametrize("crv", [[], {}, [1, 2]], ids=["list", "object", "list2"])
-@pytest.mark.xfail(strict=True, reason="BUG-10: a tee-pubkey whose crv is a JSON array/object makes "
-                   "broker.jwe.load_tee_pubkey raise TypeError (unhashable) -> 500")
 def test_tee_pubkey_with_unhashable_crv_is_a_401(client: Any, sim: Any, crv: Any) -> None:
     nonce = client.post("/kbs/v0/auth", json={"version": "0.4.0", "tee": "snp"}).get_json()["nonce"]
     _key, jwk = new_tee_key()
