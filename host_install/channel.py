@@ -80,7 +80,7 @@ def read_frame(conn: socket.socket, magic: bytes, already: bytes = b"") -> tuple
         raise ChannelError(f"frame body_len {body_len} is above {MAX_BODY}", "the add-on must be at most 64 MiB")
     try:
         header = json.loads(_recv_exact(conn, head_len).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: nesting too deep
         raise ChannelError(f"frame header is not UTF-8 JSON: {exc}", "send a JSON object header") from exc
     if not isinstance(header, dict):
         raise ChannelError("frame header is not a JSON object", "send a JSON object header")

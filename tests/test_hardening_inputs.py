@@ -159,9 +159,6 @@ def test_tee_pubkey_with_unhashable_crv_is_a_401(client: Any, sim: Any, crv: Any
 
 
 # -- the host's update listener, fed by a malicious guest ------------------------------------------
-@pytest.mark.xfail(strict=True, reason="BUG-11: a request frame whose JSON header nests 16,000 arrays raises "
-                   "RecursionError out of host_install.channel.read_frame; Listener.serve_one lets it escape, "
-                   "so one guest frame stops `host-install listen`")
 def test_listener_answers_a_deeply_nested_header_and_keeps_serving(tmp_path: Path) -> None:
     import socket
     import threading
