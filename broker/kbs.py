@@ -117,7 +117,7 @@ def _guest_firmware(st: BrokerState, orm: OrmSession, additional: str, session_i
         return
     try:
         extra = json.loads(additional)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nesting too deep for the JSON decoder
         return  # device evidence in some other shape: not ours to judge here
     if not isinstance(extra, dict) or FIRMWARE_KEY not in extra:
         return
