@@ -51,7 +51,9 @@ def initdata_host_data(init_data: Any) -> bytes | None:
         algorithm = tomllib.loads(body).get("algorithm")
     except tomllib.TOMLDecodeError as exc:
         raise BindingError(f"init-data body is not TOML: {exc}") from exc
-    if algorithm not in INITDATA_HASHES:
+    except RecursionError:
+        raise BindingError("init-data body nests too deeply to parse") from None
+    if not isinstance(algorithm, str) or algorithm not in INITDATA_HASHES:  # an array/table is unhashable
         raise BindingError(f"init-data algorithm {algorithm!r} is not one of {', '.join(INITDATA_HASHES)}")
     digest = INITDATA_HASHES[algorithm](body.encode()).digest()
     return digest[:HOST_DATA_SIZE].ljust(HOST_DATA_SIZE, b"\0")

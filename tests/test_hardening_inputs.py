@@ -195,8 +195,6 @@ def test_listener_answers_a_deeply_nested_header_and_keeps_serving(tmp_path: Pat
         listener.close()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG-12: additional_evidence holding deeply nested JSON (bound by "
-                   "REPORT_DATA, so it reaches broker.kbs._guest_firmware) raises RecursionError -> 500")
 def test_deeply_nested_additional_evidence_is_a_401(client: Any, sim: Any) -> None:
     nonce = client.post("/kbs/v0/auth", json={"version": "0.4.0", "tee": "snp"}).get_json()["nonce"]
     _key, jwk = new_tee_key()
@@ -213,9 +211,6 @@ def test_deeply_nested_additional_evidence_is_a_401(client: Any, sim: Any) -> No
     pytest.param("algorithm = []", id="array"),
     pytest.param("algorithm = {a = 1}", id="table"),
 ])
-@pytest.mark.xfail(strict=True, reason="BUG-13: init-data TOML that nests deeply (RecursionError) or whose "
-                   "algorithm is an array/table (TypeError: unhashable) escapes broker.runtime_data."
-                   "initdata_host_data -> 500, before any evidence is checked")
 def test_hostile_init_data_is_a_401(client: Any, sim: Any, toml_body: str) -> None:
     nonce = client.post("/kbs/v0/auth", json={"version": "0.4.0", "tee": "snp"}).get_json()["nonce"]
     _key, jwk = new_tee_key()
