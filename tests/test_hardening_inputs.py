@@ -222,8 +222,6 @@ def test_hostile_init_data_is_a_401(client: Any, sim: Any, toml_body: str) -> No
     assert "init-data" in r.get_json()["detail"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG-14: a policy file nesting arrays 3,000 deep raises RecursionError "
-                   "out of verifier.appraise.policy.parse_policy (firmgate policy check: traceback)")
 def test_cli_policy_check_on_deeply_nested_policy_is_one_line(tmp_path: Path) -> None:
     import subprocess
     import sys

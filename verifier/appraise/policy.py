@@ -597,6 +597,9 @@ def parse_policy(text: str | bytes, path: str | Path, *, tenant: str | None = No
             line = source.count("\n") + 1
         errors.append(PolicyFileError(spath, line, None, f"TOML syntax: {why}"))
         return None, errors
+    except RecursionError:
+        errors.append(PolicyFileError(spath, None, None, "TOML syntax: arrays or tables nest too deeply"))
+        return None, errors
     index = LineIndex(source)
     errs = _Errors()
     top = _table(errs, (), doc, {"version", "description", "firmware", "shapes", "platform", "guest", "secrets"})
