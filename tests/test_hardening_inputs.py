@@ -235,9 +235,6 @@ def test_cli_policy_check_on_deeply_nested_policy_is_one_line(tmp_path: Path) ->
 
 # -- firmgate's own guest, facing a malicious broker or a network attacker -----------------------------
 @pytest.mark.parametrize("status", [200, 401])
-@pytest.mark.xfail(strict=True, reason="BUG-15: a broker answer of deeply nested JSON raises RecursionError "
-                   "out of broker.guest.http.KbsSession.request (also guest/keys.py validate_jwe, "
-                   "guest/client.py token_claims): `firmgate guest attest` ends in a traceback")
 def test_guest_client_refuses_deeply_nested_answers(status: int) -> None:
     import http.server
     import threading

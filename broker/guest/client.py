@@ -70,7 +70,7 @@ def token_claims(token: str) -> dict[str, Any]:
         raise BadResponse("attest: the token is not a JWT (three dot-separated parts)")
     try:
         payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
-    except (binascii.Error, ValueError):
+    except (binascii.Error, ValueError, RecursionError):
         raise BadResponse("attest: the token payload is not base64url JSON") from None
     if not isinstance(payload, dict):
         raise BadResponse("attest: the token payload is not a JSON object")

@@ -86,7 +86,7 @@ class KbsSession:
             raise BadResponse(f"{step}: broker answer is larger than {MAX_BODY} bytes")
         try:
             obj = json.loads(raw.decode("utf-8")) if raw else None
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):
             obj = None
         if status == 200:
             if obj is None:

@@ -89,7 +89,7 @@ def validate_jwe(body: Any, key: TeeKey) -> dict[str, Any]:
         raise BadResponse("resource JWE: tag must be 16 bytes (AES-GCM)")
     try:
         header = json.loads(raw_header.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise BadResponse("resource JWE: protected header is not JSON") from None
     if not isinstance(header, dict):
         raise BadResponse("resource JWE: protected header is not a JSON object")
