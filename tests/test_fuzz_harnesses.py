@@ -30,11 +30,10 @@ HAVE_ATHERIS = (importlib.util.find_spec("atheris") is not None
 SECONDS = int(os.environ.get("FIRMGATE_FUZZ_SECONDS", "4"))
 NAMES = sorted(TARGETS)
 
-# Open bugs found by fuzzing: regression inputs that still crash, until the owner's
-# module is fixed (then the entry goes and the input keeps guarding the fix).
-# BUG-1 (cert/duplicate-extension.der) fixed in 1bb9cc4.
-OPEN_BUGS: dict[str, str] = {
-}
+# Open bugs found by fuzzing: {"<target>/<regression file>": reason} for inputs that still crash,
+# until the module is fixed (then the entry goes and the input keeps guarding the fix).
+# None open: BUG-1, 8, 9, 11, 14, 16 (see docs/security.md) are fixed.
+OPEN_BUGS: dict[str, str] = {}
 
 
 def _run(name: str, data: bytes) -> None:
