@@ -19,6 +19,7 @@ from ..evidence import MAX_EVIDENCE_SIZE, Evidence, load_evidence
 from ..kds import parse_leaf
 from ..kds.fetch import HttpFetcher
 from ..options import VerifyOptions
+from ..appraise.appraise import appraise
 from ..pipeline import check_name_for, evidence_digest, verify_to_report
 from ..trust import DEFAULT_TRUST_STORE
 from ..verdict import CheckResult, Outcome, Verdict
@@ -53,10 +54,15 @@ def register(sub: "argparse._SubParsersAction[Any]") -> None:
     v.add_argument("--offline", action="store_true", help="never contact AMD KDS; use the cache only")
     v.add_argument("--kds-cache", metavar="DIR", help="KDS cache directory (default: $XDG_CACHE_HOME/firmgate/kds)")
     v.add_argument("--json", action="store_true", help="print the verdict as JSON")
-    # Appraisal against an owner's policy is a later stage; the arguments are reserved now.
-    v.add_argument("--policy", metavar="FILE_OR_DIR", help=argparse.SUPPRESS)
-    v.add_argument("--tenant", metavar="T", help=argparse.SUPPRESS)
-    v.add_argument("--firmware", action="append", default=[], metavar="FILE", help=argparse.SUPPRESS)
+    v.add_argument("--policy", metavar="FILE_OR_DIR",
+                   help="appraise against this owner policy (a tenant's TOML file, or a policy directory)")
+    v.add_argument("--tenant", metavar="T", help="the tenant whose policy applies (needed with a directory)")
+    v.add_argument("--firmware", action="append", default=[], metavar="FILE",
+                   help="firmware add-on or image the VM supplied (accepted only if the policy lists its digest)")
+    v.add_argument("--measure-cache", metavar="DIR", help="cache of expected measurements (protect like the policy)")
+    v.add_argument("--ear-out", metavar="FILE", help="write the signed EAR attestation result (JWT) here")
+    v.add_argument("--ear-key", metavar="PEM",
+                   help="EC private key that signs --ear-out (P-256: ES256, P-384: ES384)")
     v.set_defaults(func=verify_handler)
 
 
@@ -195,26 +201,61 @@ def print_verdict(name: str, verdict: Verdict, out: Any = None) -> None:
 def verify_handler(args: argparse.Namespace) -> int:
     from ..cli import print_json
 
-    for flag in ("policy", "tenant"):
-        if getattr(args, flag):
-            raise UsageError(f"--{flag} is not available yet: appraisal against an owner policy has not landed")
-    if args.firmware:
-        raise UsageError("--firmware is not available yet: appraisal against an owner policy has not landed")
+    if not args.policy and (args.tenant or args.firmware or args.ear_out):
+        raise UsageError("--tenant, --firmware and --ear-out need --policy")
+    if bool(args.ear_out) != bool(args.ear_key):
+        raise UsageError("--ear-out and --ear-key go together")
     evidence = _load_evidence(args.report)          # bad input: exit 2
     options = options_from_args(args)
+    loaded = _load_policy(args) if args.policy else None   # a broken policy is bad input: exit 2
     try:
         verified = verify_to_report(evidence, options)
-        verdict = Verdict(checks=verified.checks, evidence_sha384=evidence_digest(evidence), facts=verified.facts())
+        if loaded is None:
+            verdict = Verdict(checks=verified.checks, evidence_sha384=evidence_digest(evidence),
+                              facts=verified.facts())
+        else:
+            verdict = appraise(verified, loaded, expected_report_data=options.report_data)
     except (EvidenceError, FetchError):
         raise                                      # exit 2 / 3 with one line
     except TrustError as exc:                      # rejected: still one verdict shape, exit 1
         verdict = Verdict(checks=(CheckResult(check_name_for(exc), Outcome.FAIL, exc.diagnostics()),),
                           evidence_sha384=evidence_digest(evidence))
+    if args.ear_out:
+        _write_ear(args, verdict)
     if args.json:
         print_json(verdict.to_dict())
     else:
         print_verdict(args.report, verdict)
     return 0 if verdict.accepted else 1
+
+
+def _load_policy(args: argparse.Namespace) -> Any:
+    from ..appraise.store import load_for_cli
+
+    loaded = load_for_cli(args.policy, args.tenant, cache_dir=args.measure_cache)
+    for path in args.firmware:      # the VM's own add-on/image: measured only if the policy lists its digest
+        loaded.add_firmware_bytes(_read(path, "--firmware", 64 * 1024 * 1024))
+    return loaded
+
+
+def _write_ear(args: argparse.Namespace, verdict: Verdict) -> None:
+    """Sign the verdict as an EAR JWT; written even for a rejection (status contraindicated)."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    from ..ear import issue_ear_jwt
+
+    try:
+        key = load_pem_private_key(_read(args.ear_key, "--ear-key", 64 * 1024), password=None)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"--ear-key {args.ear_key}: not an unencrypted PEM private key") from exc
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name not in ("secp256r1", "secp384r1"):
+        raise UsageError(f"--ear-key {args.ear_key}: need an EC P-256 or P-384 private key")
+    alg = "ES256" if key.curve.name == "secp256r1" else "ES384"
+    token = issue_ear_jwt(verdict, key, alg)
+    fd = os.open(args.ear_out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
 
 
 def show_handler(args: argparse.Namespace) -> int:
