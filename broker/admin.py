@@ -22,6 +22,9 @@ from .state import get_orm, state
 bp = Blueprint("admin", __name__, url_prefix="/admin/v0")
 
 
+MAX_AUDIT_ID = 2**63 - 1
+
+
 def _bearer() -> str:
     h = request.headers.get("Authorization", "")
     if h[:7].lower() != "bearer " or not h[7:].strip():
@@ -137,7 +140,9 @@ def read_audit() -> Response:
         limit = int(request.args.get("limit", "100"))
     except ValueError:
         raise ApiError("BadRequest", "after and limit must be integers", 400) from None
-    if not 1 <= limit <= 1000 or after < 0:
-        raise ApiError("BadRequest", "limit must be 1..1000 and after >= 0", 400)
+    # `after` is an audit row id: bound it to a signed 64-bit integer, the widest id column
+    # SQLite and PostgreSQL hold (a larger value overflowed the driver: a 500).
+    if not 1 <= limit <= 1000 or not 0 <= after <= MAX_AUDIT_ID:
+        raise ApiError("BadRequest", f"limit must be 1..1000 and after 0..{MAX_AUDIT_ID}", 400)
     records: list[dict[str, Any]] = audit.read(get_orm(), caller, after, limit)
     return jsonify({"tenant": caller, "records": records})

@@ -98,7 +98,7 @@ def openapi_document() -> dict[str, Any]:
             "/admin/v0/audit": {"get": {
                 "summary": "The calling tenant's audit records (the operator sees all)",
                 "security": _BEARER,
-                "parameters": [{"name": "after", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+                "parameters": [{"name": "after", "in": "query", "schema": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1}},
                                {"name": "limit", "in": "query",
                                 "schema": {"type": "integer", "minimum": 1, "maximum": 1000}}],
                 "responses": {"200": _json(obj), "400": _err("bad query"), "401": _err("no or bad token")}}},

@@ -84,3 +84,13 @@ def test_tenant_name_rule_is_documented() -> None:  # BUG-5
     r = APP.test_client().post("/admin/v0/tenants", json={"name": ""}, headers={"Authorization": f"Bearer {OP}"})
     assert r.status_code == 400  # the broker refuses it ...
     assert "pattern" in name or name.get("minLength", 0) >= 1  # ... so the document must not allow it
+
+
+def test_audit_after_beyond_64_bits_is_refused_not_500() -> None:  # BUG-17, found by schemathesis in a fresh clone
+    headers = {"Authorization": f"Bearer {OP}"}
+    r = APP.test_client().get("/admin/v0/audit?limit=320&after=22443854040842750819049668608", headers=headers)
+    assert r.status_code == 400 and "after" in r.get_json()["detail"]
+    doc = APP.test_client().get("/openapi.json").get_json()
+    after = next(p for p in doc["paths"]["/admin/v0/audit"]["get"]["parameters"] if p["name"] == "after")
+    assert after["schema"]["maximum"] == 2**63 - 1
+    assert APP.test_client().get(f"/admin/v0/audit?after={2**63 - 1}", headers=headers).status_code == 200
