@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from verifier.errors import EvidenceError, FirmgateError
 from verifier.verdict import Verdict
+from verifier.appraise.appraise import snp_claims  # the Trustee claim names, one source for EAR and token
 
 log = logging.getLogger(__name__)
 
@@ -65,27 +66,6 @@ class Appraiser(Protocol):
         sha384 digests of the firmware images taken. Raises FirmwareError when no policy allows them."""
 
 
-def snp_claims(report: Any) -> dict[str, Any]:
-    """The `snp` part of the EAR annotated evidence (Trustee's names), from a parsed AttestationReport."""
-    pol = report.policy
-    claims: dict[str, Any] = {
-        "measurement": report.measurement.hex(),
-        "chip_id": report.chip_id.hex(),
-        "host_data": report.host_data.hex(),
-        "report_data": report.report_data.hex(),
-        "reported_tcb": f"{report.reported_tcb:016x}",
-        "guest_svn": report.guest_svn,
-        "vmpl": report.vmpl,
-        "policy_abi_major": pol.abi_major,
-        "policy_abi_minor": pol.abi_minor,
-        "policy_smt_allowed": pol.smt,
-        "policy_migrate_ma": pol.migrate_ma,
-        "policy_debug_allowed": pol.debug,
-        "policy_single_socket": pol.single_socket,
-    }
-    return claims
-
-
 class VerifierAppraiser:
     """The real verifier, with the tenants' policies from a directory (re-read when they change)."""
 
@@ -133,7 +113,8 @@ class VerifierAppraiser:
             raise EvidenceError(f"evidence could not be verified ({type(exc).__name__})") from exc
         report = verified.report
         return Attested(report_data=bytes(report.report_data), host_data=bytes(report.host_data),
-                        measurement=bytes(report.measurement), snp_claims=snp_claims(report), handle=verified)
+                        measurement=bytes(report.measurement), snp_claims=snp_claims(report, verified.tcb.get("reported")),
+                        handle=verified)
 
     def tenants(self) -> list[str]:
         return list(self._store.tenants())
