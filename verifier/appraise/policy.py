@@ -20,7 +20,7 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Collection, Literal
 
 from ..abi.fields import Product
 from ..errors import FirmgateError, PolicyErrors, PolicyFileError
@@ -221,6 +221,17 @@ def _str(errs: _Errors, path: P, v: Any) -> str | None:
     return v
 
 
+def _one_of(errs: _Errors, allowed: Collection[str], why: Callable[[str], str]) -> Callable[[P, Any], str | None]:
+    """An item check for _list: a string from `allowed`; anything else is reported with why(value)."""
+    def check(path: P, v: Any) -> str | None:
+        s = _str(errs, path, v)
+        if s is not None and s not in allowed:
+            errs.add(path, why(s))
+            return None
+        return s
+    return check
+
+
 def _list(errs: _Errors, path: P, v: Any, item: Callable[[P, Any], Any], *, nonempty: bool = True) -> list[Any]:
     if not isinstance(v, list):
         errs.add(path, f"must be an array, not {_tname(v)}")
@@ -366,12 +377,8 @@ def _shapes(errs: _Errors, doc: dict[str, Any]) -> tuple[ShapeRule, ...]:
         vcpus = _list(errs, p + ("vcpus",), t["vcpus"],
                       lambda q, x: _int(errs, q, x, 1, MAX_VCPUS)) if "vcpus" in t else []
 
-        def vtype(q: P, x: Any) -> str | None:
-            s = _str(errs, q, x)
-            if s is not None and s not in VCPU_TYPES:
-                errs.add(q, f"unknown vCPU type {s!r} (sev-snp-measure knows: {', '.join(sorted(VCPU_TYPES))})")
-                return None
-            return s
+        vtype = _one_of(errs, VCPU_TYPES, lambda s: f"unknown vCPU type {s!r} "
+                        f"(sev-snp-measure knows: {', '.join(sorted(VCPU_TYPES))})")
         vtypes = _list(errs, p + ("vcpu_types",), t["vcpu_types"], vtype) if "vcpu_types" in t else []
         gf = _int(errs, p + ("guest_features",), t.get("guest_features", 1), 0, 2**64 - 1)
         kernel: KernelHashes | None = None
@@ -416,12 +423,7 @@ def _platform(errs: _Errors, doc: dict[str, Any]) -> PlatformRules:
         products = tuple(_list(errs, p + ("products",), t["products"], prod))
     signers: tuple[str, ...] | None = None
     if "signers" in t:
-        def sig(q: P, x: Any) -> str | None:
-            s = _str(errs, q, x)
-            if s is not None and s not in SIGNERS:
-                errs.add(q, f"signer {s!r} is not VCEK or VLEK")
-                return None
-            return s
+        sig = _one_of(errs, SIGNERS, lambda s: f"signer {s!r} is not VCEK or VLEK")
         signers = tuple(_list(errs, p + ("signers",), t["signers"], sig))
     vmpls: tuple[int, ...] | None = None
     if "vmpls" in t:
@@ -505,12 +507,7 @@ def _secrets(errs: _Errors, doc: dict[str, Any], tenant: str, fw_ids: set[str]) 
                 seen[path] = i
         firmware: tuple[str, ...] | None = None
         if "firmware" in t:
-            def fid(q: P, x: Any) -> str | None:
-                s = _str(errs, q, x)
-                if s is not None and s not in fw_ids:
-                    errs.add(q, f"secret names unknown firmware id {s!r}")
-                    return None
-                return s
+            fid = _one_of(errs, fw_ids, lambda s: f"secret names unknown firmware id {s!r}")
             firmware = tuple(_list(errs, p + ("firmware",), t["firmware"], fid))
         min_svn = _int(errs, p + ("min_svn",), t["min_svn"], 0, 2**32 - 1) if "min_svn" in t else None
         if path is not None:
