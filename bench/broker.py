@@ -1,26 +1,33 @@
 """Full KBS handshakes (auth, attest, resource) against gunicorn on loopback, with concurrent clients.
 
-Prints handshakes per second and p50/p99 latency, next to the verify-only rate
-(verify_report on the same kind of evidence) and the raw ECDSA P-384 verify
-rate, measured in the same run on the same machine.
+Prints handshakes per second and p50/p99 latency next to, from the same run on
+the same machine: the raw ECDSA P-384 verify rate and the verify-only rate (1
+core), the HTTP floor (a no-op Flask app with the same three routes, served by
+the same gunicorn command line and driven by the same clients), and the client
+and server CPU spent per handshake.
 
-    .venv/bin/python bench/broker.py [--clients 8] [--seconds 10] [--workers 2] [--threads 4] [--db URL]
+    .venv/bin/python bench/broker.py [--clients 8] [--seconds 10] [--workers 2] [--threads 4]
+                                     [--db URL] [--bearer] [--json]
 
-The evidence is from the `sim` platform (its root passed with --trust-root),
+The evidence is from the `sim` platform (its root passed as the trust root),
 the firmware is a real OVMF build from ../shared/firmware, and each client
-signs a fresh report per handshake (the guest's PSP does that in real life, here
-it costs client CPU on the same machine: the "client CPU" column says how much).
+signs a fresh report per handshake (the guest's PSP does that in real life;
+here it is client CPU on the same machine, reported as such). The client is
+bench/_loadgen.py. bench/README.md says what each row means.
+
+Exit status: 0 if every handshake ended with the stored secret, 1 if any did
+not (an error or a wrong secret, in either run), 2 if the firmware is missing
+or the options are bad.
 """
 from __future__ import annotations
 
 import argparse
-import base64
 import hashlib
-import http.client
 import json
 import multiprocessing as mp
 import os
 import secrets
+import shutil
 import signal
 import socket
 import statistics
@@ -28,13 +35,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 SHARED = Path(os.environ.get("FIRMGATE_SHARED", REPO.parent / "shared"))
 FIRMWARE = SHARED / "firmware" / "edk2-2025.02-OVMF.fd"
+
+from bench import _loadgen as lg  # noqa: E402
 
 POLICY = """version = 1
 [firmware]
@@ -52,15 +62,10 @@ allow_simulated_platform = true
 allow_provisional_firmware = true
 [guest]
 [[secrets]]
-path = "bench/key/disk"
+path = "{secret}"
 """
 
-
-SIM: Any = None
-
-
-def b64url(b: bytes) -> str:
-    return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -69,90 +74,185 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def setup(work: Path) -> dict[str, Any]:
+def setup(work: Path) -> tuple[dict[str, str], Any, bytes]:
+    """Policy directory, measurement cache, sim platform root and master key in `work`."""
     from sim.platform import SimPlatform
     from verifier.appraise.store import PolicyStore
     pol = work / "policies"
     pol.mkdir()
     (pol / "ovmf.fd").symlink_to(FIRMWARE)
     digest = hashlib.sha384(FIRMWARE.read_bytes()).hexdigest()
-    (pol / "bench.toml").write_text(POLICY.format(digest=digest))
+    (pol / "bench.toml").write_text(POLICY.format(digest=digest, secret=lg.SECRET_PATH))
     cache = work / "mcache"
     meas = PolicyStore(pol, cache_dir=cache).get("bench").table.entries()[0][0]
-    global SIM
-    sim = SIM = SimPlatform("Milan", key_label="bench")  # forked clients sign with this chain
+    sim = SimPlatform("Milan", key_label="bench")  # forked clients sign with this chain
     (work / "root.pem").write_bytes(sim.root_pem())
     (work / "master.key").write_bytes(secrets.token_bytes(32))
-    return {"policies": str(pol), "cache": str(cache), "measurement": meas.hex(),
-            "root": str(work / "root.pem"), "key": str(work / "master.key")}
+    cfg = {"policies": str(pol), "cache": str(cache), "root": str(work / "root.pem"), "key": str(work / "master.key")}
+    return cfg, sim, bytes(meas)
 
 
-# -- the client (one process each) ----------------------------------------------------------
-def _client(args: tuple[int, float, str, int]) -> tuple[list[float], float, int]:
-    port, seconds, meas_hex, seed = args
-    from joserfc import jwe
-    from joserfc.jwk import ECKey
+def seed_db(db: str, key_file: str) -> None:
+    """Schema, tenant and secret before the workers start (a PostgreSQL database may hold them already)."""
+    from sqlalchemy.orm import sessionmaker
 
-    sim = SIM
-    meas = bytes.fromhex(meas_hex)
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    lat: list[float] = []
-    errors = 0
-    cpu0 = time.process_time()
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        t0 = time.perf_counter()
+    from broker import vault
+    from broker.db import make_engine, migrate
+    from broker.secretbox import SecretBox, load_master_key
+    engine = make_engine(db)
+    try:
+        migrate(engine)
+        repo, rtype, tag = lg.SECRET_PATH.split("/")
+        with sessionmaker(engine)() as orm:
+            try:
+                vault.add_tenant(orm, repo)
+            except vault.VaultError:
+                pass  # an earlier run on the same database created it; the secret is replaced below
+            vault.put_secret(orm, SecretBox(load_master_key(key_file)), repo, vault.ResourcePath(repo, rtype, tag),
+                             lg.SECRET)
+    finally:
+        engine.dispose()
+
+
+# -- server CPU from /proc --------------------------------------------------------------------
+def _stat(pid: int) -> tuple[int, list[str]] | None:
+    """(ppid, fields after the comm) of /proc/<pid>/stat, or None if the process is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    rest = text[text.rindex(")") + 2:].split()  # comm may hold spaces and ')'; proc(5) fields 3.. follow
+    return int(rest[1]), rest
+
+
+def tree_cpu(master: int) -> tuple[float, dict[int, float]]:
+    """CPU seconds of the gunicorn master and its workers: (total, per live worker).
+
+    proc(5): utime (14) + stime (15) of the master and of every live process whose
+    ppid is the master, plus the master's cutime (16) + cstime (17), which hold the
+    workers it has already reaped (so a worker restarted mid-run is still counted).
+    The difference of two readings is the server CPU of the interval (clock ticks).
+    """
+    st = _stat(master)
+    if st is None:
+        raise RuntimeError(f"gunicorn master {master} is gone")
+    f = st[1]
+    total = sum(int(x) for x in f[11:15])  # utime stime cutime cstime = proc(5) fields 14-17
+    workers: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        child = _stat(int(entry))
+        if child is not None and child[0] == master:
+            ticks = int(child[1][11]) + int(child[1][12])
+            workers[int(entry)] = ticks / CLK_TCK
+            total += ticks
+    return total / CLK_TCK, workers
+
+
+# -- one server, one load run --------------------------------------------------------------------
+@dataclass
+class Run:
+    """What one load run measured (the broker's or the no-op app's)."""
+
+    handshakes: int
+    errors: int
+    reconnects: int
+    rate: float                # handshakes per second (sum of the clients' own rates)
+    p50_ms: float
+    p99_ms: float
+    client_cpu_ms: float       # per handshake, all client processes
+    server_cpu_ms: float       # per handshake, gunicorn master + workers
+    worker_split: list[float]  # each worker's share of the workers' CPU in the run, %
+    first_errors: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def gunicorn_cmd(args: argparse.Namespace, port: int, app: str) -> list[str]:
+    gunicorn = str(Path(sys.executable).parent / "gunicorn")
+    return [gunicorn, "-w", str(args.workers), "--threads", str(args.threads), "-b", f"127.0.0.1:{port}",
+            "--log-level", "warning", app]
+
+
+def wait_healthy(port: int, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"gunicorn exited with status {proc.returncode}")
         try:
-            key = ECKey.generate_key("P-256")
-            pub = key.as_dict(private=False)
-            jwk = {"kty": "EC", "crv": "P-256", "alg": "ECDH-ES+A256KW", "x": pub["x"], "y": pub["y"]}
-            conn.request("POST", "/kbs/v0/auth", json.dumps({"version": "0.4.0", "tee": "snp", "extra-params": {}}),
-                         {"Content-Type": "application/json"})
-            r = conn.getresponse()
-            body = json.loads(r.read())
-            cookie = r.getheader("Set-Cookie").split(";")[0]
-            nonce = body["nonce"]
-            canon = json.dumps({"additional-evidence": "", "nonce": nonce, "tee-pubkey": jwk},
-                               separators=(",", ":"), sort_keys=True).encode()
-            rd = hashlib.sha384(canon).digest() + b"\0" * 16
-            report = sim.sign_report(report_data=rd, measurement=meas)
-            att = {"init-data": None, "runtime-data": {"nonce": nonce, "tee-pubkey": jwk},
-                   "tee-evidence": {"primary_evidence": sim.trustee_json(report, include=("ARK", "ASK", "LEAF")),
-                                    "additional_evidence": ""}}
-            conn.request("POST", "/kbs/v0/attest", json.dumps(att),
-                         {"Content-Type": "application/json", "Cookie": cookie})
-            r = conn.getresponse()
-            body = r.read()
-            if r.status != 200:
-                raise RuntimeError(f"attest {r.status} {body[:300]!r}")
-            conn.request("GET", "/kbs/v0/resource/bench/key/disk", headers={"Cookie": cookie})
-            r = conn.getresponse()
-            res = json.loads(r.read())
-            if r.status != 200:
-                raise RuntimeError(f"resource {r.status} {res}")
-            plain = jwe.decrypt_json(res, key, algorithms=["ECDH-ES+A256KW", "A256GCM"]).plaintext
-            if plain != b"bench-secret":
-                raise RuntimeError("wrong secret")
-            lat.append(time.perf_counter() - t0)
-        except Exception as exc:  # noqa: BLE001 - count and go on; printed in the summary
-            errors += 1
-            if errors < 3:
-                print(f"client error: {exc}", file=sys.stderr)
+            conn = lg.Connection(port, timeout=2)
+            ok = conn.request(b"GET", b"/healthz").status == 200
             conn.close()
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    return lat, time.process_time() - cpu0, errors
+            if ok:
+                return
+        except (OSError, lg.HandshakeError):
+            pass
+        time.sleep(0.1)
+    raise RuntimeError("gunicorn did not answer /healthz in time")
 
 
-# -- the reference rates ---------------------------------------------------------------------
-def rate(fn: Any, seconds: float = 2.0) -> float:
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
+def load_run(args: argparse.Namespace, app: str, env: dict[str, str], cwd: Path, guest: lg.Guest) -> Run:
+    """Start gunicorn with `app`, warm every worker up, drive it for args.seconds, stop it."""
+    port = free_port()
+    proc = subprocess.Popen(gunicorn_cmd(args, port, app), env=env, cwd=str(cwd))
+    try:
+        wait_healthy(port, proc)
+        lg.GUEST = guest  # inherited by the forked clients
+        with mp.get_context("fork").Pool(args.clients) as pool:
+            # Warm-up: policy load, measurement and chain caches in every worker, connections, page cache.
+            pool.map(lg.run_client, [(port, args.warmup)] * args.clients)
+            cpu0, workers0 = tree_cpu(proc.pid)
+            results = pool.map(lg.run_client, [(port, args.seconds)] * args.clients)
+            cpu1, workers1 = tree_cpu(proc.pid)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    lat = sorted(x for r in results for x in r.latencies)
+    n = len(lat)
+    used = {pid: workers1[pid] - workers0.get(pid, 0.0) for pid in workers1}
+    busy = sum(used.values()) or 1.0
+    return Run(
+        handshakes=n,
+        errors=sum(r.errors for r in results),
+        reconnects=sum(r.reconnects for r in results),
+        rate=sum(len(r.latencies) / r.elapsed for r in results if r.elapsed > 0),
+        p50_ms=statistics.median(lat) * 1000 if lat else float("nan"),
+        p99_ms=lat[min(n - 1, int(n * 0.99))] * 1000 if lat else float("nan"),
+        client_cpu_ms=sum(r.cpu for r in results) / max(n, 1) * 1000,
+        server_cpu_ms=(cpu1 - cpu0) / max(n, 1) * 1000,
+        worker_split=sorted((round(v / busy * 100, 1) for v in used.values()), reverse=True),
+        first_errors=[e for r in results for e in r.first_errors][:5],
+    )
+
+
+# -- the reference rates (1 core, after the load runs) ----------------------------------------
+def _rates(fns: list[Callable[[], object]], seconds: float) -> list[float]:
+    """Calls per CPU second, interleaved: bench/verify.py's method, used from there when it has it."""
+    try:
+        from bench.verify import rates
+    except ImportError:
+        rates = None
+    if rates is not None:
+        return list(rates(fns, seconds))
+    out = []
+    for fn in fns:
         fn()
-        n += 1
-    return n / (time.perf_counter() - t0)
+        n, t0 = 0, time.process_time()
+        while time.process_time() - t0 < seconds:
+            fn()
+            n += 1
+        out.append(n / (time.process_time() - t0))
+    return out
 
 
-def reference_rates(meas_hex: str, root_pem: str) -> tuple[float, float]:
+def reference_rates(sim: Any, meas: bytes, root_pem: str, seconds: float) -> tuple[float, float]:
+    """(raw ECDSA P-384 verify /s, verify-only /s) on the evidence the handshakes send."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -161,101 +261,111 @@ def reference_rates(meas_hex: str, root_pem: str) -> tuple[float, float]:
     from verifier.options import default_options
     from verifier.verify import verify_report
     key = ec.generate_private_key(ec.SECP384R1())
-    msg = secrets.token_bytes(0x2A0)
+    msg = secrets.token_bytes(0x2A0)  # the signed part of a report (SNP ABI Table 23)
     sig = key.sign(msg, ec.ECDSA(hashes.SHA384()))
     pub = key.public_key()
-    raw = rate(lambda: pub.verify(sig, msg, ec.ECDSA(hashes.SHA384())))
-    sim = SIM
-    report = sim.sign_report(report_data=b"\1" * 64, measurement=bytes.fromhex(meas_hex))
+    report = sim.sign_report(report_data=b"\1" * 64, measurement=meas)
     ev_json = sim.trustee_json(report, include=("ARK", "ASK", "LEAF"))
     opts = default_options(trust_root=x509.load_pem_x509_certificate(Path(root_pem).read_bytes()))
-    try:
-        from bench.verify import verify_rate  # type: ignore[import-not-found]
-        vrate = float(verify_rate())
-    except ImportError:
-        vrate = rate(lambda: verify_report(evidence_from_json(ev_json), opts))
+    if not verify_report(evidence_from_json(ev_json), opts).accepted:
+        raise RuntimeError("the bench evidence does not verify")
+    raw, vrate = _rates([lambda: pub.verify(sig, msg, ec.ECDSA(hashes.SHA384())),
+                         lambda: verify_report(evidence_from_json(ev_json), opts)], seconds)
     return raw, vrate
+
+
+def noop_env(base: dict[str, str]) -> tuple[dict[str, str], Any]:
+    """The no-op app's fixed resource JWE (to a fixed key the clients hold) and its environment."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from broker.jwe import b64url, encrypt
+    key = ec.generate_private_key(ec.SECP256R1())
+    nums = key.public_key().public_numbers()
+    jwk = {"kty": "EC", "crv": "P-256", "alg": lg.ECDH_ALG, "x": b64url(nums.x.to_bytes(32, "big")),
+           "y": b64url(nums.y.to_bytes(32, "big"))}
+    return dict(base, FIRMGATE_NOOP_JWE=json.dumps(encrypt(lg.SECRET, jwk))), key
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--seconds", type=float, default=10.0)
-    ap.add_argument("--workers", type=int, default=os.cpu_count() or 2)
-    ap.add_argument("--threads", type=int, default=4)
-    ap.add_argument("--db", help="database URL (default: a fresh SQLite file)")
+    ap.add_argument("--clients", type=int, default=8, help="client processes, one connection each (default 8)")
+    ap.add_argument("--seconds", type=float, default=10.0, help="length of each load run (default 10)")
+    ap.add_argument("--warmup", type=float, default=1.5, help="warm-up before each load run (default 1.5)")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="gunicorn workers")
+    ap.add_argument("--threads", type=int, default=4, help="gunicorn threads per worker (1 = sync worker)")
+    ap.add_argument("--db", help="database URL, e.g. postgresql+psycopg://... (default: a fresh SQLite file)")
+    ap.add_argument("--bearer", action="store_true",
+                    help="fetch the resource with 'Authorization: Bearer <token>' and no cookie (the CoCo CDH way)")
+    ap.add_argument("--ref-seconds", type=float, default=3.0, help="CPU seconds per reference rate (default 3)")
+    ap.add_argument("--json", action="store_true", help="print the result as JSON instead of the table")
     args = ap.parse_args()
+    if args.clients < 1 or args.seconds <= 0 or args.workers < 1 or args.threads < 1 or args.warmup < 0:
+        ap.error("--clients, --workers, --threads must be >= 1 and --seconds > 0")
     if not FIRMWARE.is_file():
         print(f"missing {FIRMWARE}", file=sys.stderr)
         return 2
     work = Path(tempfile.mkdtemp(prefix="fg-bench-"))
-    cfg = setup(work)
-    db = args.db or f"sqlite:///{work / 'broker.db'}"
-    env = dict(os.environ, FIRMGATE_DB=db, FIRMGATE_POLICIES=cfg["policies"], FIRMGATE_TRUST_ROOT=cfg["root"],
-               FIRMGATE_MASTER_KEY_FILE=cfg["key"], FIRMGATE_MEASURE_CACHE=cfg["cache"], PYTHONPATH=str(REPO))
-    # Create the schema, the tenant and its secret before the workers start.
-    from sqlalchemy.orm import sessionmaker
-
-    from broker import vault
-    from broker.db import make_engine, migrate
-    from broker.secretbox import SecretBox, load_master_key
-    engine = make_engine(db)
-    migrate(engine)
-    with sessionmaker(engine)() as orm:
-        vault.add_tenant(orm, "bench")
-        vault.put_secret(orm, SecretBox(load_master_key(cfg["key"])), "bench",
-                         vault.ResourcePath("bench", "key", "disk"), b"bench-secret")
-    engine.dispose()
-
-    port = free_port()
-    gunicorn = str(Path(sys.executable).parent / "gunicorn")
-    proc = subprocess.Popen([gunicorn, "-w", str(args.workers), "--threads", str(args.threads), "-b",
-                             f"127.0.0.1:{port}", "--log-level", "warning", "broker:create_app()"],
-                            env=env, cwd=str(work))
     try:
-        for _ in range(200):
-            try:
-                c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-                c.request("GET", "/healthz")
-                if c.getresponse().status == 200:
-                    break
-            except OSError:
-                time.sleep(0.1)
-        else:
-            print("gunicorn did not come up", file=sys.stderr)
-            return 1
-        # Warm up every worker (policy load, measurement cache, chain cache).
-        _client((port, 1.0, cfg["measurement"], 0))
-        t0 = time.perf_counter()
-        with mp.get_context("fork").Pool(args.clients) as pool:
-            results = pool.map(_client, [(port, args.seconds, cfg["measurement"], i) for i in range(args.clients)])
-        wall = time.perf_counter() - t0
+        cfg, sim, meas = setup(work)
+        db = args.db or f"sqlite:///{work / 'broker.db'}"
+        seed_db(db, cfg["key"])
+        env = dict(os.environ, FIRMGATE_DB=db, FIRMGATE_POLICIES=cfg["policies"], FIRMGATE_TRUST_ROOT=cfg["root"],
+                   FIRMGATE_MASTER_KEY_FILE=cfg["key"], FIRMGATE_MEASURE_CACHE=cfg["cache"], PYTHONPATH=str(REPO))
+        evidence = lg.EvidenceTemplate(sim, meas)
+        broker = load_run(args, "broker:create_app()", env, work, lg.Guest(evidence, bearer=args.bearer))
+        env_noop, fixed_key = noop_env(env)
+        floor = load_run(args, "bench._loadgen:noop_app()", env_noop, work,
+                         lg.Guest(evidence, bearer=args.bearer, fixed_key=fixed_key))
+        raw, vrate = reference_rates(sim, meas, cfg["root"], args.ref_seconds)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
-    lat = sorted(x for r in results for x in r[0])
-    errors = sum(r[2] for r in results)
-    client_cpu = sum(r[1] for r in results)
-    raw, vrate = reference_rates(cfg["measurement"], cfg["root"])
-    n = len(lat)
-    hs = n / args.seconds
-    p50 = statistics.median(lat) * 1000 if lat else float("nan")
-    p99 = lat[min(n - 1, int(n * 0.99))] * 1000 if lat else float("nan")
+        shutil.rmtree(work, ignore_errors=True)
+    for name, run in (("broker", broker), ("no-op", floor)):
+        for e in run.first_errors:
+            print(f"{name} client error: {e}", file=sys.stderr)
     cores = os.cpu_count() or 1
-    print(f"\nfirmgate broker benchmark: {cores} cores, gunicorn {args.workers} workers x {args.threads} threads, "
-          f"{args.clients} client processes, {args.seconds:.0f} s, db {db.split(':')[0]}")
-    print(f"{'measure':44} {'value':>12}")
-    print(f"{'-' * 44} {'-' * 12}")
-    print(f"{'full handshakes (auth+attest+resource) /s':44} {hs:12.1f}")
-    print(f"{'handshake latency p50 (ms)':44} {p50:12.1f}")
-    print(f"{'handshake latency p99 (ms)':44} {p99:12.1f}")
-    print(f"{'handshakes completed / errors':44} {f'{n} / {errors}':>12}")
-    print(f"{'client CPU per handshake (ms, same machine)':44} {client_cpu / max(n, 1) * 1000:12.1f}")
-    print(f"{'verify-only (verify_report) /s, 1 core':44} {vrate:12.1f}")
-    print(f"{'raw ECDSA P-384 verify /s, 1 core':44} {raw:12.1f}")
-    print(f"{'handshakes / raw ECDSA verify rate':44} {hs / raw * 100:11.1f}%")
-    print(f"(wall {wall:.1f} s; target: handshakes >= 50% of the raw ECDSA P-384 verify rate)")
-    return 0 if errors == 0 else 1
+    result = {
+        "cores": cores, "workers": args.workers, "threads": args.threads, "clients": args.clients,
+        "seconds": args.seconds, "db": db.split(":")[0], "resource_auth": "bearer" if args.bearer else "cookie",
+        "load_average_1m": os.getloadavg()[0], "broker": broker.to_dict(), "noop": floor.to_dict(),
+        "raw_ecdsa_p384_verify_per_s": raw, "verify_only_per_s": vrate,
+        "handshakes_pct_of_raw": broker.rate / raw * 100, "handshakes_pct_of_floor": broker.rate / floor.rate * 100
+        if floor.rate else float("nan"),
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print_table(args, result, broker, floor, raw, vrate)
+    return 0 if broker.errors == 0 and floor.errors == 0 and broker.handshakes and floor.handshakes else 1
+
+
+def print_table(args: argparse.Namespace, res: dict[str, Any], broker: Run, floor: Run, raw: float,
+                vrate: float) -> None:
+    def row(name: str, value: str) -> None:
+        print(f"{name:52} {value:>14}")
+
+    print(f"\nfirmgate broker benchmark: {res['cores']} cores, gunicorn {args.workers} workers x {args.threads} "
+          f"threads, {args.clients} client processes, {args.seconds:g} s per run, db {res['db']}, resource by "
+          f"{res['resource_auth']}, load average {res['load_average_1m']:.2f}")
+    row("measure", "value")
+    print(f"{'-' * 52} {'-' * 14}")
+    row("full handshakes (auth+attest+resource) /s", f"{broker.rate:.1f}")
+    row("handshake latency p50 (ms)", f"{broker.p50_ms:.1f}")
+    row("handshake latency p99 (ms)", f"{broker.p99_ms:.1f}")
+    row("handshakes completed / errors", f"{broker.handshakes} / {broker.errors}")
+    row("reconnects (server closed the connection)", f"{broker.reconnects}")
+    row("client CPU per handshake (ms, same machine)", f"{broker.client_cpu_ms:.2f}")
+    row("server CPU per handshake (ms, gunicorn tree)", f"{broker.server_cpu_ms:.2f}")
+    row("server CPU split across workers (%)", "/".join(f"{x:.0f}" for x in broker.worker_split))
+    row("no-op 3-request handshakes/s (HTTP floor)", f"{floor.rate:.1f}")
+    row("no-op latency p50 / p99 (ms)", f"{floor.p50_ms:.1f} / {floor.p99_ms:.1f}")
+    row("no-op completed / errors / reconnects", f"{floor.handshakes} / {floor.errors} / {floor.reconnects}")
+    row("no-op client CPU per handshake (ms)", f"{floor.client_cpu_ms:.2f}")
+    row("no-op server CPU per handshake (ms)", f"{floor.server_cpu_ms:.2f}")
+    row("verify-only (Trustee JSON + verify_report) /s, 1 core", f"{vrate:.1f}")
+    row("raw ECDSA P-384 verify /s, 1 core", f"{raw:.1f}")
+    row("handshakes / raw ECDSA verify rate", f"{res['handshakes_pct_of_raw']:.1f}%")
+    row("handshakes / no-op floor", f"{res['handshakes_pct_of_floor']:.1f}%")
+    print("(target: handshakes >= 50% of the raw ECDSA P-384 verify rate)")
 
 
 if __name__ == "__main__":
