@@ -86,6 +86,7 @@ class Connection:
         self.sock: socket.socket | None = None
         self.buf = bytearray()
         self.reconnects = 0     # reopened after the server closed (or after an error)
+        self.cycles = 0         # closed on purpose by the client (--reconnect-every)
         self.host = f"Host: 127.0.0.1:{port}\r\n".encode("ascii")
 
     def _open(self) -> socket.socket:
@@ -99,6 +100,12 @@ class Connection:
             self.sock.close()
             self.sock = None
         self.buf.clear()
+
+    def cycle(self) -> None:
+        """Close on purpose; the next request opens a new connection (it may land on another worker)."""
+        if self.sock is not None:
+            self.close()
+            self.cycles += 1
 
     def reopen_after_error(self) -> None:
         """After a failed exchange the stream position is unknown: start a new connection."""
@@ -321,15 +328,17 @@ class ClientResult:
     elapsed: float             # wall seconds of the loop
     errors: int
     reconnects: int
+    cycles: int
     first_errors: list[str]
 
 
 GUEST: Guest | None = None     # set by the parent before it forks the client pool
 
 
-def run_client(args: tuple[int, float]) -> ClientResult:
-    """Handshakes back to back for `seconds` on one connection (a pool worker's task)."""
-    port, seconds = args
+def run_client(args: tuple[int, float, int]) -> ClientResult:
+    """Handshakes back to back for `seconds` on one connection (a pool worker's task); with
+    `every` > 0 the client closes and reopens it after every `every` handshakes."""
+    port, seconds, every = args
     guest = GUEST
     if guest is None:
         raise RuntimeError("bench/_loadgen.GUEST is not set before the fork")
@@ -344,6 +353,8 @@ def run_client(args: tuple[int, float]) -> ClientResult:
             guest.handshake(conn)
             t1 = time.perf_counter()
             lat.append(t1 - t0)
+            if every and len(lat) % every == 0:
+                conn.cycle()
         except (HandshakeError, OSError, ValueError) as exc:
             errors += 1
             if len(first) < 3:
@@ -352,7 +363,7 @@ def run_client(args: tuple[int, float]) -> ClientResult:
             t1 = time.perf_counter()
         t0 = t1
     result = ClientResult(lat, time.process_time() - cpu0, time.perf_counter() - t_start, errors,
-                          conn.reconnects, first)
+                          conn.reconnects, conn.cycles, first)
     conn.close()
     return result
 

@@ -157,7 +157,8 @@ class Run:
 
     handshakes: int
     errors: int
-    reconnects: int
+    reconnects: int            # the server closed the connection (sync worker, errors)
+    cycles: int                # the client closed it on purpose (--reconnect-every)
     rate: float                # handshakes per second (sum of the clients' own rates)
     p50_ms: float
     p99_ms: float
@@ -202,9 +203,9 @@ def load_run(args: argparse.Namespace, app: str, env: dict[str, str], cwd: Path,
         lg.GUEST = guest  # inherited by the forked clients
         with mp.get_context("fork").Pool(args.clients) as pool:
             # Warm-up: policy load, measurement and chain caches in every worker, connections, page cache.
-            pool.map(lg.run_client, [(port, args.warmup)] * args.clients)
+            pool.map(lg.run_client, [(port, args.warmup, args.reconnect_every)] * args.clients)
             cpu0, workers0 = tree_cpu(proc.pid)
-            results = pool.map(lg.run_client, [(port, args.seconds)] * args.clients)
+            results = pool.map(lg.run_client, [(port, args.seconds, args.reconnect_every)] * args.clients)
             cpu1, workers1 = tree_cpu(proc.pid)
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -221,6 +222,7 @@ def load_run(args: argparse.Namespace, app: str, env: dict[str, str], cwd: Path,
         handshakes=n,
         errors=sum(r.errors for r in results),
         reconnects=sum(r.reconnects for r in results),
+        cycles=sum(r.cycles for r in results),
         rate=sum(len(r.latencies) / r.elapsed for r in results if r.elapsed > 0),
         p50_ms=statistics.median(lat) * 1000 if lat else float("nan"),
         p99_ms=lat[min(n - 1, int(n * 0.99))] * 1000 if lat else float("nan"),
@@ -296,11 +298,15 @@ def main() -> int:
     ap.add_argument("--db", help="database URL, e.g. postgresql+psycopg://... (default: a fresh SQLite file)")
     ap.add_argument("--bearer", action="store_true",
                     help="fetch the resource with 'Authorization: Bearer <token>' and no cookie (the CoCo CDH way)")
+    ap.add_argument("--reconnect-every", type=int, default=0, metavar="N",
+                    help="open a new connection after every N handshakes (default 0: one connection per client "
+                         "for the whole run; gunicorn keeps a keep-alive connection on the worker that accepted it)")
     ap.add_argument("--ref-seconds", type=float, default=3.0, help="CPU seconds per reference rate (default 3)")
     ap.add_argument("--json", action="store_true", help="print the result as JSON instead of the table")
     args = ap.parse_args()
-    if args.clients < 1 or args.seconds <= 0 or args.workers < 1 or args.threads < 1 or args.warmup < 0:
-        ap.error("--clients, --workers, --threads must be >= 1 and --seconds > 0")
+    if args.clients < 1 or args.seconds <= 0 or args.workers < 1 or args.threads < 1 or args.warmup < 0 \
+            or args.reconnect_every < 0:
+        ap.error("--clients, --workers, --threads must be >= 1, --seconds > 0, --warmup and --reconnect-every >= 0")
     if not FIRMWARE.is_file():
         print(f"missing {FIRMWARE}", file=sys.stderr)
         return 2
@@ -352,13 +358,14 @@ def print_table(args: argparse.Namespace, res: dict[str, Any], broker: Run, floo
     row("handshake latency p50 (ms)", f"{broker.p50_ms:.1f}")
     row("handshake latency p99 (ms)", f"{broker.p99_ms:.1f}")
     row("handshakes completed / errors", f"{broker.handshakes} / {broker.errors}")
-    row("reconnects (server closed the connection)", f"{broker.reconnects}")
+    row("reconnects: server closed / client cycled", f"{broker.reconnects} / {broker.cycles}")
     row("client CPU per handshake (ms, same machine)", f"{broker.client_cpu_ms:.2f}")
     row("server CPU per handshake (ms, gunicorn tree)", f"{broker.server_cpu_ms:.2f}")
     row("server CPU split across workers (%)", "/".join(f"{x:.0f}" for x in broker.worker_split))
     row("no-op 3-request handshakes/s (HTTP floor)", f"{floor.rate:.1f}")
     row("no-op latency p50 / p99 (ms)", f"{floor.p50_ms:.1f} / {floor.p99_ms:.1f}")
-    row("no-op completed / errors / reconnects", f"{floor.handshakes} / {floor.errors} / {floor.reconnects}")
+    row("no-op completed / errors / reconnects", f"{floor.handshakes} / {floor.errors} / "
+        f"{floor.reconnects + floor.cycles}")
     row("no-op client CPU per handshake (ms)", f"{floor.client_cpu_ms:.2f}")
     row("no-op server CPU per handshake (ms)", f"{floor.server_cpu_ms:.2f}")
     row("verify-only (Trustee JSON + verify_report) /s, 1 core", f"{vrate:.1f}")
