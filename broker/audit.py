@@ -4,12 +4,17 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from sqlalchemy import select
+import orjson
+
+from sqlalchemy import insert, select
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session as OrmSession
 
 from verifier.verdict import Verdict
 
 from .db import AuditRecord, now_ms
+
+_A = AuditRecord.__table__
 
 
 def verdict_facts(verdict: Verdict | None) -> tuple[str | None, str | None]:
@@ -24,22 +29,39 @@ def verdict_facts(verdict: Verdict | None) -> tuple[str | None, str | None]:
     return (str(fw) if fw is not None else None), (str(meas) if meas is not None else None)
 
 
-def record(orm: OrmSession, *, event: str, outcome: str, reason: str, tenant: str | None = None,
-           session_id: str | None = None, resource: str | None = None, firmware_id: str | None = None,
-           measurement: str | None = None, verdict: Verdict | dict[str, Any] | None = None,
-           commit: bool = True) -> None:
-    vjson = None
+def verdict_json(verdict: Verdict) -> str:
+    """The one JSON form of a verdict, kept in the audit log and the session's verdict cache."""
+    return orjson.dumps(verdict.to_dict(), default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+
+
+def row(*, event: str, outcome: str, reason: str, tenant: str | None = None, session_id: str | None = None,
+        resource: str | None = None, firmware_id: str | None = None, measurement: str | None = None,
+        verdict: Verdict | dict[str, Any] | None = None, verdict_text: str | None = None) -> dict[str, Any]:
+    """An audit row's values. `verdict_text` is the verdict's JSON when the caller already has it."""
     if verdict is not None:
-        vjson = json.dumps(verdict.to_dict() if isinstance(verdict, Verdict) else verdict, default=str)
         if isinstance(verdict, Verdict):
             fw, meas = verdict_facts(verdict)
             firmware_id = firmware_id or fw
             measurement = measurement or meas
-    orm.add(AuditRecord(at=now_ms(), tenant=tenant, event=event, session_id=session_id, resource=resource,
-                        firmware_id=firmware_id, measurement=measurement, outcome=outcome,
-                        reason=reason[:4000], verdict_json=vjson))
+            verdict_text = verdict_text or verdict_json(verdict)
+        else:
+            verdict_text = verdict_text or json.dumps(verdict, default=str)
+    return {"at": now_ms(), "tenant": tenant, "event": event, "session_id": session_id, "resource": resource,
+            "firmware_id": firmware_id, "measurement": measurement, "outcome": outcome,
+            "reason": reason[:4000], "verdict_json": verdict_text}
+
+
+def write(db: Connection | OrmSession, rows: list[dict[str, Any]], commit: bool = True) -> None:
+    """Insert audit rows (one statement) in the caller's transaction; commit unless told not to."""
+    if rows:
+        db.execute(insert(_A), rows)
     if commit:
-        orm.commit()
+        db.commit()
+
+
+def record(db: Connection | OrmSession, *, commit: bool = True, **fields: Any) -> None:
+    """One audit row (see `row` for the fields); `db` is a Core Connection or an ORM Session."""
+    write(db, [row(**fields)], commit)
 
 
 def read(orm: OrmSession, tenant: str | None, after_id: int = 0, limit: int = 100) -> list[dict[str, Any]]:

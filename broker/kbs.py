@@ -18,23 +18,23 @@ import re
 from email.utils import formatdate
 from typing import Any
 
+import orjson
 from flask import Blueprint, Response, current_app, jsonify, request
-from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session as OrmSession
 
 from verifier.errors import FirmgateError
 from verifier.verdict import Verdict
 
 from . import audit, metrics, nonces, vault
 from .appraisal import Attested
-from .db import Session, SessionVerdict, now_ms
+from .db import now_ms
 from .errors import ApiError
 from .jwe import encrypt, load_tee_pubkey
 from .limits import json_body, valid_name
 from .release import decide, summarize_failures
 from .runtime_data import check_host_data, check_report_data, expected_report_data, initdata_host_data
-from .state import BrokerState, get_orm, state, sync_firmware
+from .nonces import Db
+from .state import BrokerState, get_db, get_orm, state, sync_firmware
 from .tokens import TokenError, ear_claims, tee_pubkey_from_claims
 
 bp = Blueprint("kbs", __name__, url_prefix="/kbs/v0")
@@ -54,25 +54,26 @@ def _set_cookie(resp: Response, session_id: str, expires_ms: int) -> None:
     resp.headers.add("Set-Cookie", f"{COOKIE}={session_id}; Expires={formatdate(expires_ms / 1000, usegmt=True)}")
 
 
-def _deny(orm: OrmSession, variant: str, reason: str, *, event: str, tenant: str | None = None,
+def _deny(db: Db, variant: str, reason: str, *, event: str, tenant: str | None = None,
           session_id: str | None = None, resource: str | None = None, verdict: Verdict | None = None,
-          measurement: str | None = None) -> ApiError:
-    audit.record(orm, event=event, outcome="denied", reason=reason, tenant=tenant, session_id=session_id,
-                 resource=resource, verdict=verdict, measurement=measurement)
+          verdict_text: str | None = None, measurement: str | None = None) -> ApiError:
+    """Audit a denial (committing whatever the caller wrote with it) and return the error to raise."""
+    audit.record(db, event=event, outcome="denied", reason=reason, tenant=tenant, session_id=session_id,
+                 resource=resource, verdict=verdict, verdict_text=verdict_text, measurement=measurement)
     metrics.count_event(event, "denied")
     return ApiError(variant, reason)
 
 
 @bp.post("/auth")
 def auth() -> Response:
-    orm = get_orm()
+    db = get_db()
     body = json_body()
     if body.get("version") != PROTOCOL_VERSION:
-        raise _deny(orm, "AttestationError", f"KBS Client Protocol Version Mismatch: this broker speaks "
+        raise _deny(db, "AttestationError", f"KBS Client Protocol Version Mismatch: this broker speaks "
                     f"{PROTOCOL_VERSION}, the client sent {str(body.get('version'))[:32]!r}", event="auth")
     tee = body.get("tee")
     if tee not in SUPPORTED_TEES:
-        raise _deny(orm, "AttestationError", f"tee {str(tee)[:32]!r} is not supported (supported: "
+        raise _deny(db, "AttestationError", f"tee {str(tee)[:32]!r} is not supported (supported: "
                     f"{', '.join(SUPPORTED_TEES)})", event="auth")
     extra = body.get("extra-params")
     hint = extra.get("tenant") if isinstance(extra, dict) else None
@@ -80,12 +81,13 @@ def auth() -> Response:
         raise ApiError("AttestationError", "extra-params.tenant is not a valid tenant name")
     if now_ms() % 50 == 0:  # now and then, not on every request
         cfg = current_app.config
-        nonces.purge_expired(orm, int(cfg["AUDIT_RETENTION_DAYS"]), int(cfg["AUTH_AUDIT_RETENTION_HOURS"]))
-    row = nonces.new_session(orm, str(tee), int(current_app.config["SESSION_TTL"]), hint, commit=False)
-    audit.record(orm, event="auth", outcome="ok", reason="challenge issued", tenant=hint, session_id=row.id)
+        nonces.purge_expired(db, int(cfg["AUDIT_RETENTION_DAYS"]), int(cfg["AUTH_AUDIT_RETENTION_HOURS"]))
+    # The session and its audit row in one transaction.
+    new = nonces.new_session(db, str(tee), int(current_app.config["SESSION_TTL"]), hint, commit=False)
+    audit.record(db, event="auth", outcome="ok", reason="challenge issued", tenant=hint, session_id=new.id)
     metrics.count_event("auth", "ok")
-    resp = jsonify({"nonce": row.nonce, "extra-params": ""})
-    _set_cookie(resp, row.id, row.expires_at)
+    resp = jsonify({"nonce": new.nonce, "extra-params": ""})
+    _set_cookie(resp, new.id, new.expires_at)
     return resp
 
 
@@ -111,7 +113,7 @@ def _parse_attestation(body: dict[str, Any]) -> tuple[Any, dict[str, Any], str, 
     return body.get("init-data"), rd, additional, rd["tee-pubkey"], te["primary_evidence"]
 
 
-def _guest_firmware(st: BrokerState, orm: OrmSession, additional: str, session_id: str) -> None:
+def _guest_firmware(st: BrokerState, additional: str, session_id: str) -> None:
     """Firmware our guest client sent inside additional_evidence (bound by REPORT_DATA)."""
     if not additional:
         return
@@ -132,19 +134,17 @@ def _guest_firmware(st: BrokerState, orm: OrmSession, additional: str, session_i
     if st.appraiser is None:
         return
     from .firmware_store import store_firmware
-    store_firmware(st, orm, blob, source=f"guest:{session_id}")
+    store_firmware(st, get_orm(), blob, source=f"guest:{session_id}")
 
 
-def _appraise_into(st: BrokerState, orm: OrmSession, row: Session, attested: Attested, tenant: str,
-                   policy_id: str) -> Verdict:
-    """Appraise for `tenant` and add the verdict to the session's cache (the caller commits)."""
+def _appraisal(st: BrokerState, attested: Attested, session_id: str, tenant: str, policy_id: str,
+               expected: bytes, host: bytes | None) -> tuple[Verdict, str, dict[str, Any]]:
+    """Appraise for `tenant`: the verdict, its JSON, and its row for the session's verdict cache."""
     assert st.appraiser is not None
-    expected = bytes.fromhex(row.expected_report_data or "")
-    host = bytes.fromhex(row.expected_host_data) if row.expected_host_data else None
     verdict = st.appraiser.appraise(attested, tenant, expected, host)
-    orm.add(SessionVerdict(session_id=row.id, tenant=tenant, policy_id=policy_id, accepted=verdict.accepted,
-                           verdict_json=json.dumps(verdict.to_dict(), default=str), created_at=now_ms()))
-    return verdict
+    text = audit.verdict_json(verdict)
+    return verdict, text, {"session_id": session_id, "tenant": tenant, "policy_id": policy_id,
+                           "accepted": verdict.accepted, "verdict_json": text, "created_at": now_ms()}
 
 
 def _trust_vector(verdict: Verdict | None) -> dict[str, int]:
@@ -159,31 +159,28 @@ def _trust_vector(verdict: Verdict | None) -> dict[str, int]:
 
 @bp.post("/attest")
 def attest() -> Response:
-    st, orm = state(), get_orm()
+    st, db = state(), get_db()
     sid = _cookie_session_id()
     if sid is None:
-        raise _deny(orm, "AttestationError", "no kbs-session-id cookie: call /auth first", event="attest")
+        raise _deny(db, "AttestationError", "no kbs-session-id cookie: call /auth first", event="attest")
     request.max_content_length = int(current_app.config["ATTEST_MAX_BYTES"])
     body = json_body()
     init_data, runtime_data, additional, jwk, primary = _parse_attestation(body)
-    consumed = nonces.consume(orm, sid)
-    if not consumed.ok or consumed.session is None:
-        hint = consumed.session.tenant_hint if consumed.session else None
-        raise _deny(orm, "AttestationError", consumed.reason, event="attest", session_id=sid, tenant=hint)
-    row = consumed.session
-    hint = row.tenant_hint
+    consumed = nonces.consume(db, sid)  # committed: the nonce is spent whatever happens next
+    hint = consumed.tenant_hint
+    if not consumed.ok:
+        raise _deny(db, "AttestationError", consumed.reason, event="attest", session_id=sid, tenant=hint)
 
     def fail(reason: str, measurement: str | None = None) -> ApiError:
-        row.state = "failed"
-        orm.commit()
-        return _deny(orm, "AttestationError", reason, event="attest", session_id=sid, tenant=hint,
+        nonces.mark_failed(db, sid)  # committed by _deny, with the denial's audit row
+        return _deny(db, "AttestationError", reason, event="attest", session_id=sid, tenant=hint,
                      measurement=measurement)
 
-    if not hmac.compare_digest(runtime_data["nonce"].encode(), row.nonce.encode()):
+    if not hmac.compare_digest(runtime_data["nonce"].encode(), consumed.nonce.encode()):
         raise fail("runtime-data.nonce is not this session's nonce")
     try:
         load_tee_pubkey(jwk)
-        expected = expected_report_data(row.nonce, jwk, additional)
+        expected = expected_report_data(consumed.nonce, jwk, additional)
         host_expected = initdata_host_data(init_data)
     except FirmgateError as exc:
         raise fail(exc.diagnostics()) from None
@@ -206,31 +203,29 @@ def attest() -> Response:
     except FirmgateError as exc:
         raise fail(f"evidence rejected: {exc.diagnostics()}", measurement) from None
     try:
-        _guest_firmware(st, orm, additional, sid)
+        _guest_firmware(st, additional, sid)
     except FirmgateError as exc:
         raise fail(exc.diagnostics(), measurement) from None
-    sync_firmware(st, orm)
-
-    row.evidence_json = json.dumps(primary, separators=(",", ":"))
-    row.tee_pubkey_json = json.dumps(jwk, separators=(",", ":"))
-    row.expected_report_data = expected.hex()
-    row.expected_host_data = host_expected.hex() if host_expected is not None else None
-    row.measurement = measurement
+    sync_firmware(st, db)
 
     # Appraise for the hinted tenant, or for every tenant (an unmodified guest names none).
     candidates = [hint] if hint else st.appraiser.tenants()
     verdicts: list[Verdict] = []
+    verdict_rows: list[dict[str, Any]] = []
+    audit_rows: list[dict[str, Any]] = []
     for tenant in candidates:
         pid = st.appraiser.policy_id(tenant)
         if pid is None:
             continue
-        verdict = _appraise_into(st, orm, row, attested, tenant, pid)
+        verdict, text, vrow = _appraisal(st, attested, sid, tenant, pid, expected, host_expected)
         verdicts.append(verdict)
+        verdict_rows.append(vrow)
         if verdict.accepted or tenant == hint:
             # A tenant sees attestations its policy accepted, or that named it; not other VMs' noise.
-            audit.record(orm, event="attest", outcome="ok" if verdict.accepted else "denied",
-                         reason="accepted by policy" if verdict.accepted else summarize_failures(verdict),
-                         tenant=tenant, session_id=sid, verdict=verdict, measurement=measurement, commit=False)
+            audit_rows.append(audit.row(
+                event="attest", outcome="ok" if verdict.accepted else "denied",
+                reason="accepted by policy" if verdict.accepted else summarize_failures(verdict),
+                tenant=tenant, session_id=sid, verdict=verdict, verdict_text=text, measurement=measurement))
     accepted = sorted((v for v in verdicts if v.accepted), key=lambda v: len(v.warnings))
     best = accepted[0] if accepted else (verdicts[0] if hint and verdicts else None)
     status = "contraindicated"
@@ -241,17 +236,24 @@ def attest() -> Response:
     claims = ear_claims(session_id=sid, status=status, trust_vector=_trust_vector(best),
                         policy_id="firmgate:per-tenant",
                         # What REPORT_DATA bound, minus additional evidence (it may carry megabytes of firmware).
-                        runtime_data={"nonce": row.nonce, "tee-pubkey": jwk}, report_data=expected,
+                        runtime_data={"nonce": consumed.nonce, "tee-pubkey": jwk}, report_data=expected,
                         init_data=init_data, host_data=attested.host_data, snp=attested.snp_claims, ttl_s=ttl)
     token = st.token_key.sign(claims)
-    row.state = "attested"
-    row.token_jti = sid
-    row.expires_at = max(row.expires_at, claims["exp"] * 1000)
-    audit.record(orm, event="attest", outcome="ok", reason=f"evidence verified; token status {status}",
-                 tenant=None, session_id=sid, measurement=measurement)
+    expires_at = max(consumed.expires_at, claims["exp"] * 1000)
+    # The session's new state, its verdicts and the audit rows: one transaction.
+    nonces.mark_attested(db, sid, {
+        "evidence_json": orjson.dumps(primary).decode(),  # ~10x faster than json on integer arrays
+        "tee_pubkey_json": orjson.dumps(jwk).decode(),
+        "expected_report_data": expected.hex(),
+        "expected_host_data": host_expected.hex() if host_expected is not None else None,
+        "measurement": measurement, "token_jti": sid, "expires_at": expires_at})
+    nonces.add_verdicts(db, verdict_rows)
+    audit_rows.append(audit.row(event="attest", outcome="ok", reason=f"evidence verified; token status {status}",
+                                tenant=None, session_id=sid, measurement=measurement))
+    audit.write(db, audit_rows)
     metrics.count_event("attest", status)
     resp = jsonify({"token": token})
-    _set_cookie(resp, sid, row.expires_at)
+    _set_cookie(resp, sid, expires_at)
     return resp
 
 
@@ -260,14 +262,14 @@ def _bearer() -> str | None:
     return h[7:].strip() if h[:7].lower() == "bearer " else None
 
 
-def _attested_session(orm: OrmSession, st: BrokerState) -> tuple[Session, dict[str, Any]]:
+def _attested_session(db: Db, st: BrokerState) -> tuple[nonces.AttestedSession, dict[str, Any]]:
     """The session this request proves (cookie first, then Bearer token, as Trustee) and its tee-pubkey."""
     t = now_ms()
     sid = _cookie_session_id()
     if sid is not None:
-        row = orm.get(Session, sid)
+        row = nonces.load(db, sid)
         if row is not None and row.state == "attested" and row.expires_at > t and row.tee_pubkey_json:
-            return row, json.loads(row.tee_pubkey_json)
+            return row, orjson.loads(row.tee_pubkey_json)
         if _bearer() is None:
             raise ApiError("TokenNotFound", "the session is not attested or has expired; attest again")
     token = _bearer()
@@ -278,29 +280,33 @@ def _attested_session(orm: OrmSession, st: BrokerState) -> tuple[Session, dict[s
     except TokenError as exc:
         raise ApiError("TokenVerifierError", exc.diagnostics()) from None
     jwk = tee_pubkey_from_claims(claims)
-    row = orm.get(Session, claims["jti"])
+    row = nonces.load(db, claims["jti"])
     if row is None or row.state != "attested" or jwk is None:
         raise ApiError("TokenVerifierError", "the token's session is unknown or was purged; attest again")
     return row, jwk
 
 
-def _verdict_for(st: BrokerState, orm: OrmSession, row: Session, tenant: str, policy_id: str) -> Verdict | None:
-    cached = orm.execute(select(SessionVerdict).where(
-        SessionVerdict.session_id == row.id, SessionVerdict.tenant == tenant,
-        SessionVerdict.policy_id == policy_id)).scalar_one_or_none()
+def _verdict_for(st: BrokerState, db: Db, row: nonces.AttestedSession, tenant: str,
+                 policy_id: str) -> tuple[Verdict, str] | None:
+    """The session's verdict for `tenant` under `policy_id` (the policy in force now) and its JSON."""
+    cached = nonces.cached_verdict(db, row.id, tenant, policy_id)
     if cached is not None:
-        return verdict_from_dict(json.loads(cached.verdict_json))
+        return verdict_from_dict(orjson.loads(cached[1])), cached[1]
     # Not appraised for this tenant, or its policy changed since: appraise now, under the current policy.
     assert st.appraiser is not None
-    if not row.evidence_json:
+    evidence = nonces.evidence_json(db, row.id)
+    if not evidence:
         return None
-    attested = st.appraiser.verify(st.appraiser.parse(json.loads(row.evidence_json)))
-    verdict = _appraise_into(st, orm, row, attested, tenant, policy_id)
+    attested = st.appraiser.verify(st.appraiser.parse(orjson.loads(evidence)))
+    expected = bytes.fromhex(row.expected_report_data or "")
+    host = bytes.fromhex(row.expected_host_data) if row.expected_host_data else None
+    verdict, text, vrow = _appraisal(st, attested, row.id, tenant, policy_id, expected, host)
     try:
-        orm.commit()
+        nonces.add_verdicts(db, [vrow])
+        db.commit()
     except IntegrityError:  # a concurrent request cached the same verdict first: same result
-        orm.rollback()
-    return verdict
+        db.rollback()
+    return verdict, text
 
 
 def verdict_from_dict(d: dict[str, Any]) -> Verdict:
@@ -313,48 +319,52 @@ def verdict_from_dict(d: dict[str, Any]) -> Verdict:
 
 @bp.get("/resource/<repo>/<rtype>/<tag>")
 def resource(repo: str, rtype: str, tag: str) -> Response:
-    st, orm = state(), get_orm()
+    st, db = state(), get_db()
     if not all(valid_name(p) for p in (repo, rtype, tag)):
         raise ApiError("InvalidRequestPath", "resource path must be <repository>/<type>/<tag> of [A-Za-z0-9._-]")
     path = f"{repo}/{rtype}/{tag}"
     try:
-        row, jwk = _attested_session(orm, st)
+        row, jwk = _attested_session(db, st)
     except ApiError as err:
-        raise _deny(orm, err.variant, err.detail, event="deny", resource=path, tenant=None) from None
+        raise _deny(db, err.variant, err.detail, event="deny", resource=path, tenant=None) from None
     tenant = repo
     policy_id = st.appraiser.policy_id(tenant) if st.appraiser is not None else None
     verdict: Verdict | None = None
+    text: str | None = None
     path_allowed: tuple[bool, str] | None = None
     if policy_id is not None and st.appraiser is not None:
         try:
-            verdict = _verdict_for(st, orm, row, tenant, policy_id)
+            found = _verdict_for(st, db, row, tenant, policy_id)
         except FirmgateError as exc:
-            raise _deny(orm, "AttestationError", f"evidence no longer verifies: {exc.diagnostics()}",
+            raise _deny(db, "AttestationError", f"evidence no longer verifies: {exc.diagnostics()}",
                         event="deny", tenant=tenant, session_id=row.id, resource=path,
                         measurement=row.measurement) from None
-        if verdict is not None and verdict.accepted:
-            path_allowed = st.appraiser.release_allowed(tenant, verdict, path)
+        if found is not None:
+            verdict, text = found
+            if verdict.accepted:
+                path_allowed = st.appraiser.release_allowed(tenant, verdict, path)
     decision = decide(verdict=verdict, path_allowed=path_allowed, tenant_has_policy=policy_id is not None)
     # Audit rows of a tenant-less denial go to the operator only: no tenant learns of other tenants' probes.
     audit_tenant = tenant if policy_id is not None else None
     if not decision.allowed:
-        err = _deny(orm, decision.variant, decision.reason, event="deny", tenant=audit_tenant,
-                    session_id=row.id, resource=path, verdict=verdict, measurement=row.measurement)
+        err = _deny(db, decision.variant, decision.reason, event="deny", tenant=audit_tenant,
+                    session_id=row.id, resource=path, verdict=verdict, verdict_text=text,
+                    measurement=row.measurement)
         err.detail = decision.public
         raise err
-    value = vault.get_secret(orm, st.box, tenant, vault.ResourcePath(repo, rtype, tag))
+    value = vault.get_secret(db, st.box, tenant, vault.ResourcePath(repo, rtype, tag))
     if value is None:
         # Trustee answers a missing resource with 401 PluginInternalError; the guest was allowed it.
-        raise _deny(orm, "PluginInternalError", f"resource {path} has no value stored", event="deny",
-                    tenant=tenant, session_id=row.id, resource=path, verdict=verdict,
+        raise _deny(db, "PluginInternalError", f"resource {path} has no value stored", event="deny",
+                    tenant=tenant, session_id=row.id, resource=path, verdict=verdict, verdict_text=text,
                     measurement=row.measurement)
     try:
         body = encrypt(value, jwk)
     except FirmgateError as exc:
-        raise _deny(orm, "JweError", exc.diagnostics(), event="deny", tenant=tenant, session_id=row.id,
+        raise _deny(db, "JweError", exc.diagnostics(), event="deny", tenant=tenant, session_id=row.id,
                     resource=path) from None
-    audit.record(orm, event="release", outcome="ok", reason=decision.reason, tenant=tenant, session_id=row.id,
-                 resource=path, verdict=verdict, measurement=row.measurement)
+    audit.record(db, event="release", outcome="ok", reason=decision.reason, tenant=tenant, session_id=row.id,
+                 resource=path, verdict=verdict, verdict_text=text, measurement=row.measurement)
     metrics.count_event("release", "ok")
     return jsonify(body)
 

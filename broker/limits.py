@@ -1,10 +1,10 @@
 """Bounded JSON input: size (MAX_CONTENT_LENGTH, per route), nesting depth, element count."""
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
+import orjson
 from flask import request
 
 from .errors import ApiError
@@ -29,20 +29,36 @@ def _check_shape(obj: Any) -> None:
         items += len(children)
         if items > MAX_ITEMS:
             raise ValueError(f"more than {MAX_ITEMS} JSON values")
+        if isinstance(node, list) and _small_ints(node):
+            continue  # evidence is mostly such arrays: nothing nested in them
         # set(map(type, ...)) runs in C: an array of 5000 integers costs microseconds, not a loop.
         if set(map(type, children)) & _CONTAINERS:
             stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+
+
+def _small_ints(values: list[Any]) -> bool:
+    """True if every element is an integer 0..255 (bytes() checks that in C, several times faster
+    than looking at each element's type); a container in the list makes it False."""
+    try:
+        bytes(values)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def json_body(variant: str = "SerdeError", status: int | None = None) -> dict[str, Any]:
     """The request body as a JSON object within the bounds, or an ApiError."""
     raw = request.get_data(cache=False)  # raises 413 past max_content_length
     try:
-        obj = json.loads(raw)
+        # orjson: strict RFC 8259 (no NaN, valid UTF-8 only) and ~6x faster than json on the
+        # integer arrays of Trustee evidence; its own depth limit (1024) is far above ours.
+        obj = orjson.loads(raw)
         _check_shape(obj)
     except RecursionError:
         raise ApiError(variant, f"JSON nested deeper than {MAX_DEPTH}", status) from None
     except (ValueError, UnicodeDecodeError) as exc:
+        if "depth limit" in str(exc):
+            raise ApiError(variant, f"JSON nested deeper than {MAX_DEPTH}", status) from None
         raise ApiError(variant, f"request body is not valid JSON: {exc}", status) from None
     if not isinstance(obj, dict):
         raise ApiError(variant, "request body must be a JSON object", status)

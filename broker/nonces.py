@@ -2,7 +2,12 @@
 
 A nonce is 32 random bytes (base64), bound to one session, single-use and
 expiring. `consume` is one conditional UPDATE, so of two requests racing with
-the same session exactly one sees rowcount 1, on SQLite and PostgreSQL alike.
+the same session exactly one sees its row back, on SQLite and PostgreSQL alike.
+
+These run on every handshake, so they are SQLAlchemy Core statements on the
+request's connection (`state.get_db()`), not ORM units of work: a handshake's
+database cost is a few compiled-and-cached statements. `db` may be a Core
+Connection or an ORM Session; both execute Core statements and commit.
 """
 from __future__ import annotations
 
@@ -10,64 +15,130 @@ import base64
 import secrets
 import uuid
 from dataclasses import dataclass
+from typing import Any, Union
 
-from sqlalchemy import delete, update
+from sqlalchemy import delete, insert, select, update
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session as OrmSession
 
 from .db import AuditRecord, Session, SessionVerdict, now_ms
 
+Db = Union[Connection, OrmSession]
+
 # Sessions are kept this long after they expire (audit has the history), then deleted.
 GRACE_MS = 3600 * 1000
+
+_S = Session.__table__
+_V = SessionVerdict.__table__
+
+
+@dataclass(frozen=True)
+class NewSession:
+    id: str
+    nonce: str
+    expires_at: int
 
 
 @dataclass(frozen=True)
 class Consumed:
+    """The outcome of `consume`: on success the session's nonce, hint and expiry, else why not."""
+
     ok: bool
     reason: str
-    session: Session | None
+    nonce: str = ""
+    tenant_hint: str | None = None
+    expires_at: int = 0
 
 
-def new_session(orm: OrmSession, tee: str, ttl_s: int, tenant_hint: str | None, commit: bool = True) -> Session:
+@dataclass(frozen=True)
+class AttestedSession:
+    """What /resource needs of a session (the evidence is fetched only if re-appraisal needs it)."""
+
+    id: str
+    state: str
+    expires_at: int
+    tee_pubkey_json: str | None
+    measurement: str | None
+    expected_report_data: str | None
+    expected_host_data: str | None
+
+
+def new_session(db: Db, tee: str, ttl_s: int, tenant_hint: str | None, commit: bool = True) -> NewSession:
     t = now_ms()
-    row = Session(id=uuid.uuid4().hex, nonce=base64.b64encode(secrets.token_bytes(32)).decode(),
-                  tee=tee, tenant_hint=tenant_hint, state="new", created_at=t, expires_at=t + ttl_s * 1000)
-    orm.add(row)
+    row = NewSession(uuid.uuid4().hex, base64.b64encode(secrets.token_bytes(32)).decode(), t + ttl_s * 1000)
+    db.execute(insert(_S), {"id": row.id, "nonce": row.nonce, "tee": tee, "tenant_hint": tenant_hint,
+                            "state": "new", "created_at": t, "expires_at": row.expires_at})
     if commit:
-        orm.commit()
+        db.commit()
     return row
 
 
-def consume(orm: OrmSession, session_id: str) -> Consumed:
-    """Atomically move a live, unused session to `attesting`; say why not otherwise."""
+def consume(db: Db, session_id: str) -> Consumed:
+    """Atomically move a live, unused session to `attesting` (committed at once); say why not otherwise."""
     t = now_ms()
-    won = orm.execute(update(Session)
-                      .where(Session.id == session_id, Session.state == "new", Session.expires_at > t)
-                      .values(state="attesting")
-                      .returning(Session.id)).first()
-    orm.commit()
-    row = orm.get(Session, session_id, populate_existing=True)
-    if won is not None and row is not None:
-        return Consumed(True, "", row)
+    won = db.execute(update(_S).where(_S.c.id == session_id, _S.c.state == "new", _S.c.expires_at > t)
+                     .values(state="attesting")
+                     .returning(_S.c.nonce, _S.c.tenant_hint, _S.c.expires_at)).first()
+    db.commit()
+    if won is not None:
+        return Consumed(True, "", won.nonce, won.tenant_hint, int(won.expires_at))
+    row = db.execute(select(_S.c.state, _S.c.tenant_hint).where(_S.c.id == session_id)).first()
+    db.commit()  # end the read: the denial's audit row is written in a transaction of its own
     if row is None:
-        return Consumed(False, "unknown session (no /auth, or it was purged)", None)
+        return Consumed(False, "unknown session (no /auth, or it was purged)")
     if row.state != "new":
-        return Consumed(False, "the session's nonce was already used (replay); start again at /auth", row)
-    return Consumed(False, "the session expired; start again at /auth", row)
+        return Consumed(False, "the session's nonce was already used (replay); start again at /auth",
+                        tenant_hint=row.tenant_hint)
+    return Consumed(False, "the session expired; start again at /auth", tenant_hint=row.tenant_hint)
 
 
-def purge_expired(orm: OrmSession, audit_days: int = 90, auth_audit_hours: int = 24) -> None:
+def mark_failed(db: Db, session_id: str) -> None:
+    """The caller commits (with the denial's audit row)."""
+    db.execute(update(_S).where(_S.c.id == session_id).values(state="failed"))
+
+
+def mark_attested(db: Db, session_id: str, values: dict[str, Any]) -> None:
+    """Record what the evidence proved; the caller commits (with the verdicts and audit rows)."""
+    db.execute(update(_S).where(_S.c.id == session_id).values(state="attested", **values))
+
+
+def load(db: Db, session_id: str) -> AttestedSession | None:
+    row = db.execute(select(_S.c.id, _S.c.state, _S.c.expires_at, _S.c.tee_pubkey_json, _S.c.measurement,
+                            _S.c.expected_report_data, _S.c.expected_host_data)
+                     .where(_S.c.id == session_id)).first()
+    return None if row is None else AttestedSession(*row)
+
+
+def evidence_json(db: Db, session_id: str) -> str | None:
+    return db.execute(select(_S.c.evidence_json).where(_S.c.id == session_id)).scalar()
+
+
+def add_verdicts(db: Db, rows: list[dict[str, Any]]) -> None:
+    """SessionVerdict rows: session_id, tenant, policy_id, accepted, verdict_json, created_at."""
+    if rows:
+        db.execute(insert(_V), rows)
+
+
+def cached_verdict(db: Db, session_id: str, tenant: str, policy_id: str) -> tuple[bool, str] | None:
+    row = db.execute(select(_V.c.accepted, _V.c.verdict_json).where(
+        _V.c.session_id == session_id, _V.c.tenant == tenant, _V.c.policy_id == policy_id)).first()
+    return None if row is None else (bool(row.accepted), str(row.verdict_json))
+
+
+def purge_expired(db: Db, audit_days: int = 90, auth_audit_hours: int = 24) -> None:
     """Delete sessions an hour past expiry, `auth` audit rows (no decision in them) after
     `auth_audit_hours`, and every other audit row after `audit_days`. Bounded per call."""
     t = now_ms()
-    old = [sid for (sid,) in orm.query(Session.id).filter(Session.expires_at < t - GRACE_MS).limit(500)]
+    old = list(db.execute(select(_S.c.id).where(_S.c.expires_at < t - GRACE_MS).limit(500)).scalars())
     if old:
-        orm.execute(delete(SessionVerdict).where(SessionVerdict.session_id.in_(old)))
-        orm.execute(delete(Session).where(Session.id.in_(old)))
+        db.execute(delete(_V).where(_V.c.session_id.in_(old)))
+        db.execute(delete(_S).where(_S.c.id.in_(old)))
+    a = AuditRecord.__table__
     for cutoff, only_auth in ((t - auth_audit_hours * 3600 * 1000, True), (t - audit_days * 86400 * 1000, False)):
-        q = orm.query(AuditRecord.id).filter(AuditRecord.at < cutoff)
+        q = select(a.c.id).where(a.c.at < cutoff)
         if only_auth:
-            q = q.filter(AuditRecord.event == "auth")
-        ids = [i for (i,) in q.limit(5000)]
+            q = q.where(a.c.event == "auth")
+        ids = list(db.execute(q.limit(5000)).scalars())
         if ids:
-            orm.execute(delete(AuditRecord).where(AuditRecord.id.in_(ids)))
-    orm.commit()
+            db.execute(delete(a).where(a.c.id.in_(ids)))
+    db.commit()

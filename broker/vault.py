@@ -11,6 +11,7 @@ import secrets
 from dataclasses import dataclass
 
 from sqlalchemy import delete, select
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session as OrmSession
 
@@ -101,10 +102,12 @@ def put_secret(orm: OrmSession, box: SecretBox, tenant: str, path: ResourcePath,
     return row is not None
 
 
-def get_secret(orm: OrmSession, box: SecretBox, tenant: str, path: ResourcePath) -> bytes | None:
+def get_secret(db: Connection | OrmSession, box: SecretBox, tenant: str, path: ResourcePath) -> bytes | None:
+    """The secret's value (None if there is none); `db` is a Core Connection or an ORM Session."""
     if path.repo != tenant:
         return None
-    row = orm.execute(select(Secret).where(Secret.tenant == tenant, Secret.path == str(path))).scalar_one_or_none()
+    row = db.execute(select(Secret.nonce, Secret.ciphertext).where(Secret.tenant == tenant,
+                                                                   Secret.path == str(path))).first()
     return None if row is None else box.open(tenant, str(path), row.nonce, row.ciphertext)
 
 

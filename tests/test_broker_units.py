@@ -323,7 +323,8 @@ def test_database_outage_is_a_503_json(tmp_path: Path) -> None:
                       "OPERATOR_TOKEN": "op", "APPRAISER": object()})
     st = app.extensions["firmgate"]
     dead = create_engine("postgresql+psycopg://nobody@127.0.0.1:1/none?connect_timeout=2")
-    st.sessions = sessionmaker(dead)
+    st.sessions = sessionmaker(dead)  # the ORM routes (admin)
+    st.engine = dead                  # the KBS routes' Core connection
     c = app.test_client()
     for method, url, kw in (("POST", "/kbs/v0/auth", {"json": {"version": "0.4.0", "tee": "snp"}}),
                             ("GET", "/kbs/v0/resource/a/b/c", {}),
@@ -349,7 +350,7 @@ def test_purge_sessions_and_audit_retention(tmp_path: Path) -> None:
     with sessionmaker(engine)() as orm:
         live = nonces.new_session(orm, "snp", 300, None)
         dead = nonces.new_session(orm, "snp", 300, None)
-        dead.expires_at = now_ms() - 2 * 3600 * 1000
+        orm.query(Session).filter(Session.id == dead.id).update({"expires_at": now_ms() - 2 * 3600 * 1000})
         for event, age in (("auth", 2 * day), ("auth", 0), ("release", 2 * day), ("release", 100 * day)):
             audit.record(orm, event=event, outcome="ok", reason=f"{event} {age}", commit=False)
             orm.flush()
