@@ -247,9 +247,9 @@ def decrypt_jwe(body: Any, key: ec.EllipticCurvePrivateKey) -> bytes:
     except BadResponse as exc:
         raise HandshakeError(str(exc)) from None
     epk = header["epk"]
-    peer = ec.EllipticCurvePublicNumbers(int.from_bytes(b64url_decode(epk["x"]), "big"),
-                                         int.from_bytes(b64url_decode(epk["y"]), "big"),
-                                         ec.SECP256R1()).public_key()
+    # SEC 1 2.3.3 uncompressed point; validate_jwe checked both coordinates are 32 bytes.
+    peer = ec.EllipticCurvePublicKey.from_encoded_point(
+        ec.SECP256R1(), b"\x04" + b64url_decode(epk["x"]) + b64url_decode(epk["y"]))
     kek = _concat_kdf(key.exchange(ec.ECDH(), peer))
     try:
         cek = aes_key_unwrap(kek, b64url_decode(body["encrypted_key"]))
@@ -294,6 +294,7 @@ class Guest:
                         b'{"supported-hash-algorithms":["sha256","sha384","sha512","sm3"]}}')
     json_header: bytes = b"Content-Type: application/json\r\n"
     resource_path: bytes = ("/kbs/v0/resource/" + SECRET_PATH).encode("ascii")
+    token_len: int = 0         # of the last token seen (the no-op app answers one of the broker's size)
 
     def handshake(self, conn: Connection) -> None:
         key, jwk_text, jwk = _new_tee_key()
@@ -309,9 +310,10 @@ class Guest:
                 + '},"tee-evidence":{"primary_evidence":' + evidence + ',"additional_evidence":""}}')
         r = conn.request(b"POST", b"/kbs/v0/attest", self.json_header + cookie, body.encode("ascii"))
         token = _json_object(r, "/attest").get("token")
+        if not isinstance(token, str) or not token or len(token) > 64 * 1024:
+            raise HandshakeError("/attest gave no token")
+        self.token_len = len(token)
         if self.bearer:
-            if not isinstance(token, str) or not token or len(token) > 64 * 1024:
-                raise HandshakeError("/attest gave no token")
             auth = b"Authorization: Bearer " + token.encode("ascii") + b"\r\n"
         else:
             auth = b"Cookie: " + r.cookie.encode("latin-1") + b"\r\n" if r.cookie else cookie
@@ -330,6 +332,7 @@ class ClientResult:
     reconnects: int
     cycles: int
     first_errors: list[str]
+    token_len: int
 
 
 GUEST: Guest | None = None     # set by the parent before it forks the client pool
@@ -363,7 +366,7 @@ def run_client(args: tuple[int, float, int]) -> ClientResult:
             t1 = time.perf_counter()
         t0 = t1
     result = ClientResult(lat, time.process_time() - cpu0, time.perf_counter() - t_start, errors,
-                          conn.reconnects, conn.cycles, first)
+                          conn.reconnects, conn.cycles, first, guest.token_len)
     conn.close()
     return result
 
@@ -373,7 +376,7 @@ def noop_app() -> Any:
     """Flask app with the three KBS routes answering fixed JSON of the broker's shapes.
 
     FIRMGATE_NOOP_JWE holds the fixed resource JWE (made by the bench parent with
-    broker.jwe.encrypt); every route reads and parses the request body as the
+    broker.jwe.encrypt), FIRMGATE_NOOP_TOKEN_BYTES the token's length; every route reads and parses the request body as the
     broker does (get_json), nothing else.
     """
     from flask import Flask, jsonify, request
@@ -381,7 +384,9 @@ def noop_app() -> Any:
     jwe_body = json.loads(os.environ["FIRMGATE_NOOP_JWE"])
     cookie = f"{COOKIE}={'0' * 32}; Expires=Thu, 01 Jan 2099 00:00:00 GMT"
     nonce = base64.b64encode(b"\x00" * 32).decode("ascii")  # Trustee: standard base64 of 32 bytes
-    token = "e30." + "A" * 1200 + "." + "B" * 86  # a fixed JWS-shaped string of a real token's order of size
+    # A fixed JWS-shaped string as long as the broker's token in the same bench run.
+    size = max(int(os.environ.get("FIRMGATE_NOOP_TOKEN_BYTES", "1300")), 100)
+    token = "e30." + "A" * (size - 91) + "." + "B" * 86
 
     @app.post("/kbs/v0/auth")
     def auth() -> Any:

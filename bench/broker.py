@@ -166,6 +166,7 @@ class Run:
     server_cpu_ms: float       # per handshake, gunicorn master + workers
     worker_split: list[float]  # each worker's share of the workers' CPU in the run, %
     first_errors: list[str]
+    token_bytes: int           # length of the /attest token
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -235,6 +236,7 @@ def load_run(args: argparse.Namespace, app: str, env: dict[str, str], cwd: Path,
         server_cpu_ms=(cpu1 - cpu0) / max(n, 1) * 1000,
         worker_split=sorted((round(v / busy * 100, 1) for v in used.values()), reverse=True),
         first_errors=[e for r in results for e in r.first_errors][:5],
+        token_bytes=max(r.token_len for r in results),
     )
 
 
@@ -285,8 +287,9 @@ def reference_rates(sim: Any, meas: bytes, root_pem: str, seconds: float) -> tup
     return raw, vrate
 
 
-def noop_env(base: dict[str, str]) -> tuple[dict[str, str], Any]:
-    """The no-op app's fixed resource JWE (to a fixed key the clients hold) and its environment."""
+def noop_env(base: dict[str, str], token_bytes: int) -> tuple[dict[str, str], Any]:
+    """The no-op app's environment (its fixed resource JWE, to a fixed key the clients hold, and the
+    length of its token) and that key."""
     from cryptography.hazmat.primitives.asymmetric import ec
 
     from broker.jwe import b64url, encrypt
@@ -294,7 +297,8 @@ def noop_env(base: dict[str, str]) -> tuple[dict[str, str], Any]:
     nums = key.public_key().public_numbers()
     jwk = {"kty": "EC", "crv": "P-256", "alg": lg.ECDH_ALG, "x": b64url(nums.x.to_bytes(32, "big")),
            "y": b64url(nums.y.to_bytes(32, "big"))}
-    return dict(base, FIRMGATE_NOOP_JWE=json.dumps(encrypt(lg.SECRET, jwk))), key
+    return dict(base, FIRMGATE_NOOP_JWE=json.dumps(encrypt(lg.SECRET, jwk)),
+                FIRMGATE_NOOP_TOKEN_BYTES=str(token_bytes)), key
 
 
 def main() -> int:
@@ -333,7 +337,7 @@ def main() -> int:
                    FIRMGATE_MASTER_KEY_FILE=cfg["key"], FIRMGATE_MEASURE_CACHE=cfg["cache"], PYTHONPATH=str(REPO))
         evidence = lg.EvidenceTemplate(sim, meas)
         broker = load_run(args, "broker:create_app()", env, work, lg.Guest(evidence, bearer=args.bearer))
-        env_noop, fixed_key = noop_env(env)
+        env_noop, fixed_key = noop_env(env, broker.token_bytes or 1300)
         floor = load_run(args, "bench._loadgen:noop_app()", env_noop, work,
                          lg.Guest(evidence, bearer=args.bearer, fixed_key=fixed_key))
         raw, vrate = reference_rates(sim, meas, cfg["root"], args.ref_seconds)
