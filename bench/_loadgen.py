@@ -280,6 +280,13 @@ def _json_object(resp: Response, what: str) -> dict[str, Any]:
     return obj
 
 
+def _header_value(text: str) -> bytes:
+    """A value the server gave us, to be sent back in a header: printable ASCII only (no CR/LF)."""
+    if not text.isascii() or not text.isprintable():
+        raise HandshakeError(f"server value {text[:40]!r} cannot go into a request header")
+    return text.encode("ascii")
+
+
 @dataclass
 class Guest:
     """Everything a client process needs; built once in the parent and inherited through fork."""
@@ -302,7 +309,7 @@ class Guest:
         nonce = _json_object(r, "/auth").get("nonce")
         if not isinstance(nonce, str) or not 0 < len(nonce) <= 256 or r.cookie is None:
             raise HandshakeError("/auth gave no nonce or no session cookie")
-        cookie = b"Cookie: " + r.cookie.encode("latin-1") + b"\r\n"
+        cookie = b"Cookie: " + _header_value(r.cookie) + b"\r\n"
         # KBS-FACTS section 3: REPORT_DATA = SHA-384(JCS({additional-evidence, nonce, tee-pubkey})), zero-padded.
         rd = hashlib.sha384(rfc8785.dumps({"additional-evidence": "", "nonce": nonce, "tee-pubkey": jwk})).digest()
         evidence = self.evidence.signed(rd + bytes(16))
@@ -314,9 +321,9 @@ class Guest:
             raise HandshakeError("/attest gave no token")
         self.token_len = len(token)
         if self.bearer:
-            auth = b"Authorization: Bearer " + token.encode("ascii") + b"\r\n"
+            auth = b"Authorization: Bearer " + _header_value(token) + b"\r\n"
         else:
-            auth = b"Cookie: " + r.cookie.encode("latin-1") + b"\r\n" if r.cookie else cookie
+            auth = b"Cookie: " + _header_value(r.cookie) + b"\r\n" if r.cookie else cookie
         r = conn.request(b"GET", self.resource_path, auth)
         plain = decrypt_jwe(_json_object(r, "/resource"), self.fixed_key or key)
         if plain != SECRET:
@@ -358,7 +365,7 @@ def run_client(args: tuple[int, float, int]) -> ClientResult:
             lat.append(t1 - t0)
             if every and len(lat) % every == 0:
                 conn.cycle()
-        except (HandshakeError, OSError, ValueError) as exc:
+        except (HandshakeError, OSError, ValueError, KeyError, TypeError) as exc:  # all printed, all exit 1
             errors += 1
             if len(first) < 3:
                 first.append(f"{type(exc).__name__}: {exc}")
@@ -376,8 +383,8 @@ def noop_app() -> Any:
     """Flask app with the three KBS routes answering fixed JSON of the broker's shapes.
 
     FIRMGATE_NOOP_JWE holds the fixed resource JWE (made by the bench parent with
-    broker.jwe.encrypt), FIRMGATE_NOOP_TOKEN_BYTES the token's length; every route reads and parses the request body as the
-    broker does (get_json), nothing else.
+    broker.jwe.encrypt), FIRMGATE_NOOP_TOKEN_BYTES the token's length; every route
+    reads and parses the request body as the broker does (get_json), nothing else.
     """
     from flask import Flask, jsonify, request
     app = Flask("firmgate-noop")
