@@ -150,6 +150,16 @@ def tree_cpu(master: int) -> tuple[float, dict[int, float]]:
     return total / CLK_TCK, workers
 
 
+def machine_cpu() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, from the `cpu` line of /proc/stat
+    (proc(5): user nice system idle iowait irq softirq steal ..., in clock ticks; busy = all but
+    idle and iowait). Over a run, busy minus the bench's own client and server CPU is what
+    other processes took from it."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    total = sum(fields[:8])
+    return (total - fields[3] - fields[4]) / CLK_TCK, total / CLK_TCK
+
+
 # -- one server, one load run --------------------------------------------------------------------
 @dataclass
 class Run:
@@ -165,6 +175,8 @@ class Run:
     client_cpu_ms: float       # per handshake, all client processes
     server_cpu_ms: float       # per handshake, gunicorn master + workers
     worker_split: list[float]  # each worker's share of the workers' CPU in the run, %
+    machine_busy_pct: float    # all cores' busy time during the run, % of all cores' time
+    others_pct: float          # of which neither these clients nor this server, % of all cores' time
     first_errors: list[str]
     token_bytes: int           # length of the /attest token
 
@@ -211,7 +223,9 @@ def load_run(args: argparse.Namespace, app: str, env: dict[str, str], cwd: Path,
             # Warm-up: policy load, measurement and chain caches in every worker, connections, page cache.
             pool.map(lg.run_client, [(port, args.warmup, args.reconnect_every)] * args.clients)
             cpu0, workers0 = tree_cpu(proc.pid)
+            busy0, all0 = machine_cpu()
             results = pool.map(lg.run_client, [(port, args.seconds, args.reconnect_every)] * args.clients)
+            busy1, all1 = machine_cpu()
             cpu1, workers1 = tree_cpu(proc.pid)
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -224,6 +238,8 @@ def load_run(args: argparse.Namespace, app: str, env: dict[str, str], cwd: Path,
     n = len(lat)
     used = {pid: workers1[pid] - workers0.get(pid, 0.0) for pid in workers1}
     busy = sum(used.values()) or 1.0
+    span = (all1 - all0) or 1.0
+    client_cpu = sum(r.cpu for r in results)
     return Run(
         handshakes=n,
         errors=sum(r.errors for r in results),
@@ -232,9 +248,11 @@ def load_run(args: argparse.Namespace, app: str, env: dict[str, str], cwd: Path,
         rate=sum(len(r.latencies) / r.elapsed for r in results if r.elapsed > 0),
         p50_ms=statistics.median(lat) * 1000 if lat else float("nan"),
         p99_ms=lat[min(n - 1, int(n * 0.99))] * 1000 if lat else float("nan"),
-        client_cpu_ms=sum(r.cpu for r in results) / max(n, 1) * 1000,
+        client_cpu_ms=client_cpu / max(n, 1) * 1000,
         server_cpu_ms=(cpu1 - cpu0) / max(n, 1) * 1000,
         worker_split=sorted((round(v / busy * 100, 1) for v in used.values()), reverse=True),
+        machine_busy_pct=(busy1 - busy0) / span * 100,
+        others_pct=max(0.0, (busy1 - busy0) - client_cpu - (cpu1 - cpu0)) / span * 100,
         first_errors=[e for r in results for e in r.first_errors][:5],
         token_bytes=max(r.token_len for r in results),
     )
@@ -383,12 +401,15 @@ def print_table(args: argparse.Namespace, res: dict[str, Any], broker: Run, floo
     row("client CPU per handshake (ms, same machine)", f"{broker.client_cpu_ms:.2f}")
     row("server CPU per handshake (ms, gunicorn tree)", f"{broker.server_cpu_ms:.2f}")
     row("server CPU split across workers (%)", "/".join(f"{x:.0f}" for x in broker.worker_split))
+    row("machine CPU busy / of it other processes (%)", f"{broker.machine_busy_pct:.0f} / {broker.others_pct:.0f}")
     row("no-op 3-request handshakes/s (HTTP floor)", f"{floor.rate:.1f}")
     row("no-op latency p50 / p99 (ms)", f"{floor.p50_ms:.1f} / {floor.p99_ms:.1f}")
     row("no-op completed / errors / reconnects", f"{floor.handshakes} / {floor.errors} / "
         f"{floor.reconnects + floor.cycles}")
     row("no-op client CPU per handshake (ms)", f"{floor.client_cpu_ms:.2f}")
     row("no-op server CPU per handshake (ms)", f"{floor.server_cpu_ms:.2f}")
+    row("no-op server CPU split across workers (%)", "/".join(f"{x:.0f}" for x in floor.worker_split))
+    row("no-op machine CPU busy / other processes (%)", f"{floor.machine_busy_pct:.0f} / {floor.others_pct:.0f}")
     row("verify-only (Trustee JSON + verify_report) /s, 1 core", f"{vrate:.1f}")
     row("raw ECDSA P-384 verify /s, 1 core", f"{raw:.1f}")
     row("handshakes / raw ECDSA verify rate", f"{res['handshakes_pct_of_raw']:.1f}%")
