@@ -15,6 +15,7 @@ from verifier.verdict import Verdict
 from .db import AuditRecord, now_ms
 
 _A = AuditRecord.__table__
+_INSERT = insert(_A)  # built once: it runs on every request
 
 
 def verdict_facts(verdict: Verdict | None) -> tuple[str | None, str | None]:
@@ -54,7 +55,7 @@ def row(*, event: str, outcome: str, reason: str, tenant: str | None = None, ses
 def write(db: Connection | OrmSession, rows: list[dict[str, Any]], commit: bool = True) -> None:
     """Insert audit rows (one statement) in the caller's transaction; commit unless told not to."""
     if rows:
-        db.execute(insert(_A), rows)
+        db.execute(_INSERT, rows)
     if commit:
         db.commit()
 

@@ -19,10 +19,12 @@ from email.utils import formatdate
 from typing import Any
 
 import orjson
+from cryptography.hazmat.primitives.serialization import Encoding
 from flask import Blueprint, Response, current_app, jsonify, request
 from sqlalchemy.exc import IntegrityError
 
 from verifier.errors import FirmgateError
+from verifier.evidence import Evidence
 from verifier.verdict import Verdict
 
 from . import audit, metrics, nonces, vault
@@ -32,8 +34,8 @@ from .errors import ApiError
 from .jwe import encrypt, load_tee_pubkey
 from .limits import json_body, valid_name
 from .release import decide, summarize_failures
-from .runtime_data import check_host_data, check_report_data, expected_report_data, initdata_host_data
 from .nonces import Db
+from .runtime_data import check_host_data, check_report_data, expected_report_data, initdata_host_data
 from .state import BrokerState, get_db, get_orm, state, sync_firmware
 from .tokens import TokenError, ear_claims, tee_pubkey_from_claims
 
@@ -147,6 +149,17 @@ def _appraisal(st: BrokerState, attested: Attested, session_id: str, tenant: str
                            "accepted": verdict.accepted, "verdict_json": text, "created_at": now_ms()}
 
 
+def _stored_evidence(handle: Any, primary: Any) -> str:
+    """The evidence kept for re-appraisal under a later policy: the report and certificates as
+    firmgate JSON (~6 KB; Trustee's integer arrays are ~25 KB per session), or the JSON as sent
+    when it holds what that form cannot (CRLs) or comes from another appraiser."""
+    if isinstance(handle, Evidence) and not handle.crls:
+        return orjson.dumps({"report": base64.b64encode(handle.report.raw).decode(),
+                             "certs": [base64.b64encode(c.public_bytes(Encoding.DER)).decode()
+                                       for c in handle.certs]}).decode()
+    return orjson.dumps(primary).decode()
+
+
 def _trust_vector(verdict: Verdict | None) -> dict[str, int]:
     if verdict is not None and isinstance(verdict.facts.get("trust_vector"), dict):
         return {str(k): int(v) for k, v in verdict.facts["trust_vector"].items()}
@@ -242,7 +255,7 @@ def attest() -> Response:
     expires_at = max(consumed.expires_at, claims["exp"] * 1000)
     # The session's new state, its verdicts and the audit rows: one transaction.
     nonces.mark_attested(db, sid, {
-        "evidence_json": orjson.dumps(primary).decode(),  # ~10x faster than json on integer arrays
+        "evidence_json": _stored_evidence(parsed.handle, primary),
         "tee_pubkey_json": orjson.dumps(jwk).decode(),
         "expected_report_data": expected.hex(),
         "expected_host_data": host_expected.hex() if host_expected is not None else None,
@@ -262,12 +275,14 @@ def _bearer() -> str | None:
     return h[7:].strip() if h[:7].lower() == "bearer " else None
 
 
-def _attested_session(db: Db, st: BrokerState) -> tuple[nonces.AttestedSession, dict[str, Any]]:
-    """The session this request proves (cookie first, then Bearer token, as Trustee) and its tee-pubkey."""
+def _attested_session(db: Db, st: BrokerState, tenant: str,
+                      policy_id: str) -> tuple[nonces.AttestedSession, dict[str, Any]]:
+    """The session this request proves (cookie first, then Bearer token, as Trustee) and its tee-pubkey;
+    loaded with its cached verdict for `tenant` under `policy_id`, if any."""
     t = now_ms()
     sid = _cookie_session_id()
     if sid is not None:
-        row = nonces.load(db, sid)
+        row = nonces.load(db, sid, tenant, policy_id)
         if row is not None and row.state == "attested" and row.expires_at > t and row.tee_pubkey_json:
             return row, orjson.loads(row.tee_pubkey_json)
         if _bearer() is None:
@@ -280,7 +295,7 @@ def _attested_session(db: Db, st: BrokerState) -> tuple[nonces.AttestedSession, 
     except TokenError as exc:
         raise ApiError("TokenVerifierError", exc.diagnostics()) from None
     jwk = tee_pubkey_from_claims(claims)
-    row = nonces.load(db, claims["jti"])
+    row = nonces.load(db, claims["jti"], tenant, policy_id)
     if row is None or row.state != "attested" or jwk is None:
         raise ApiError("TokenVerifierError", "the token's session is unknown or was purged; attest again")
     return row, jwk
@@ -289,9 +304,8 @@ def _attested_session(db: Db, st: BrokerState) -> tuple[nonces.AttestedSession, 
 def _verdict_for(st: BrokerState, db: Db, row: nonces.AttestedSession, tenant: str,
                  policy_id: str) -> tuple[Verdict, str] | None:
     """The session's verdict for `tenant` under `policy_id` (the policy in force now) and its JSON."""
-    cached = nonces.cached_verdict(db, row.id, tenant, policy_id)
-    if cached is not None:
-        return verdict_from_dict(orjson.loads(cached[1])), cached[1]
+    if row.verdict_json is not None:
+        return verdict_from_dict(orjson.loads(row.verdict_json)), row.verdict_json
     # Not appraised for this tenant, or its policy changed since: appraise now, under the current policy.
     assert st.appraiser is not None
     evidence = nonces.evidence_json(db, row.id)
@@ -323,12 +337,12 @@ def resource(repo: str, rtype: str, tag: str) -> Response:
     if not all(valid_name(p) for p in (repo, rtype, tag)):
         raise ApiError("InvalidRequestPath", "resource path must be <repository>/<type>/<tag> of [A-Za-z0-9._-]")
     path = f"{repo}/{rtype}/{tag}"
-    try:
-        row, jwk = _attested_session(db, st)
-    except ApiError as err:
-        raise _deny(db, err.variant, err.detail, event="deny", resource=path, tenant=None) from None
     tenant = repo
     policy_id = st.appraiser.policy_id(tenant) if st.appraiser is not None else None
+    try:
+        row, jwk = _attested_session(db, st, tenant, policy_id or "")
+    except ApiError as err:
+        raise _deny(db, err.variant, err.detail, event="deny", resource=path, tenant=None) from None
     verdict: Verdict | None = None
     text: str | None = None
     path_allowed: tuple[bool, str] | None = None

@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Union
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import and_, bindparam, delete, insert, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session as OrmSession
 
@@ -30,6 +30,20 @@ GRACE_MS = 3600 * 1000
 
 _S = Session.__table__
 _V = SessionVerdict.__table__
+
+# The per-handshake statements, built once (SQLAlchemy then only looks up their compiled form).
+_INSERT_SESSION = insert(_S)
+_CONSUME = (update(_S).where(_S.c.id == bindparam("sid"), _S.c.state == "new", _S.c.expires_at > bindparam("now"))
+            .values(state="attesting").returning(_S.c.nonce, _S.c.tenant_hint, _S.c.expires_at))
+_WHY_NOT = select(_S.c.state, _S.c.tenant_hint).where(_S.c.id == bindparam("sid"))
+_SET_STATE = update(_S).where(_S.c.id == bindparam("sid"))
+_INSERT_VERDICTS = insert(_V)
+# A session and, in the same statement, its verdict for one tenant under one policy version.
+_LOAD = (select(_S.c.id, _S.c.state, _S.c.expires_at, _S.c.tee_pubkey_json, _S.c.measurement,
+                _S.c.expected_report_data, _S.c.expected_host_data, _V.c.accepted, _V.c.verdict_json)
+         .select_from(_S.outerjoin(_V, and_(_V.c.session_id == _S.c.id, _V.c.tenant == bindparam("tenant"),
+                                            _V.c.policy_id == bindparam("policy_id"))))
+         .where(_S.c.id == bindparam("sid")))
 
 
 @dataclass(frozen=True)
@@ -52,7 +66,8 @@ class Consumed:
 
 @dataclass(frozen=True)
 class AttestedSession:
-    """What /resource needs of a session (the evidence is fetched only if re-appraisal needs it)."""
+    """What /resource needs of a session (the evidence is fetched only if re-appraisal needs it),
+    with the cached verdict for the tenant and policy version asked about, if there is one."""
 
     id: str
     state: str
@@ -61,12 +76,14 @@ class AttestedSession:
     measurement: str | None
     expected_report_data: str | None
     expected_host_data: str | None
+    verdict_accepted: bool | None = None
+    verdict_json: str | None = None
 
 
 def new_session(db: Db, tee: str, ttl_s: int, tenant_hint: str | None, commit: bool = True) -> NewSession:
     t = now_ms()
     row = NewSession(uuid.uuid4().hex, base64.b64encode(secrets.token_bytes(32)).decode(), t + ttl_s * 1000)
-    db.execute(insert(_S), {"id": row.id, "nonce": row.nonce, "tee": tee, "tenant_hint": tenant_hint,
+    db.execute(_INSERT_SESSION, {"id": row.id, "nonce": row.nonce, "tee": tee, "tenant_hint": tenant_hint,
                             "state": "new", "created_at": t, "expires_at": row.expires_at})
     if commit:
         db.commit()
@@ -76,13 +93,11 @@ def new_session(db: Db, tee: str, ttl_s: int, tenant_hint: str | None, commit: b
 def consume(db: Db, session_id: str) -> Consumed:
     """Atomically move a live, unused session to `attesting` (committed at once); say why not otherwise."""
     t = now_ms()
-    won = db.execute(update(_S).where(_S.c.id == session_id, _S.c.state == "new", _S.c.expires_at > t)
-                     .values(state="attesting")
-                     .returning(_S.c.nonce, _S.c.tenant_hint, _S.c.expires_at)).first()
+    won = db.execute(_CONSUME, {"sid": session_id, "now": t}).first()
     db.commit()
     if won is not None:
         return Consumed(True, "", won.nonce, won.tenant_hint, int(won.expires_at))
-    row = db.execute(select(_S.c.state, _S.c.tenant_hint).where(_S.c.id == session_id)).first()
+    row = db.execute(_WHY_NOT, {"sid": session_id}).first()
     db.commit()  # end the read: the denial's audit row is written in a transaction of its own
     if row is None:
         return Consumed(False, "unknown session (no /auth, or it was purged)")
@@ -94,19 +109,20 @@ def consume(db: Db, session_id: str) -> Consumed:
 
 def mark_failed(db: Db, session_id: str) -> None:
     """The caller commits (with the denial's audit row)."""
-    db.execute(update(_S).where(_S.c.id == session_id).values(state="failed"))
+    db.execute(_SET_STATE, {"sid": session_id, "state": "failed"})
 
 
 def mark_attested(db: Db, session_id: str, values: dict[str, Any]) -> None:
     """Record what the evidence proved; the caller commits (with the verdicts and audit rows)."""
-    db.execute(update(_S).where(_S.c.id == session_id).values(state="attested", **values))
+    db.execute(_SET_STATE, {"sid": session_id, "state": "attested", **values})
 
 
-def load(db: Db, session_id: str) -> AttestedSession | None:
-    row = db.execute(select(_S.c.id, _S.c.state, _S.c.expires_at, _S.c.tee_pubkey_json, _S.c.measurement,
-                            _S.c.expected_report_data, _S.c.expected_host_data)
-                     .where(_S.c.id == session_id)).first()
-    return None if row is None else AttestedSession(*row)
+def load(db: Db, session_id: str, tenant: str = "", policy_id: str = "") -> AttestedSession | None:
+    """The session, with its verdict for `tenant` under `policy_id` when one is cached."""
+    row = db.execute(_LOAD, {"sid": session_id, "tenant": tenant, "policy_id": policy_id}).first()
+    if row is None:
+        return None
+    return AttestedSession(*row[:7], None if row.accepted is None else bool(row.accepted), row.verdict_json)
 
 
 def evidence_json(db: Db, session_id: str) -> str | None:
@@ -116,13 +132,7 @@ def evidence_json(db: Db, session_id: str) -> str | None:
 def add_verdicts(db: Db, rows: list[dict[str, Any]]) -> None:
     """SessionVerdict rows: session_id, tenant, policy_id, accepted, verdict_json, created_at."""
     if rows:
-        db.execute(insert(_V), rows)
-
-
-def cached_verdict(db: Db, session_id: str, tenant: str, policy_id: str) -> tuple[bool, str] | None:
-    row = db.execute(select(_V.c.accepted, _V.c.verdict_json).where(
-        _V.c.session_id == session_id, _V.c.tenant == tenant, _V.c.policy_id == policy_id)).first()
-    return None if row is None else (bool(row.accepted), str(row.verdict_json))
+        db.execute(_INSERT_VERDICTS, rows)
 
 
 def purge_expired(db: Db, audit_days: int = 90, auth_audit_hours: int = 24) -> None:

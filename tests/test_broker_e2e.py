@@ -27,10 +27,10 @@ FW_ACME = "edk2-2025.02-OVMF.fd"
 FW_GLOBEX = "edk2-2022.11-OVMF.fd"
 
 
-def _policy(tenant: str, fwid: str, digest: str, location: str, revoked: bool = False) -> str:
+def _policy(tenant: str, fwid: str, digest: str, location: str, revoked: bool = False, note: str = "") -> str:
     rev = f'revoked = ["{fwid}"]\n' if revoked else ""
     return f'''version = 1
-description = "e2e test policy of {tenant}"
+description = "e2e test policy of {tenant}{note}"
 [firmware]
 {rev}[[firmware.allowed]]
 id = "{fwid}"
@@ -76,9 +76,9 @@ class Env:
         table = PolicyStore(self.policies, cache_dir=self.cache).get("acme").table
         self.acme_measurement = table.entries()[0][0]
 
-    def write_acme(self, revoked: bool = False) -> None:
+    def write_acme(self, revoked: bool = False, note: str = "") -> None:
         path = self.policies / "acme.toml"
-        path.write_text(_policy("acme", "edk2-2025.02", self.acme_digest, "ovmf.fd", revoked))
+        path.write_text(_policy("acme", "edk2-2025.02", self.acme_digest, "ovmf.fd", revoked, note))
         st = path.stat()  # the store notices changes by stat: make sure this one is visible
         os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))
 
@@ -198,6 +198,37 @@ def test_policy_change_revokes_firmware(broker: Any, env: Env) -> None:
         assert r.body["type"] == KBS_ERR + "PolicyDeny"
         assert "revoked" in r.body["detail"], r.body["detail"]
     assert any("revoked" in x for x in audit_reasons(srv, tokens["acme"], "deny"))
+
+
+@pytest.mark.parametrize("shape", ["trustee", "firmgate"])
+def test_policy_edit_reappraises_stored_evidence(broker: Any, env: Env, shape: str) -> None:
+    """A policy change that still allows the firmware: the next request re-appraises the evidence the
+    session stored (compact firmgate JSON, re-verified) under the new policy and releases."""
+    from sqlalchemy import create_engine, select
+
+    from broker.db import Session
+    srv, tokens = broker
+    g = Guest(srv.url, env.evidence(shape=shape))
+    g.auth()
+    assert g.attest().status == 200
+    assert g.fetch("acme/key/disk") == b"acme-luks-key"
+    engine = create_engine(srv.app.config["DATABASE_URL"])
+    with engine.connect() as conn:
+        stored = conn.execute(select(Session.evidence_json).where(Session.state == "attested")
+                              .order_by(Session.created_at.desc())).scalars().first()
+    engine.dispose()
+    assert stored is not None and len(stored) < 8000, len(stored or "")  # not Trustee's integer arrays
+    assert set(json.loads(stored)) == {"report", "certs"}
+    env.write_acme(note=" (edited)")
+    try:
+        time.sleep(1.1)  # the policy store re-reads changed files at most once a second
+        for bearer in (False, True):
+            assert g.fetch("acme/key/disk", bearer=bearer) == b"acme-luks-key"
+        recs = admin(srv.url, "GET", "/audit?limit=1000", tokens["acme"]).body["records"]
+        releases = [r for r in recs if r["event"] == "release"]
+        assert len({r["verdict"]["policy_id"] for r in releases}) == 2, [r["verdict"]["policy_id"] for r in releases]
+    finally:
+        env.write_acme()
 
 
 def test_uploaded_firmware(broker: Any, env: Env) -> None:
