@@ -418,8 +418,8 @@ def print_table(args: argparse.Namespace, res: dict[str, Any], broker: Run, floo
     for name, run in (("broker", broker), ("no-op", floor)):
         split = "/".join(f"{x:.0f}" for x in run.worker_split)
         if len(run.worker_split) > 1 and run.worker_split[0] > 100 / len(run.worker_split) + 10:
-            print(f"note: the {name} run's workers were unevenly loaded ({split} %): each keep-alive connection stays on the worker that accepted it; --reconnect-every 50 or "
-                  f"more --clients spread them")
+            print(f"note: the {name} run's workers were unevenly loaded ({split} %): each keep-alive connection "
+                  "stays on the worker that accepted it; --reconnect-every 50 or more --clients spread them")
         if run.others_pct > 10:
             print(f"note: other processes took {run.others_pct:.0f}% of the machine during the {name} run")
 
