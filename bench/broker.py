@@ -377,10 +377,21 @@ def main() -> int:
         if floor.rate else float("nan"),
     }
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(json.dumps(_finite(result), indent=2, allow_nan=False))
     else:
         print_table(args, result, broker, floor, raw, vrate)
     return 0 if broker.errors == 0 and floor.errors == 0 and broker.handshakes and floor.handshakes else 1
+
+
+def _finite(obj: Any) -> Any:
+    """NaN (no handshake completed) as JSON null: strict JSON has no NaN."""
+    if isinstance(obj, float) and obj != obj:
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def print_table(args: argparse.Namespace, res: dict[str, Any], broker: Run, floor: Run, raw: float,
