@@ -10,7 +10,7 @@ import hmac
 import secrets
 from dataclasses import dataclass
 
-from sqlalchemy import delete, select
+from sqlalchemy import bindparam, delete, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session as OrmSession
@@ -102,12 +102,17 @@ def put_secret(orm: OrmSession, box: SecretBox, tenant: str, path: ResourcePath,
     return row is not None
 
 
+# Built once from the table's columns: /resource runs it on every release (ORM attributes would
+# send it through the ORM's compile path each time).
+_S = Secret.__table__
+_GET_SECRET = select(_S.c.nonce, _S.c.ciphertext).where(_S.c.tenant == bindparam("tenant"), _S.c.path == bindparam("path"))
+
+
 def get_secret(db: Connection | OrmSession, box: SecretBox, tenant: str, path: ResourcePath) -> bytes | None:
     """The secret's value (None if there is none); `db` is a Core Connection or an ORM Session."""
     if path.repo != tenant:
         return None
-    row = db.execute(select(Secret.nonce, Secret.ciphertext).where(Secret.tenant == tenant,
-                                                                   Secret.path == str(path))).first()
+    row = db.execute(_GET_SECRET, {"tenant": tenant, "path": str(path)}).first()
     return None if row is None else box.open(tenant, str(path), row.nonce, row.ciphertext)
 
 
