@@ -24,7 +24,8 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     # No 308 redirects (HTML bodies) for "//" or a missing trailing slash: such paths are 404s.
     app.url_map.merge_slashes = False
     app.url_map.strict_slashes = False
-    app.json.sort_keys = False  # type: ignore[attr-defined]  # keep JWE/JWKS member order as built
+    from .json_provider import OrjsonProvider
+    app.json = OrjsonProvider(app)  # insertion order kept: JWE/JWKS members stay as built
 
     from . import admin, errors, kbs, metrics, ops, state
     errors.register_error_handlers(app)

@@ -363,3 +363,20 @@ def test_purge_sessions_and_audit_retention(tmp_path: Path) -> None:
         assert sorted(r.reason for r in orm.query(AuditRecord).all()) == [
             "auth 0", f"release {2 * day}"]
     engine.dispose()
+
+
+def test_json_provider_keeps_order_and_falls_back_for_big_integers(tmp_path: Path) -> None:
+    """Responses keep members as built (JWE/JWKS), and what orjson cannot encode still encodes."""
+    import json as std_json
+
+    from broker import create_app
+    app = create_app({"DATABASE_URL": f"sqlite:///{tmp_path}/j.db", "MASTER_KEY": b"j" * 32,
+                      "APPRAISER": object()})
+    with app.app_context():
+        from flask import jsonify
+        body = jsonify({"protected": 1, "encrypted_key": 2, "iv": 3}).get_data()
+        assert body == b'{"protected":1,"encrypted_key":2,"iv":3}\n'
+        big = {"n": 1 << 70, "k": Path("x")}
+        assert std_json.loads(app.json.dumps(big)) == {"n": 1 << 70, "k": "x"}
+        assert std_json.loads(jsonify(big).get_data()) == {"n": 1 << 70, "k": "x"}
+        assert app.json.loads(b'{"a": [1, 2]}') == {"a": [1, 2]}
