@@ -373,6 +373,9 @@ def main() -> int:
         "seconds": args.seconds, "db": db.split(":")[0], "resource_auth": "bearer" if args.bearer else "cookie",
         "load_average_1m": os.getloadavg()[0], "broker": broker.to_dict(), "noop": floor.to_dict(),
         "raw_ecdsa_p384_verify_per_s": raw, "verify_only_per_s": vrate,
+        # What the server alone could do with every core and no client on the machine.
+        "broker_server_bound": cores * 1000 / broker.server_cpu_ms if broker.server_cpu_ms else float("nan"),
+        "noop_server_bound": cores * 1000 / floor.server_cpu_ms if floor.server_cpu_ms else float("nan"),
         "handshakes_pct_of_raw": broker.rate / raw * 100, "handshakes_pct_of_floor": broker.rate / floor.rate * 100
         if floor.rate else float("nan"),
     }
@@ -412,6 +415,7 @@ def print_table(args: argparse.Namespace, res: dict[str, Any], broker: Run, floo
     row("client CPU per handshake (ms, same machine)", f"{broker.client_cpu_ms:.2f}")
     row("server CPU per handshake (ms, gunicorn tree)", f"{broker.server_cpu_ms:.2f}")
     row("server CPU split across workers (%)", "/".join(f"{x:.0f}" for x in broker.worker_split))
+    row(f"server-only bound: {res['cores']} cores / server CPU, /s", f"{res['broker_server_bound']:.1f}")
     row("machine CPU busy / of it other processes (%)", f"{broker.machine_busy_pct:.0f} / {broker.others_pct:.0f}")
     row("no-op 3-request handshakes/s (HTTP floor)", f"{floor.rate:.1f}")
     row("no-op latency p50 / p99 (ms)", f"{floor.p50_ms:.1f} / {floor.p99_ms:.1f}")
@@ -420,6 +424,7 @@ def print_table(args: argparse.Namespace, res: dict[str, Any], broker: Run, floo
     row("no-op client CPU per handshake (ms)", f"{floor.client_cpu_ms:.2f}")
     row("no-op server CPU per handshake (ms)", f"{floor.server_cpu_ms:.2f}")
     row("no-op server CPU split across workers (%)", "/".join(f"{x:.0f}" for x in floor.worker_split))
+    row(f"no-op server-only bound: {res['cores']} cores / server CPU, /s", f"{res['noop_server_bound']:.1f}")
     row("no-op machine CPU busy / other processes (%)", f"{floor.machine_busy_pct:.0f} / {floor.others_pct:.0f}")
     row("verify-only (Trustee JSON + verify_report) /s, 1 core", f"{vrate:.1f}")
     row("raw ECDSA P-384 verify /s, 1 core", f"{raw:.1f}")
