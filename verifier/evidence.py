@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
+import hashlib
+import itertools
 import json
+import struct
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
@@ -20,8 +24,8 @@ from cryptography import x509
 
 from .abi.certtable import GUIDS, parse_cert_table
 from .abi.fields import Product, TcbVersion, product_from_cpuid
-from .abi.report import LAYOUT, REPORT_SIZE, AttestationReport, encode_fields
-from .certs import MAX_CERT_SIZE, MAX_CERTS, load_certificates, load_crl
+from .abi.report import LAYOUT, REPORT_SIZE, AttestationReport
+from .certs import MAX_CERT_SIZE, MAX_CERTS, Lru, load_certificates, load_crl
 from .errors import CertificateFormatError, EvidenceError, MalformedReport
 
 MAX_EVIDENCE_SIZE = 512 * 1024   # a Trustee JSON with a full chain is ~40 KB
@@ -148,6 +152,37 @@ _TCB_FIELDS = ("current_tcb", "reported_tcb", "committed_tcb", "launch_tcb")
 _OPT_INT_FIELDS = ("cpuid_fam_id", "cpuid_mod_id", "cpuid_step", "launch_mit_vector", "current_mit_vector")
 _KNOWN_KEYS = set(_BYTE_FIELDS) | set(_INT_FIELDS) | set(_TCB_FIELDS) | set(_OPT_INT_FIELDS) | {
     "current", "committed", "signature"}
+_REQUIRED_KEYS = frozenset(_BYTE_FIELDS) | frozenset(_INT_FIELDS) | frozenset(_TCB_FIELDS) | {
+    "current", "committed", "signature"}
+_INT_BITS = {key: 8 * LAYOUT[field][1] for key, field in _INT_FIELDS.items()}
+_OPT_INT_BITS = {key: 8 * LAYOUT[key][1] for key in _OPT_INT_FIELDS}
+_BYTE_SIZES = {key: LAYOUT[key][1] for key in _BYTE_FIELDS}
+_BYTE_LENGTHS = list(_BYTE_SIZES.values())
+_BYTE_SPANS = tuple(zip(_BYTE_FIELDS, itertools.accumulate([0, *_BYTE_LENGTHS]), itertools.accumulate(_BYTE_LENGTHS)))
+
+
+def _report_packer() -> tuple[struct.Struct, tuple[str, ...]]:
+    """One struct over every abi LAYOUT field in offset order, the gaps (reserved bytes) as zero
+    pad bytes: the raw report in one pack() instead of a slice assignment per field. LAYOUT
+    stays the single statement of the offsets (SNP ABI 56860, Table 23)."""
+    fmt, names, pos = ["<"], [], 0
+    for name, (off, size, kind) in sorted(LAYOUT.items(), key=lambda item: item[1][0]):
+        if off < pos:
+            raise RuntimeError(f"abi LAYOUT field {name} overlaps the one before it")
+        if off > pos:
+            fmt.append(f"{off - pos}x")
+        fmt.append({1: "B", 4: "I", 8: "Q"}[size] if kind == "u" else f"{size}s")
+        names.append(name)
+        pos = off + size
+    fmt.append(f"{REPORT_SIZE - pos}x")
+    packer = struct.Struct("".join(fmt))
+    if packer.size != REPORT_SIZE:
+        raise RuntimeError(f"abi LAYOUT packs to {packer.size} bytes, not {REPORT_SIZE}")
+    return packer, tuple(names)
+
+
+_PACKER, _PACK_ORDER = _report_packer()
+_PACK_DEFAULTS = {name: (0 if kind == "u" else b"") for name, (_, _, kind) in LAYOUT.items()}
 
 
 def _int(value: Any, what: str, bits: int) -> int:
@@ -156,66 +191,155 @@ def _int(value: Any, what: str, bits: int) -> int:
     return value
 
 
+def _json_bytes(value: list[Any]) -> bytes | None:
+    """The bytes a JSON array of integers 0..255 stands for, or None if it holds anything else.
+
+    C-speed throughout (a broker turns ~5,000 elements into bytes per handshake; a generator
+    over them cost more than the report signature). Types first: only an exact `int` passes
+    (a bool is an int subclass that bytearray() would read as 0/1; a float, string, null, array
+    or object is refused), so nothing but ints reaches bytearray(), which refuses a value
+    outside 0..255 with ValueError. (bytearray() fills from a list ~3x faster than bytes().)"""
+    if list(map(type, value)).count(int) != len(value):
+        return None
+    try:
+        return bytes(bytearray(value))
+    except ValueError:
+        return None
+
+
+# sha256 of a certificate/CRL array's bytes -> where it holds 0x00/0x01 (see _chain_bytes)
+_BOOL_SPOTS = Lru(256)
+
+
+def clear_caches() -> None:
+    """Forget the memoised cert_chain byte positions (verifier.verify.clear_caches calls this)."""
+    _BOOL_SPOTS.clear()
+    _tcb_u64.cache_clear()
+
+
+def _bool_spots(data: bytes) -> tuple[int, ...]:
+    spots: list[int] = []
+    for byte in (0, 1):
+        i = data.find(byte)
+        while i >= 0:
+            spots.append(i)
+            i = data.find(byte, i + 1)
+    return tuple(spots)
+
+
+def _chain_bytes(value: list[Any]) -> bytes | None:
+    """The bytes of a cert_chain entry's `data` array (JSON integers 0..255), or None.
+
+    Certificates are kilobytes and arrive on every handshake, so the per-element type pass of
+    _json_bytes (~20 ns an element) is avoided: bytearray() refuses every JSON value that is not
+    an integer 0..255 (float, string, null, array, object: TypeError; < 0 or > 255: ValueError)
+    except a bool, which it reads as 0 or 1. So only the elements where the bytes hold 0x00 or
+    0x01 need their type looked at; those positions are memoised by the bytes' SHA-256 (the same
+    ARK/ASK/VCEK every time), and a bool there is refused on every call, cached or not.
+    (Python objects JSON cannot produce, such as int subclasses, are read as the integers they
+    are; the report's own fields keep the exact-int check of _json_bytes.)"""
+    try:
+        data = bytes(bytearray(value))
+    except (TypeError, ValueError):
+        return None
+    key = hashlib.sha256(data).digest()
+    spots = _BOOL_SPOTS.get(key)
+    if spots is None:
+        spots = _bool_spots(data)
+        _BOOL_SPOTS.put(key, spots)
+    if bool in map(type, map(value.__getitem__, spots)):
+        return None
+    return data
+
+
 def _byte_array(value: Any, what: str, size: int) -> bytes:
     if not isinstance(value, list) or len(value) != size:
         raise EvidenceError(f"attestation_report.{what} must be an array of {size} integers")
-    if not all(type(v) is int and 0 <= v <= 255 for v in value):
+    data = _json_bytes(value)
+    if data is None:
         raise EvidenceError(f"attestation_report.{what} must hold integers 0..255")
-    return bytes(value)
+    return data
+
+
+_TCB_KEYS = frozenset(("fmc", "bootloader", "tee", "snp", "microcode"))
+_TCB_PARTS = ("bootloader", "tee", "snp", "microcode")
+
+
+@functools.lru_cache(maxsize=1024)
+def _tcb_u64(turin: bool, bootloader: int, tee: int, snp: int, microcode: int, fmc: int) -> int:
+    """TcbVersion.encode, memoised: a chip's TCB values repeat on every handshake (arguments are checked bytes)."""
+    if turin:
+        return TcbVersion.encode(Product.TURIN, fmc=fmc, bootloader=bootloader, tee=tee, snp=snp, microcode=microcode)
+    return TcbVersion.encode(Product.MILAN, bootloader=bootloader, tee=tee, snp=snp, microcode=microcode)
 
 
 def _tcb(value: Any, what: str, turin: bool) -> int:
-    if not isinstance(value, dict) or set(value) - {"fmc", "bootloader", "tee", "snp", "microcode"}:
+    if not isinstance(value, dict) or not value.keys() <= _TCB_KEYS:
         raise EvidenceError(f"attestation_report.{what} must be an object fmc/bootloader/tee/snp/microcode")
-    parts = {k: _int(value.get(k), f"{what}.{k}", 8) for k in ("bootloader", "tee", "snp", "microcode")}
+    bl, tee, snp, uc = (_int(value.get(k), f"{what}.{k}", 8) for k in _TCB_PARTS)
     fmc = value.get("fmc")
     if turin:
-        return TcbVersion.encode(Product.TURIN, fmc=_int(fmc if fmc is not None else 0, f"{what}.fmc", 8), **parts)
+        return _tcb_u64(True, bl, tee, snp, uc, _int(fmc if fmc is not None else 0, f"{what}.fmc", 8))
     if fmc is not None:
         raise EvidenceError(f"attestation_report.{what}.fmc is set, but the report is not from a Turin CPU")
-    return TcbVersion.encode(Product.MILAN, **parts)   # Milan and Genoa share this layout
+    return _tcb_u64(False, bl, tee, snp, uc, 0)   # Milan and Genoa share this layout
 
 
 def _version(value: Any, what: str) -> tuple[int, int, int]:
-    if not isinstance(value, dict) or set(value) != {"major", "minor", "build"}:
+    if not isinstance(value, dict) or value.keys() != {"major", "minor", "build"}:
         raise EvidenceError(f"attestation_report.{what} must be an object major/minor/build")
-    return tuple(_int(value[k], f"{what}.{k}", 8) for k in ("major", "minor", "build"))  # type: ignore[return-value]
+    return (_int(value["major"], f"{what}.major", 8), _int(value["minor"], f"{what}.minor", 8),
+            _int(value["build"], f"{what}.build", 8))
+
+
+def _byte_fields(ar: Mapping[str, Any]) -> dict[str, bytes]:
+    """The report's byte-array fields (not the signature), each exactly its LAYOUT size.
+
+    One type check and one conversion over all ten arrays (~450 elements) when they are well
+    formed (a call per array cost more than the arrays); otherwise field by field in
+    _BYTE_FIELDS order, so the first bad field is the one named."""
+    arrays = [ar[key] for key in _BYTE_FIELDS]
+    if all(type(a) is list for a in arrays) and list(map(len, arrays)) == _BYTE_LENGTHS:
+        blob = _json_bytes(list(itertools.chain.from_iterable(arrays)))
+        if blob is not None:
+            return {key: blob[a:b] for key, a, b in _BYTE_SPANS}
+    return {key: _byte_array(ar[key], key, size) for key, size in _BYTE_SIZES.items()}
 
 
 def rebuild_report(ar: Mapping[str, Any]) -> bytes:
     """The raw 1184 bytes from a Trustee `attestation_report` object (reserved bytes zero)."""
     if not isinstance(ar, dict):
         raise EvidenceError("attestation_report must be an object")
-    unknown = set(ar) - _KNOWN_KEYS
+    unknown = ar.keys() - _KNOWN_KEYS
     if unknown:
         raise EvidenceError(f"attestation_report has unknown keys: {', '.join(sorted(unknown))}")
-    missing = (set(_BYTE_FIELDS) | set(_INT_FIELDS) | set(_TCB_FIELDS) | {"current", "committed", "signature"}) - set(ar)
+    missing = _REQUIRED_KEYS - ar.keys()
     if missing:
         raise EvidenceError(f"attestation_report lacks: {', '.join(sorted(missing))}")
-    values: dict[str, int | bytes] = {}
+    values: dict[str, int | bytes] = dict(_PACK_DEFAULTS)   # fields not given stay zero
     for key, field in _INT_FIELDS.items():
-        values[field] = _int(ar[key], key, 8 * LAYOUT[field][1])
-    for key in _BYTE_FIELDS:
-        values[key] = _byte_array(ar[key], key, LAYOUT[key][1])
-    for key in _OPT_INT_FIELDS:
+        values[field] = _int(ar[key], key, _INT_BITS[key])
+    values.update(_byte_fields(ar))
+    for key, bits in _OPT_INT_BITS.items():
         if ar.get(key) is not None:
-            values[key] = _int(ar[key], key, 8 * LAYOUT[key][1])
-    fam, mod = values.get("cpuid_fam_id"), values.get("cpuid_mod_id")
-    cpu = product_from_cpuid(int(fam), int(mod)) if isinstance(fam, int) and isinstance(mod, int) else None
+            values[key] = _int(ar[key], key, bits)
+    fam, mod = values["cpuid_fam_id"], values["cpuid_mod_id"]
     # The layout of a TCB object's bytes follows the CPU; without CPUID (v2) a set fmc means Turin.
+    cpu = (product_from_cpuid(int(fam), int(mod))
+           if ar.get("cpuid_fam_id") is not None and ar.get("cpuid_mod_id") is not None else None)
     turin = cpu is Product.TURIN or (cpu is None and any(
         isinstance(ar[k], dict) and ar[k].get("fmc") is not None for k in _TCB_FIELDS))
     for key in _TCB_FIELDS:
         values[key] = _tcb(ar[key], key, turin)
     for key in ("current", "committed"):
-        major, minor, build = _version(ar[key], key)
-        values.update({f"{key}_major": major, f"{key}_minor": minor, f"{key}_build": build})
+        values[f"{key}_major"], values[f"{key}_minor"], values[f"{key}_build"] = _version(ar[key], key)
     sig = ar["signature"]
-    if not isinstance(sig, dict) or set(sig) != {"r", "s"}:
+    if not isinstance(sig, dict) or sig.keys() != {"r", "s"}:
         raise EvidenceError("attestation_report.signature must be an object {r, s}")
     values["signature_r"] = _byte_array(sig["r"], "signature.r", 72)
     values["signature_s"] = _byte_array(sig["s"], "signature.s", 72)
-    return bytes(encode_fields(values))
+    # Every value was range- and size-checked above, so pack() cannot truncate or wrap one.
+    return _PACKER.pack(*map(values.__getitem__, _PACK_ORDER))
 
 
 def _from_snp_evidence(obj: Mapping[str, Any]) -> Evidence:
@@ -237,9 +361,9 @@ def _from_snp_evidence(obj: Mapping[str, Any]) -> Evidence:
         data = entry["data"]
         if not isinstance(data, list) or len(data) > MAX_CERT_SIZE:
             raise EvidenceError(f"cert_chain[{i}].data must be an array of at most {MAX_CERT_SIZE} bytes")
-        if not all(type(v) is int and 0 <= v <= 255 for v in data):
+        blob = _chain_bytes(data)
+        if blob is None:
             raise EvidenceError(f"cert_chain[{i}].data must hold integers 0..255")
-        blob = bytes(data)
         if kind == "CRL":
             crls.append(load_crl(blob, f"cert_chain[{i}] (CRL)"))
         elif kind in ("ARK", "ASK", "VCEK", "VLEK"):

@@ -9,13 +9,16 @@ consistency checks (verifier.snpchecks) come back as named CheckResults.
 
 The chain's signatures are checked once per (leaf, intermediate, root) and
 cached; validity and revocation are re-checked on every call (they depend on time).
+verifier.certs hands out one parsed object per distinct certificate/CRL byte string,
+so a handshake that brings the same chain bytes as an earlier one (a broker's normal
+case: a fresh report, the same ARK/ASK/VCEK) hits the selection memo below and
+repeats no chain work; only the validity windows, revocation, the report signature
+and the report's own checks run again.
 """
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,9 +32,11 @@ from cryptography.x509.oid import SignatureAlgorithmOID
 
 from .abi.fields import Product, SigningKey, TcbVersion
 from .abi.report import SIGNED_SIZE, AttestationReport
-from .certs import LAZY_PARSE_ERRORS, common_name, load_certificates, load_crl, serial_number
+from .certs import (LAZY_PARSE_ERRORS, Lru, clear_parsed_cache, common_name, load_certificates, load_crl,
+                    serial_number)
 from .errors import CertificateFormatError, ChainError, ExpiredError, RevokedError, SignatureError
 from .evidence import Evidence
+from .evidence import clear_caches as _clear_evidence_caches
 from .kds import AmdLeafInfo, parse_leaf
 from .options import VerifyOptions
 from .snpchecks import cert_tcb_for, chain_checks, report_checks
@@ -74,26 +79,11 @@ class VerifiedReport:
         }
 
 
-# -- caches (bounded; thread-safe enough for a gunicorn worker's threads) ----------------
-class _Lru:
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.data: OrderedDict[Any, Any] = OrderedDict()
-        self.lock = threading.Lock()
-
-    def get(self, key: Any) -> Any:
-        with self.lock:
-            value = self.data.get(key)
-            if value is not None:
-                self.data.move_to_end(key)
-            return value
-
-    def put(self, key: Any, value: Any) -> None:
-        with self.lock:
-            self.data[key] = value
-            self.data.move_to_end(key)
-            while len(self.data) > self.size:
-                self.data.popitem(last=False)
+# -- caches (bounded; shared by a gunicorn worker's threads) ----------------------------------
+# Certificates and CRLs come from verifier.certs already parsed, and the same input bytes give
+# the same object (certs.PARSED_CACHE), so the identity-keyed caches below hit on every
+# handshake that brings the same chain bytes.
+_Lru = Lru
 
 
 @dataclass(frozen=True)
@@ -104,13 +94,16 @@ class _ChainFacts:
 _CHAIN_CACHE = _Lru(1024)     # (leaf, intermediate, root) -> _ChainFacts, signatures already checked
 _INFO_CACHE = _Lru(4096)      # leaf cert -> AmdLeafInfo | CertificateFormatError
 _SHA_CACHE = _Lru(4096)       # cert -> sha256(DER) hex
-_CRL_CACHE = _Lru(256)        # (crl, root) -> True when its signature verified
+_CRL_CACHE = _Lru(256)        # (sha256(CRL DER), root) -> True when its signature verified
+_CRL_SHA_CACHE = _Lru(256)    # id(crl) -> (crl, sha256 of its DER); the entry holds the object, so the id stays its
 
 
 def clear_caches() -> None:
-    for c in (_CHAIN_CACHE, _INFO_CACHE, _SHA_CACHE, _CRL_CACHE, _SELECT_CACHE, _CRL_OBJ_CACHE):
-        with c.lock:
-            c.data.clear()
+    """Forget everything memoised, parsed certificates and CRLs included (tests; a trust change)."""
+    for c in (_CHAIN_CACHE, _INFO_CACHE, _SHA_CACHE, _CRL_CACHE, _SELECT_CACHE, _CRL_SHA_CACHE):
+        c.clear()
+    clear_parsed_cache()
+    _clear_evidence_caches()
 
 
 def _sha(cert: x509.Certificate) -> str:
@@ -262,16 +255,14 @@ def _product_for_chain(report: AttestationReport, options: VerifyOptions, info: 
                      "pass --product or the certificate (never guessed from the chip id)")
 
 
-_CRL_OBJ_CACHE = _Lru(64)     # sha256(CRL bytes) -> parsed CRL (a cached CRL is re-read on every verify)
-
-
-def _parsed_crl(data: bytes, what: str) -> x509.CertificateRevocationList:
-    key = hashlib.sha256(data).digest()
-    crl = _CRL_OBJ_CACHE.get(key)
-    if crl is None:
-        crl = load_crl(data, what)
-        _CRL_OBJ_CACHE.put(key, crl)
-    return crl  # type: ignore[no-any-return]
+def _crl_sha(crl: x509.CertificateRevocationList) -> bytes:
+    """sha256 of the CRL's DER (CRLs are not hashable; re-serialising one costs more than a lookup)."""
+    hit = _CRL_SHA_CACHE.get(id(crl))
+    if hit is not None and hit[0] is crl:
+        return hit[1]  # type: ignore[no-any-return]
+    digest = hashlib.sha256(crl.public_bytes(Encoding.DER)).digest()
+    _CRL_SHA_CACHE.put(id(crl), (crl, digest))
+    return digest
 
 
 def _revocation(options: VerifyOptions, evidence: Evidence, product: Product, kind: str, root: x509.Certificate,
@@ -285,14 +276,15 @@ def _revocation(options: VerifyOptions, evidence: Evidence, product: Product, ki
         if data is None and options.check_crl:
             data = options.fetcher.crl(product, kind)
         if data is not None:
-            crls.append(_parsed_crl(data, f"{kind} CRL from {type(options.fetcher).__name__}"))
+            # load_crl memoises by the bytes' digest: a cached CRL is not re-parsed on every verify.
+            crls.append(load_crl(data, f"{kind} CRL from {type(options.fetcher).__name__}"))
     mine = [c for c in crls if c.issuer == root.subject]
     if not mine:
         if options.check_crl:
             raise ChainError(f"no CRL issued by {common_name(root)!r} was given or found, and a CRL check was asked for")
         return CheckResult("cert.revocation", Outcome.SKIP, "no CRL given; revocation not checked")
     for crl in mine:
-        crl_key = (hashlib.sha256(crl.public_bytes(Encoding.DER)).digest(), root)   # CRLs are not hashable
+        crl_key = (_crl_sha(crl), root)
         if _CRL_CACHE.get(crl_key) is None:
             _check_pss_signed(crl, root, "CRL")
             _CRL_CACHE.put(crl_key, True)
