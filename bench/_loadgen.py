@@ -420,3 +420,47 @@ def noop_app() -> Any:
         return jsonify({"status": "ok"})
 
     return app
+
+
+# -- optional server profile (--profile-server) ------------------------------------------------
+def profiled_broker() -> Any:
+    """broker.create_app() with every request run under its own cProfile.Profile (gthread runs
+    requests in pool threads, and a profiler sees only the thread it was enabled in); the
+    worker's merged stats go to FIRMGATE_BENCH_PROFILE_DIR/<pid>.prof when it exits.
+    FIRMGATE_BENCH_PROFILE_CLOCK=wall times with the wall clock (waits on locks and the
+    database show), anything else with the thread's CPU clock (what the server CPU row counts)."""
+    import atexit
+    import cProfile
+    import pstats
+    import threading
+
+    from broker import create_app
+    app = create_app()
+    out = os.environ["FIRMGATE_BENCH_PROFILE_DIR"]
+    lock = threading.Lock()
+    merged: list[pstats.Stats] = []
+    wsgi = app.wsgi_app
+
+    clock = time.perf_counter if os.environ.get("FIRMGATE_BENCH_PROFILE_CLOCK") == "wall" else time.thread_time
+
+    def profiled(environ: Any, start_response: Any) -> Any:
+        prof = cProfile.Profile(clock)
+        prof.enable()
+        try:
+            return list(wsgi(environ, start_response))  # consume the body inside the profile
+        finally:
+            prof.disable()
+            with lock:
+                if merged:
+                    merged[0].add(prof)
+                else:
+                    merged.append(pstats.Stats(prof))
+
+    def dump() -> None:
+        with lock:
+            if merged:
+                merged[0].dump_stats(os.path.join(out, f"{os.getpid()}.prof"))
+
+    atexit.register(dump)
+    app.wsgi_app = profiled  # type: ignore[method-assign]
+    return app

@@ -305,6 +305,20 @@ def reference_rates(sim: Any, meas: bytes, root_pem: str, seconds: float) -> tup
     return raw, vrate
 
 
+def server_profile(folder: Path, top: int, clock: str) -> str:
+    """The workers' merged profiles (written when they exit), top functions by own time."""
+    import io
+    import pstats
+    files = sorted(str(p) for p in folder.glob("*.prof"))
+    if not files:
+        return "no server profile was written (the workers did not exit cleanly)"
+    text = io.StringIO()
+    stats = pstats.Stats(*files, stream=text)
+    stats.strip_dirs().sort_stats("tottime").print_stats(top)
+    return (f"\nbroker server profile ({len(files)} workers, warm-up included, {clock} time), by own time:\n"
+            + text.getvalue())
+
+
 def noop_env(base: dict[str, str], token_bytes: int) -> tuple[dict[str, str], Any]:
     """The no-op app's environment (its fixed resource JWE, to a fixed key the clients hold, and the
     length of its token) and that key."""
@@ -336,6 +350,11 @@ def main() -> int:
                     help="open a new connection after every N handshakes (default 0: one connection per client "
                          "for the whole run; gunicorn keeps a keep-alive connection on the worker that accepted it)")
     ap.add_argument("--ref-seconds", type=float, default=3.0, help="CPU seconds per reference rate (default 3)")
+    ap.add_argument("--profile-server", type=int, default=0, metavar="N",
+                    help="profile the broker's requests (cProfile in every worker) and print its top N functions "
+                         "by own time; the rates of such a run are slowed by the profiler")
+    ap.add_argument("--profile-wall", action="store_true",
+                    help="with --profile-server: wall-clock times (lock and database waits show) instead of thread CPU")
     ap.add_argument("--json", action="store_true", help="print the result as JSON instead of the table")
     args = ap.parse_args()
     if args.clients < 1 or args.seconds <= 0 or args.workers < 1 or args.threads < 1 or args.warmup < 0 \
@@ -354,7 +373,15 @@ def main() -> int:
         env = dict(os.environ, FIRMGATE_DB=db, FIRMGATE_POLICIES=cfg["policies"], FIRMGATE_TRUST_ROOT=cfg["root"],
                    FIRMGATE_MASTER_KEY_FILE=cfg["key"], FIRMGATE_MEASURE_CACHE=cfg["cache"], PYTHONPATH=str(REPO))
         evidence = lg.EvidenceTemplate(sim, meas)
-        broker = load_run(args, "broker:create_app()", env, work, lg.Guest(evidence, bearer=args.bearer))
+        app = "broker:create_app()"
+        if args.profile_server:
+            (work / "prof").mkdir()
+            env["FIRMGATE_BENCH_PROFILE_DIR"] = str(work / "prof")
+            env["FIRMGATE_BENCH_PROFILE_CLOCK"] = "wall" if args.profile_wall else "cpu"
+            app = "bench._loadgen:profiled_broker()"
+        broker = load_run(args, app, env, work, lg.Guest(evidence, bearer=args.bearer))
+        profile = server_profile(work / "prof", args.profile_server, "wall" if args.profile_wall else "thread CPU") \
+            if args.profile_server else ""
         env_noop, fixed_key = noop_env(env, broker.token_bytes or 1300)
         floor = load_run(args, "bench._loadgen:noop_app()", env_noop, work,
                          lg.Guest(evidence, bearer=args.bearer, fixed_key=fixed_key))
@@ -383,6 +410,8 @@ def main() -> int:
         print(json.dumps(_finite(result), indent=2, allow_nan=False))
     else:
         print_table(args, result, broker, floor, raw, vrate)
+    if profile:
+        print(profile, file=sys.stderr if args.json else sys.stdout)
     return 0 if broker.errors == 0 and floor.errors == 0 and broker.handshakes and floor.handshakes else 1
 
 
