@@ -194,8 +194,9 @@ def _int(value: Any, what: str, bits: int) -> int:
 def _json_bytes(value: list[Any]) -> bytes | None:
     """The bytes a JSON array of integers 0..255 stands for, or None if it holds anything else.
 
-    C-speed throughout (a broker turns ~5,000 elements into bytes per handshake; a generator
-    over them cost more than the report signature). Types first: only an exact `int` passes
+    C-speed throughout (a per-element generator over a handshake's arrays cost more than the
+    report signature). Used for the report's own fields (hundreds of elements, new every time;
+    cert_chain arrays use _chain_bytes). Types first: only an exact `int` passes
     (a bool is an int subclass that bytearray() would read as 0/1; a float, string, null, array
     or object is refused), so nothing but ints reaches bytearray(), which refuses a value
     outside 0..255 with ValueError. (bytearray() fills from a list ~3x faster than bytes().)"""
