@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 
@@ -39,16 +40,19 @@ class Verdict:
     # Free-form facts the appraisal established (matched firmware, shape, tcb, product...).
     facts: dict[str, Any] = field(default_factory=dict)
 
-    @property
+    # Computed once per verdict (the checks are an immutable tuple): the broker asks a verdict
+    # these several times per request. cached_property writes the instance __dict__ directly,
+    # which a frozen dataclass allows.
+    @cached_property
     def accepted(self) -> bool:
         # Nothing ran means nothing was shown: not accepted.
         return bool(self.checks) and all(c.outcome is not Outcome.FAIL for c in self.checks)
 
-    @property
+    @cached_property
     def failures(self) -> tuple[CheckResult, ...]:
         return tuple(c for c in self.checks if c.outcome is Outcome.FAIL)
 
-    @property
+    @cached_property
     def warnings(self) -> tuple[CheckResult, ...]:
         return tuple(c for c in self.checks if c.outcome is Outcome.WARN)
 
