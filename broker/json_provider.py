@@ -22,22 +22,22 @@ def _default(value: Any) -> str:
     return str(value)
 
 
+def _encode(obj: Any) -> bytes:
+    try:
+        return orjson.dumps(obj, default=_default, option=_OPTIONS)
+    except TypeError:  # integers beyond 64 bits: orjson refuses them, the standard library does not
+        return json.dumps(obj, default=_default, separators=(",", ":")).encode()
+
+
 class OrjsonProvider(JSONProvider):
     mimetype = "application/json"
 
     def dumps(self, obj: Any, **kwargs: Any) -> str:
-        try:
-            return orjson.dumps(obj, default=_default, option=_OPTIONS).decode()
-        except TypeError:  # integers beyond 64 bits: orjson refuses them, the standard library does not
-            return json.dumps(obj, default=_default, separators=(",", ":"))
+        return _encode(obj).decode()
 
     def loads(self, s: str | bytes, **kwargs: Any) -> Any:
         return orjson.loads(s)
 
     def response(self, *args: Any, **kwargs: Any) -> Response:
-        obj = self._prepare_response_obj(args, kwargs)
-        try:
-            body = orjson.dumps(obj, default=_default, option=_OPTIONS | orjson.OPT_APPEND_NEWLINE)
-        except TypeError:
-            body = (self.dumps(obj) + "\n").encode()
+        body = _encode(self._prepare_response_obj(args, kwargs)) + b"\n"
         return self._app.response_class(body, mimetype=self.mimetype)

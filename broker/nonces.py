@@ -40,7 +40,7 @@ _SET_STATE = update(_S).where(_S.c.id == bindparam("sid"))
 _INSERT_VERDICTS = insert(_V)
 # A session and, in the same statement, its verdict for one tenant under one policy version.
 _LOAD = (select(_S.c.id, _S.c.state, _S.c.expires_at, _S.c.tee_pubkey_json, _S.c.measurement,
-                _S.c.expected_report_data, _S.c.expected_host_data, _V.c.accepted, _V.c.verdict_json)
+                _S.c.expected_report_data, _S.c.expected_host_data, _V.c.verdict_json)
          .select_from(_S.outerjoin(_V, and_(_V.c.session_id == _S.c.id, _V.c.tenant == bindparam("tenant"),
                                             _V.c.policy_id == bindparam("policy_id"))))
          .where(_S.c.id == bindparam("sid")))
@@ -76,7 +76,6 @@ class AttestedSession:
     measurement: str | None
     expected_report_data: str | None
     expected_host_data: str | None
-    verdict_accepted: bool | None = None
     verdict_json: str | None = None
 
 
@@ -122,7 +121,7 @@ def load(db: Db, session_id: str, tenant: str = "", policy_id: str = "") -> Atte
     row = db.execute(_LOAD, {"sid": session_id, "tenant": tenant, "policy_id": policy_id}).first()
     if row is None:
         return None
-    return AttestedSession(*row[:7], None if row.accepted is None else bool(row.accepted), row.verdict_json)
+    return AttestedSession(*row)
 
 
 def evidence_json(db: Db, session_id: str) -> str | None:
