@@ -16,7 +16,6 @@ import functools
 import hashlib
 import itertools
 import json
-import struct
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
@@ -24,7 +23,7 @@ from cryptography import x509
 
 from .abi.certtable import GUIDS, parse_cert_table
 from .abi.fields import Product, TcbVersion, product_from_cpuid
-from .abi.report import LAYOUT, REPORT_SIZE, AttestationReport
+from .abi.report import LAYOUT, REPORT_SIZE, AttestationReport, pack_fields
 from .certs import MAX_CERT_SIZE, MAX_CERTS, Lru, load_certificates, load_crl
 from .errors import CertificateFormatError, EvidenceError, MalformedReport
 
@@ -161,28 +160,6 @@ _BYTE_LENGTHS = list(_BYTE_SIZES.values())
 _BYTE_SPANS = tuple(zip(_BYTE_FIELDS, itertools.accumulate([0, *_BYTE_LENGTHS]), itertools.accumulate(_BYTE_LENGTHS)))
 
 
-def _report_packer() -> tuple[struct.Struct, tuple[str, ...]]:
-    """One struct over every abi LAYOUT field in offset order, the gaps (reserved bytes) as zero
-    pad bytes: the raw report in one pack() instead of a slice assignment per field. LAYOUT
-    stays the single statement of the offsets (SNP ABI 56860, Table 23)."""
-    fmt, names, pos = ["<"], [], 0
-    for name, (off, size, kind) in sorted(LAYOUT.items(), key=lambda item: item[1][0]):
-        if off < pos:
-            raise RuntimeError(f"abi LAYOUT field {name} overlaps the one before it")
-        if off > pos:
-            fmt.append(f"{off - pos}x")
-        fmt.append({1: "B", 4: "I", 8: "Q"}[size] if kind == "u" else f"{size}s")
-        names.append(name)
-        pos = off + size
-    fmt.append(f"{REPORT_SIZE - pos}x")
-    packer = struct.Struct("".join(fmt))
-    if packer.size != REPORT_SIZE:
-        raise RuntimeError(f"abi LAYOUT packs to {packer.size} bytes, not {REPORT_SIZE}")
-    return packer, tuple(names)
-
-
-_PACKER, _PACK_ORDER = _report_packer()
-_PACK_DEFAULTS = {name: (0 if kind == "u" else b"") for name, (_, _, kind) in LAYOUT.items()}
 
 
 def _int(value: Any, what: str, bits: int) -> int:
@@ -320,17 +297,16 @@ def rebuild_report(ar: Mapping[str, Any]) -> bytes:
     missing = _REQUIRED_KEYS - ar.keys()
     if missing:
         raise EvidenceError(f"attestation_report lacks: {', '.join(sorted(missing))}")
-    values: dict[str, int | bytes] = dict(_PACK_DEFAULTS)   # fields not given stay zero
+    values: dict[str, int | bytes] = {}
     for key, field in _INT_FIELDS.items():
         values[field] = _int(ar[key], key, _INT_BITS[key])
     values.update(_byte_fields(ar))
     for key, bits in _OPT_INT_BITS.items():
         if ar.get(key) is not None:
             values[key] = _int(ar[key], key, bits)
-    fam, mod = values["cpuid_fam_id"], values["cpuid_mod_id"]
+    fam, mod = values.get("cpuid_fam_id"), values.get("cpuid_mod_id")
     # The layout of a TCB object's bytes follows the CPU; without CPUID (v2) a set fmc means Turin.
-    cpu = (product_from_cpuid(int(fam), int(mod))
-           if ar.get("cpuid_fam_id") is not None and ar.get("cpuid_mod_id") is not None else None)
+    cpu = product_from_cpuid(int(fam), int(mod)) if isinstance(fam, int) and isinstance(mod, int) else None
     turin = cpu is Product.TURIN or (cpu is None and any(
         isinstance(ar[k], dict) and ar[k].get("fmc") is not None for k in _TCB_FIELDS))
     for key in _TCB_FIELDS:
@@ -342,8 +318,8 @@ def rebuild_report(ar: Mapping[str, Any]) -> bytes:
         raise EvidenceError("attestation_report.signature must be an object {r, s}")
     values["signature_r"] = _byte_array(sig["r"], "signature.r", 72)
     values["signature_s"] = _byte_array(sig["s"], "signature.s", 72)
-    # Every value was range- and size-checked above, so pack() cannot truncate or wrap one.
-    return _PACKER.pack(*map(values.__getitem__, _PACK_ORDER))
+    # Every value was range- and size-checked above, so the packer cannot truncate or wrap one.
+    return pack_fields(values)
 
 
 def _from_snp_evidence(obj: Mapping[str, Any]) -> Evidence:
