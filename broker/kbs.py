@@ -19,12 +19,11 @@ from email.utils import formatdate
 from typing import Any
 
 import orjson
-from cryptography.hazmat.primitives.serialization import Encoding
 from flask import Blueprint, Response, current_app, jsonify, request
 from sqlalchemy.exc import IntegrityError
 
 from verifier.errors import FirmgateError
-from verifier.evidence import Evidence
+from verifier.evidence import Evidence, firmgate_evidence_json
 from verifier.verdict import Verdict
 
 from . import audit, metrics, nonces, vault
@@ -154,9 +153,7 @@ def _stored_evidence(handle: Any, primary: Any) -> str:
     firmgate JSON (~6 KB; Trustee's integer arrays are ~25 KB per session), or the JSON as sent
     when it holds what that form cannot (CRLs) or comes from another appraiser."""
     if isinstance(handle, Evidence) and not handle.crls:
-        return orjson.dumps({"report": base64.b64encode(handle.report.raw).decode(),
-                             "certs": [base64.b64encode(c.public_bytes(Encoding.DER)).decode()
-                                       for c in handle.certs]}).decode()
+        return orjson.dumps(firmgate_evidence_json(handle.report.raw, certs=handle.certs)).decode()
     return orjson.dumps(primary).decode()
 
 

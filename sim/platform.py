@@ -225,8 +225,8 @@ class SimPlatform:
     # -- evidence shapes -------------------------------------------------------------
     def firmgate_json(self, report: bytes, *, with_table: bool = True) -> dict[str, Any]:
         """firmgate's own evidence JSON: base64 report and (optionally) the GUID cert table."""
-        return {"report": base64.b64encode(report).decode(),
-                "cert_table": base64.b64encode(self.cert_table()).decode() if with_table else None}
+        from verifier.evidence import firmgate_evidence_json
+        return firmgate_evidence_json(report, self.cert_table() if with_table else None)
 
     def trustee_json(self, report: bytes, *, include: tuple[str, ...] = ("LEAF",)) -> dict[str, Any]:
         """Trustee SnpEvidence JSON (what an unmodified CoCo guest sends)."""

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from .abi.certtable import GUIDS, parse_cert_table
 from .abi.fields import Product, TcbVersion, product_from_cpuid
@@ -126,6 +127,17 @@ def _from_firmgate(obj: Mapping[str, Any]) -> Evidence:
         certs += tuple(more)
         source = source or "certs"
     return Evidence(report=report, certs=certs, crls=crls, shape="firmgate-json", cert_source=source)
+
+
+def firmgate_evidence_json(report: bytes, cert_table: bytes | None = None,
+                           certs: Iterable[x509.Certificate] | None = None) -> dict[str, Any]:
+    """firmgate's own evidence JSON, what _from_firmgate reads: the base64 report, the GUID
+    certificate table (null when there is none) and, when given, certificates as base64 DER."""
+    out: dict[str, Any] = {"report": base64.b64encode(report).decode(),
+                           "cert_table": base64.b64encode(cert_table).decode() if cert_table else None}
+    if certs is not None:
+        out["certs"] = [base64.b64encode(c.public_bytes(Encoding.DER)).decode() for c in certs]
+    return out
 
 
 # -- configfs-tsm (veraison) ---------------------------------------------------------------

@@ -7,7 +7,6 @@ so the broker's path for unmodified guests is exercised) or firmgate's own
 """
 from __future__ import annotations
 
-import base64
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -97,6 +96,6 @@ def evidence_json(report: bytes, table: bytes, shape: str = "snp") -> dict[str, 
         from verifier.evidence import snp_evidence_json
         return snp_evidence_json(report, cert_chain(table))
     if shape == "firmgate":
-        return {"report": base64.b64encode(report).decode(),
-                "cert_table": base64.b64encode(table).decode() if table else None}
+        from verifier.evidence import firmgate_evidence_json
+        return firmgate_evidence_json(report, table)
     raise ValueError(f"evidence shape {shape!r} is not snp or firmgate")
