@@ -83,7 +83,6 @@ class VerifiedReport:
 # Certificates and CRLs come from verifier.certs already parsed, and the same input bytes give
 # the same object (certs.PARSED_CACHE), so the identity-keyed caches below hit on every
 # handshake that brings the same chain bytes.
-_Lru = Lru
 
 
 @dataclass(frozen=True)
@@ -91,11 +90,11 @@ class _ChainFacts:
     leaf_key: ec.EllipticCurvePublicKey
 
 
-_CHAIN_CACHE = _Lru(1024)     # (leaf, intermediate, root) -> _ChainFacts, signatures already checked
-_INFO_CACHE = _Lru(4096)      # leaf cert -> AmdLeafInfo | CertificateFormatError
-_SHA_CACHE = _Lru(4096)       # cert -> sha256(DER) hex
-_CRL_CACHE = _Lru(256)        # (sha256(CRL DER), root) -> True when its signature verified
-_CRL_SHA_CACHE = _Lru(256)    # id(crl) -> (crl, sha256 of its DER); the entry holds the object, so the id stays its
+_CHAIN_CACHE = Lru(1024)     # (leaf, intermediate, root) -> _ChainFacts, signatures already checked
+_INFO_CACHE = Lru(4096)      # leaf cert -> AmdLeafInfo | CertificateFormatError
+_SHA_CACHE = Lru(4096)       # cert -> sha256(DER) hex
+_CRL_CACHE = Lru(256)        # (sha256(CRL DER), root) -> True when its signature verified
+_CRL_SHA_CACHE = Lru(256)    # id(crl) -> (crl, sha256 of its DER); the entry holds the object, so the id stays its
 
 
 def clear_caches() -> None:
@@ -328,7 +327,7 @@ class _Selected:
 
 # Selection memo keyed by the *identity* of the certificate objects (hashing a Certificate costs
 # ~15 us, more than the rest of the hot path); entries hold strong references, so ids stay unique.
-_SELECT_CACHE = _Lru(256)
+_SELECT_CACHE = Lru(256)
 
 
 def _select(evidence: Evidence, options: VerifyOptions) -> _Selected:
