@@ -27,24 +27,21 @@ import hashlib
 import json
 import os
 import socket
-import struct
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import rfc8785
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.concatkdf import ConcatKDFHash
 from cryptography.hazmat.primitives.keywrap import aes_key_unwrap
+
+from broker.jwe import ECDH_ALG, b64url, b64url_decode, concat_kdf
 
 MAX_HEAD = 16 * 1024          # status line + headers; the broker's are < 1 KB
 MAX_BODY = 1024 * 1024        # the largest answer is the resource JWE (secrets are small here)
 SECRET_PATH = "bench/key/disk"
 SECRET = b"bench-secret"
-ECDH_ALG = "ECDH-ES+A256KW"
-ENC = "A256GCM"
 COOKIE = "kbs-session-id"
 
 
@@ -54,14 +51,6 @@ class HandshakeError(Exception):
 
 class ProtocolError(HandshakeError):
     """The server's HTTP answer is outside what this minimal client accepts (chunked, no length, ...)."""
-
-
-def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def b64url_decode(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 # -- HTTP/1.1 over one keep-alive connection -------------------------------------------------
@@ -224,13 +213,6 @@ class EvidenceTemplate:
         return self.render(self.sim.sign_report(report_data=report_data, measurement=self.measurement))
 
 
-def _concat_kdf(z: bytes) -> bytes:
-    # RFC 7518 4.6.2: AlgorithmID = len32 || alg, empty PartyUInfo/PartyVInfo, SuppPubInfo = keydatalen 256.
-    alg = ECDH_ALG.encode("ascii")
-    other = struct.pack(">I", len(alg)) + alg + struct.pack(">III", 0, 0, 256)
-    return ConcatKDFHash(algorithm=hashes.SHA256(), length=32, otherinfo=other).derive(z)
-
-
 @dataclass(frozen=True)
 class _Kind:
     """What broker.guest.keys.validate_jwe reads of the run's key (its curve name)."""
@@ -250,7 +232,7 @@ def decrypt_jwe(body: Any, key: ec.EllipticCurvePrivateKey) -> bytes:
     # SEC 1 2.3.3 uncompressed point; validate_jwe checked both coordinates are 32 bytes.
     peer = ec.EllipticCurvePublicKey.from_encoded_point(
         ec.SECP256R1(), b"\x04" + b64url_decode(epk["x"]) + b64url_decode(epk["y"]))
-    kek = _concat_kdf(key.exchange(ec.ECDH(), peer))
+    kek = concat_kdf(key.exchange(ec.ECDH(), peer))
     try:
         cek = aes_key_unwrap(kek, b64url_decode(body["encrypted_key"]))
         sealed = b64url_decode(body["ciphertext"]) + b64url_decode(body["tag"])
@@ -260,7 +242,7 @@ def decrypt_jwe(body: Any, key: ec.EllipticCurvePrivateKey) -> bytes:
         raise HandshakeError(f"resource JWE does not decrypt: {type(exc).__name__}") from None
 
 
-def _new_tee_key() -> tuple[ec.EllipticCurvePrivateKey, str, dict[str, str]]:
+def new_tee_key() -> tuple[ec.EllipticCurvePrivateKey, str, dict[str, str]]:
     key = ec.generate_private_key(ec.SECP256R1())
     nums = key.public_key().public_numbers()
     jwk = {"kty": "EC", "crv": "P-256", "alg": ECDH_ALG,
@@ -304,7 +286,7 @@ class Guest:
     token_len: int = 0         # of the last token seen (the no-op app answers one of the broker's size)
 
     def handshake(self, conn: Connection) -> None:
-        key, jwk_text, jwk = _new_tee_key()
+        key, jwk_text, jwk = new_tee_key()
         r = conn.request(b"POST", b"/kbs/v0/auth", self.json_header, self.auth_body)
         nonce = _json_object(r, "/auth").get("nonce")
         if not isinstance(nonce, str) or not 0 < len(nonce) <= 256 or r.cookie is None:

@@ -322,13 +322,8 @@ def server_profile(folder: Path, top: int, clock: str) -> str:
 def noop_env(base: dict[str, str], token_bytes: int) -> tuple[dict[str, str], Any]:
     """The no-op app's environment (its fixed resource JWE, to a fixed key the clients hold, and the
     length of its token) and that key."""
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    from broker.jwe import b64url, encrypt
-    key = ec.generate_private_key(ec.SECP256R1())
-    nums = key.public_key().public_numbers()
-    jwk = {"kty": "EC", "crv": "P-256", "alg": lg.ECDH_ALG, "x": b64url(nums.x.to_bytes(32, "big")),
-           "y": b64url(nums.y.to_bytes(32, "big"))}
+    from broker.jwe import encrypt
+    key, _, jwk = lg.new_tee_key()
     return dict(base, FIRMGATE_NOOP_JWE=json.dumps(encrypt(lg.SECRET, jwk)),
                 FIRMGATE_NOOP_TOKEN_BYTES=str(token_bytes)), key
 

@@ -110,7 +110,8 @@ def protected_header(alg: str, epk: dict[str, str] | None = None) -> str:
     return json.dumps(header, separators=(",", ":"), ensure_ascii=True)
 
 
-def _concat_kdf(z: bytes) -> bytes:
+def concat_kdf(z: bytes) -> bytes:
+    """The key-encryption key for ECDH-ES+A256KW from the shared secret `z` (the guest side uses it too)."""
     # RFC 7518 4.6.2: AlgorithmID = len32 || "ECDH-ES+A256KW", empty apu/apv, keydatalen 256.
     alg = ECDH_ALG.encode()
     other = struct.pack(">I", len(alg)) + alg + struct.pack(">I", 0) + struct.pack(">I", 0) + struct.pack(">I", 256)
@@ -126,7 +127,7 @@ def encrypt(plaintext: bytes, jwk: dict[str, Any]) -> dict[str, str]:
         curve, size = CURVES[crv]
         eph = ec.generate_private_key(curve)
         z = eph.exchange(ec.ECDH(), key)
-        encrypted_key = aes_key_wrap(_concat_kdf(z), cek)
+        encrypted_key = aes_key_wrap(concat_kdf(z), cek)
         nums = eph.public_key().public_numbers()
         epk = {"crv": crv, "kty": "EC", "x": b64url(nums.x.to_bytes(size, "big")),
                "y": b64url(nums.y.to_bytes(size, "big"))}
