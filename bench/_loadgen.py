@@ -10,7 +10,7 @@ It still does per handshake what an unmodified Trustee guest does (KBS-FACTS
 sections 2-5): a fresh P-256 tee key, /auth, a freshly signed report whose
 REPORT_DATA is SHA-384(JCS(runtime-data)) zero-padded to 64 bytes, /attest with
 the SnpEvidence JSON, /resource with the cookie (or the token as a Bearer, like
-the CoCo CDH), then the JWE checks the guest makes (`broker.guest.keys.validate_jwe`)
+the CoCo CDH), then the JWE checks the guest makes (`guest.keys.validate_jwe`)
 and the decryption: ECDH-ES + Concat KDF (RFC 7518 4.6) + AES key unwrap
 (RFC 3394) + A256GCM, all with `cryptography`, and a check that the secret is
 the stored one.
@@ -215,15 +215,15 @@ class EvidenceTemplate:
 
 @dataclass(frozen=True)
 class _Kind:
-    """What broker.guest.keys.validate_jwe reads of the run's key (its curve name)."""
+    """What guest.keys.validate_jwe reads of the run's key (its curve name)."""
 
     kind: str = "P-256"
 
 
 def decrypt_jwe(body: Any, key: ec.EllipticCurvePrivateKey) -> bytes:
     """A flattened ECDH-ES+A256KW / A256GCM JWE (broker/jwe.py) after the Trustee guest's checks."""
-    from broker.guest.errors import BadResponse
-    from broker.guest.keys import validate_jwe
+    from guest.errors import BadResponse
+    from guest.keys import validate_jwe
     try:
         header = validate_jwe(body, _Kind())  # type: ignore[arg-type]  # reads .kind only
     except BadResponse as exc:

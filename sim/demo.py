@@ -363,9 +363,9 @@ class UpdateChannel:
 
 def _story(story: Story, url: str, vm: Any, host: Any, addons: dict[str, bytes], digests: dict[str, str],
            fwids: dict[str, str], repo: Path, pol: Path, have_qemu: bool, vcpus: int, vcpu_type: str) -> None:
-    from broker.guest import BrokerDenied, KbsSession, TeeKey, attest, fetch_resource
-    from broker.guest.evidence import TsmSource
-    from broker.guest.update import request_update
+    from guest import BrokerDenied, KbsSession, TeeKey, attest, fetch_resource
+    from guest.evidence import TsmSource
+    from guest.update import request_update
     from host_install.install import install
     last: dict[str, Any] = {}
 
@@ -423,7 +423,7 @@ def _story(story: Story, url: str, vm: Any, host: Any, addons: dict[str, bytes],
         if att is None or old is None:
             st.outcome, st.detail = "skipped", "no earlier attestation to replay"
             return
-        from broker.guest.client import auth
+        from guest.client import auth
         denials = []
         # (a) the same evidence again on its own session: that nonce was consumed by the first /attest.
         # (b) the same evidence on a new session: it answers the old nonce, not the new one.

@@ -108,7 +108,7 @@ class _Entry:
 class SimTsmBackend:
     """The kernel's side of configfs-tsm (drivers/virt/coco/tsm.c + sev-guest), for a SimSnpHost.
 
-    Same calls as `broker.guest.tsm.FsTsmBackend`; the same errors a real tree gives
+    Same calls as `guest.tsm.FsTsmBackend`; the same errors a real tree gives
     (EEXIST on mkdir, EINVAL for an oversized inblob, ENOENT for an unknown entry).
     """
 

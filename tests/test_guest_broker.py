@@ -11,9 +11,9 @@ from typing import Any, Iterator
 
 import pytest
 
-from broker.guest import (BrokerDenied, BrokerUnreachable, KbsSession, TeeKey, attest, auth, fetch_resource,
+from guest import (BrokerDenied, BrokerUnreachable, KbsSession, TeeKey, attest, auth, fetch_resource,
                           report_data_for)
-from broker.guest.evidence import TsmSource, evidence_json
+from guest.evidence import TsmSource, evidence_json
 from host_install.install import install
 from host_install.vm import VmDir
 from sim.demo import LoopbackBroker, _cli, derive
@@ -224,8 +224,8 @@ def test_broker_unreachable() -> None:
 def sim_source(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     """`firmgate guest attest` in-process, reading configfs-tsm from the simulated host (the real
     tree does not exist here); everything after the TsmBackend is the command's own code."""
-    import broker.guest
-    monkeypatch.setattr(broker.guest, "default_source", lambda root=None: world.source())
+    import guest
+    monkeypatch.setattr(guest, "default_source", lambda root=None: world.source())
 
 
 def test_cli_attest_writes_0600(world: World, sim_source: None, tmp_path: Path,
@@ -321,10 +321,10 @@ def test_init_data_bound_through_host_data(world: World, tmp_path: Path) -> None
 
 
 def test_cli_init_data_option(world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import broker.guest
+    import guest
     body = 'algorithm = "sha256"\n'
     bound = SimSnpHost(world.hosts["v1"].vm, world.platform, host_data=hashlib.sha256(body.encode()).digest())
-    monkeypatch.setattr(broker.guest, "default_source", lambda root=None: TsmSource(bound.tsm()))
+    monkeypatch.setattr(guest, "default_source", lambda root=None: TsmSource(bound.tsm()))
     f = tmp_path / "initdata.toml"
     f.write_text(body)
     out = tmp_path / "k"

@@ -11,8 +11,8 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from broker.guest import BadResponse, BrokerDenied, BrokerUnreachable, KbsSession, TeeKey, attest, auth
-from broker.guest.evidence import evidence_json
+from guest import BadResponse, BrokerDenied, BrokerUnreachable, KbsSession, TeeKey, attest, auth
+from guest.evidence import evidence_json
 from conftest import KBS_VECTORS
 from sim.platform import SimPlatform
 
@@ -118,7 +118,7 @@ def test_attest_answer_without_a_jwt(fake: tuple[Fake, str]) -> None:
 
 
 def test_resource_bad_jwe_is_refused(fake: tuple[Fake, str]) -> None:
-    from broker.guest import fetch_resource
+    from guest import fetch_resource
     f, url = fake
     f.routes["/kbs/v0/resource/a/b/c"] = _ok({"protected": "e30", "iv": "AAAA"})
     with pytest.raises(BadResponse, match="no 'encrypted_key'"):

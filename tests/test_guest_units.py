@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from broker.guest import TeeKey, report_data_for, write_secret
-from broker.guest import sevguest, tsm
-from broker.guest.errors import BadResponse, EvidenceUnavailable, TsmRace
-from broker.guest.evidence import TsmSource, cert_chain, check_report, evidence_json
+from guest import TeeKey, report_data_for, write_secret
+from guest import sevguest, tsm
+from guest.errors import BadResponse, EvidenceUnavailable, TsmRace
+from guest.evidence import TsmSource, cert_chain, check_report, evidence_json
 from broker.jwe import encrypt
 from broker.runtime_data import expected_report_data
 from verifier.abi.certtable import parse_cert_table
@@ -236,6 +236,6 @@ def test_secret_file_is_0600_even_with_a_lax_umask(tmp_path: Path) -> None:
 
 
 def test_secret_file_in_missing_directory(tmp_path: Path) -> None:
-    from broker.guest.errors import GuestError
+    from guest.errors import GuestError
     with pytest.raises(GuestError, match="cannot write the secret"):
         write_secret(tmp_path / "no" / "key", b"x")

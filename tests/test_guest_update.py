@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from broker.guest.errors import GuestError
-from broker.guest.update import request_update
+from guest.errors import GuestError
+from guest.update import request_update
 from host_install.channel import ANSWER_MAGIC, PREFIX, REQUEST_MAGIC, encode_frame, handle_request
 from host_install.install import current_firmware
 from host_install.vm import VmDir

@@ -239,8 +239,8 @@ def test_guest_client_refuses_deeply_nested_answers(status: int) -> None:
     import http.server
     import threading
 
-    from broker.guest.client import auth
-    from broker.guest.http import KbsSession
+    from guest.client import auth
+    from guest.http import KbsSession
     from verifier.errors import FirmgateError
 
     class Evil(http.server.BaseHTTPRequestHandler):

@@ -23,8 +23,8 @@ def _read(path: str, what: str) -> bytes:
 
 
 def cmd_attest(args: argparse.Namespace) -> int:
-    from broker.guest import KbsSession, TeeKey, attest, default_source, fetch_resource, write_secret
-    from broker.guest.http import parse_resource_path
+    from guest import KbsSession, TeeKey, attest, default_source, fetch_resource, write_secret
+    from guest.http import parse_resource_path
     try:
         parse_resource_path(args.resource)
         session = KbsSession(args.broker, cafile=args.cacert)
@@ -54,8 +54,8 @@ def cmd_attest(args: argparse.Namespace) -> int:
 
 
 def cmd_request_update(args: argparse.Namespace) -> int:
-    from broker.guest.http import printable
-    from broker.guest.update import request_update
+    from guest.http import printable
+    from guest.update import request_update
     from verifier.cli import print_json
     addon = _read(args.addon, "add-on")
     if not Path(args.socket).exists():
