@@ -46,9 +46,15 @@ assert ctypes.sizeof(_sev.IdAuth) == ID_AUTH_SIZE and ctypes.sizeof(_sev.IdBlock
 
 
 class IdBlockError(FirmgateError):
-    """An ID block, ID auth or key that is malformed or whose signature does not verify (exit 1)."""
+    """An ID block whose signature, key or digest does not verify (exit 1: rejected)."""
 
     exit_code = 1
+
+
+class IdBlockFormatError(IdBlockError):
+    """An ID block, ID auth, key or ID-block set that is malformed (exit 2: bad input)."""
+
+    exit_code = 2
 
 
 @dataclass(frozen=True)
@@ -64,16 +70,16 @@ class IdBlock:
 
     def pack(self) -> bytes:
         if len(self.launch_digest) != 48 or len(self.family_id) != 16 or len(self.image_id) != 16:
-            raise IdBlockError("ID block: launch digest is 48 bytes, FAMILY_ID and IMAGE_ID 16 bytes each")
+            raise IdBlockFormatError("ID block: launch digest is 48 bytes, FAMILY_ID and IMAGE_ID 16 bytes each")
         if not (0 <= self.guest_svn < 2**32 and 0 <= self.policy < 2**64 and 0 <= self.version < 2**32):
-            raise IdBlockError("ID block: GUEST_SVN and VERSION are u32, POLICY is u64")
+            raise IdBlockFormatError("ID block: GUEST_SVN and VERSION are u32, POLICY is u64")
         return (self.launch_digest + self.family_id + self.image_id
                 + struct.pack("<IIQ", self.version, self.guest_svn, self.policy))
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "IdBlock":
         if len(data) != ID_BLOCK_SIZE:
-            raise IdBlockError(f"ID block is {len(data)} bytes; SNP ABI Table 75 says {ID_BLOCK_SIZE}")
+            raise IdBlockFormatError(f"ID block is {len(data)} bytes; SNP ABI Table 75 says {ID_BLOCK_SIZE}")
         version, svn, policy = struct.unpack_from("<IIQ", data, 80)
         return cls(bytes(data[:48]), bytes(data[48:64]), bytes(data[64:80]), svn, policy, version)
 
@@ -89,7 +95,7 @@ def key_struct(pub: ec.EllipticCurvePublicKey) -> bytes:
 
 def key_from_struct(data: bytes, what: str = "key") -> ec.EllipticCurvePublicKey:
     if len(data) != PUBKEY_SIZE:
-        raise IdBlockError(f"{what} is {len(data)} bytes; AMD's public-key structure is {PUBKEY_SIZE}")
+        raise IdBlockFormatError(f"{what} is {len(data)} bytes; AMD's public-key structure is {PUBKEY_SIZE}")
     curve = struct.unpack_from("<I", data)[0]
     if curve != CURVE_P384:
         raise IdBlockError(f"{what}: curve {curve} is not P-384 ({CURVE_P384})")
@@ -118,9 +124,9 @@ def pem_key_digest(pem: str | bytes) -> bytes:
         else:
             pub = serialization.load_pem_public_key(data)  # type: ignore[assignment]
     except (ValueError, TypeError) as exc:
-        raise IdBlockError("not a PEM EC public key") from exc
+        raise IdBlockFormatError("not a PEM EC public key") from exc
     if not isinstance(pub, ec.EllipticCurvePublicKey):
-        raise IdBlockError("not an EC public key (ID and author keys are ECDSA P-384)")
+        raise IdBlockFormatError("not an EC public key (ID and author keys are ECDSA P-384)")
     return key_digest(pub)
 
 
@@ -128,9 +134,9 @@ def load_private_key(pem: bytes, what: str) -> ec.EllipticCurvePrivateKey:
     try:
         key = serialization.load_pem_private_key(pem, password=None)
     except (ValueError, TypeError) as exc:
-        raise IdBlockError(f"{what}: not an unencrypted PEM private key") from exc
+        raise IdBlockFormatError(f"{what}: not an unencrypted PEM private key") from exc
     if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP384R1):
-        raise IdBlockError(f"{what}: ID and author keys must be ECDSA P-384")
+        raise IdBlockFormatError(f"{what}: ID and author keys must be ECDSA P-384")
     return key
 
 
@@ -175,7 +181,7 @@ def verify(block_bytes: bytes, auth_bytes: bytes, *, author_key_enabled: bool) -
     if block.version != ID_BLOCK_VERSION:
         raise IdBlockError(f"ID block VERSION is {block.version}; SNP ABI Table 75 requires {ID_BLOCK_VERSION}")
     if len(auth_bytes) != ID_AUTH_SIZE:
-        raise IdBlockError(f"ID auth is {len(auth_bytes)} bytes; SNP ABI Table 76 says {ID_AUTH_SIZE}")
+        raise IdBlockFormatError(f"ID auth is {len(auth_bytes)} bytes; SNP ABI Table 76 says {ID_AUTH_SIZE}")
     id_algo, auth_algo = struct.unpack_from("<II", auth_bytes, 0)
     if id_algo != ALGO_ECDSA_P384_SHA384:
         raise IdBlockError(f"ID_KEY_ALGO {id_algo} is not ECDSA P-384 with SHA-384 (1)")
