@@ -121,14 +121,18 @@ def launch_binding(platform: PlatformRules, rules: IdBlockRules, fw: FirmwareEnt
 
 
 def unbound_secrets(firmware: tuple[FirmwareEntry, ...], shapes: tuple[ShapeRule, ...], platform: PlatformRules,
-                    rules: IdBlockRules, secrets: tuple[SecretRule, ...]) -> list[tuple[P, str]]:
-    """(path, reason) for every secret this policy could release to an unbound launch."""
+                    rules: IdBlockRules, secrets: tuple[SecretRule, ...], revoked: frozenset[str] = frozenset(),
+                    min_svn: int | None = None) -> list[tuple[P, str]]:
+    """(path, reason) for every secret this policy could release to an unbound launch.
+    Firmware that can never receive the secret (not listed for it, revoked, below a minimum svn) does not count."""
     out: list[tuple[P, str]] = []
     owner = owner_named_by(platform, rules)
     for i, secret in enumerate(secrets):
         if secret.unsafe_unbound:
             continue
-        eligible = [f for f in firmware if secret.firmware is None or f.id in secret.firmware]
+        floor = max(min_svn or 0, secret.min_svn or 0)
+        eligible = [f for f in firmware if (secret.firmware is None or f.id in secret.firmware)
+                    and f.id not in revoked and f.svn >= floor]
         loose = sorted({f.id for f in eligible for s in shapes if pinned_by(f, s.kernel is not None) is None})
         why = []
         if loose:

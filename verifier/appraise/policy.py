@@ -648,7 +648,7 @@ def parse_policy(text: str | bytes, path: str | Path, *, tenant: str | None = No
     id_rules = id_block_rules(errs, top)
     if not any(p[:1] == ("firmware",) or p[:1] == ("shapes",) or p[:1] == ("secrets",) for p, _ in errs.items):
         # Only a policy whose firmware, shapes and secrets parsed can be judged for binding.
-        for p, why in unbound_secrets(firmware, shapes, platform, id_rules, secrets):
+        for p, why in unbound_secrets(firmware, shapes, platform, id_rules, secrets, revoked, min_svn):
             errs.add(p, why)
     if check_files:
         _check_files(errs, located, Path(spath).parent)
