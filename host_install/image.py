@@ -68,6 +68,9 @@ def check_image(vm: VmDir, fwid: str, payload: bytes, addon_sha384: str = "") ->
     if info.kind == "ovmf" and (size == 0 or size % ROM_ALIGN):
         raise ImageRejected(f"OVMF image {fwid!r} is {size} bytes, not a multiple of 64 KiB",
                             "a raw OVMF ROM (OVMF.fd / OVMF.amdsev.fd) is always 64 KiB-aligned; rebuild it")
+    if cfg.snp and info.kind == "ovmf":
+        from .idblocks import select
+        select(vm, payload)   # require_id_block: refuse firmware the owner signed no ID block for (exit 2)
     return CandidateImage(fwid=fwid, payload=payload, digest=sha384(payload), kind=info.kind,
                           addon_sha384=addon_sha384)
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from qemu.qmp import QMPClient
 
-from .errors import InstallFailed
+from .errors import InstallError, InstallFailed
 from .vm import VmDir
 
 UPDATE_PORT_NAME = "org.firmgate.update"  # the guest sees /dev/virtio-ports/org.firmgate.update
@@ -44,6 +44,19 @@ def resolve_accel(accel: str) -> str:
     return accel
 
 
+def _id_block_properties(vm: VmDir) -> str:
+    """id-block/id-auth/author-key-enabled/policy for the firmware in force (host_install/idblocks.py)."""
+    if not vm.config.id_blocks or not vm.firmware_link.exists():
+        return ""
+    from .idblocks import qemu_properties, select
+    with vm.firmware_link.open("rb") as fh:
+        rom = fh.read(vm.config.rom_max_bytes + 1)
+    try:
+        return qemu_properties(select(vm, rom))
+    except InstallError as exc:  # the owner's set changed since install: a failed launch, rolled back
+        raise InstallFailed(str(exc), exc.hint) from exc
+
+
 def build_command(vm: VmDir, accel: str | None = None) -> list[str]:
     """The QEMU argument list for this VM with the firmware link as its ROM.
 
@@ -59,7 +72,7 @@ def build_command(vm: VmDir, accel: str | None = None) -> list[str]:
         machine += ["confidential-guest-support=sev0", "memory-backend=ram0"]
         objects += ["-object", f"memory-backend-memfd,id=ram0,size={cfg.memory_mib}M,share=true",
                     "-object", f"sev-snp-guest,id=sev0,cbitpos={cfg.cbitpos},"
-                               f"reduced-phys-bits={cfg.reduced_phys_bits}"]
+                               f"reduced-phys-bits={cfg.reduced_phys_bits}" + _id_block_properties(vm)]
     if cfg.firmware_format == "igvm":
         # IGVM replaces -bios (QEMU >= 10.0, docs/system/igvm.rst)
         objects += ["-object", f"igvm-cfg,id=igvm0,file={vm.firmware_link}"]

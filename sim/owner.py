@@ -9,11 +9,16 @@ author key. Several test files build policies; this is the one place that knows 
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+)
 
 from verifier.idblock import IdBlock, key_digest, sign
 
@@ -62,7 +67,7 @@ class Owner:
         block = IdBlock(measurement, self.family_id, self.image_id, self.guest_svn, guest_policy)
         return sign(block, self.id_key, self.author_key if with_author else None)
 
-    def launch_fields(self, platform: "SimPlatform", measurement: bytes,
+    def launch_fields(self, platform: SimPlatform, measurement: bytes,
                       guest_policy: int = DEFAULT_GUEST_POLICY) -> dict[str, Any]:
         """Report fields of this owner's signed launch of `measurement` (the simulated PSP checked it)."""
         block, auth = self.sign(measurement, guest_policy)

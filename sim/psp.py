@@ -26,7 +26,7 @@ class LaunchRefused(Exception):
     """The PSP refused SNP_LAUNCH_FINISH (the VM never runs): the reason names the field."""
 
 
-def launch_fields(platform: "SimPlatform", measurement: bytes, *, guest_policy: int = DEFAULT_GUEST_POLICY,
+def launch_fields(platform: SimPlatform, measurement: bytes, *, guest_policy: int = DEFAULT_GUEST_POLICY,
                   id_block: bytes | None = None, id_auth: bytes | None = None,
                   author_key_enabled: bool = False) -> dict[str, Any]:
     """Report fields of a launch with `measurement` and `guest_policy`, after the PSP's ID block checks."""

@@ -26,7 +26,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-from sevsnpmeasure import id_block as _sev
+from sevsnpmeasure import id_block as _sev  # type: ignore[import-untyped]
 
 from .errors import FirmgateError
 
@@ -77,7 +77,7 @@ class IdBlock:
                 + struct.pack("<IIQ", self.version, self.guest_svn, self.policy))
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "IdBlock":
+    def from_bytes(cls, data: bytes) -> IdBlock:
         if len(data) != ID_BLOCK_SIZE:
             raise IdBlockFormatError(f"ID block is {len(data)} bytes; SNP ABI Table 75 says {ID_BLOCK_SIZE}")
         version, svn, policy = struct.unpack_from("<IIQ", data, 80)
@@ -122,7 +122,7 @@ def pem_key_digest(pem: str | bytes) -> bytes:
             priv = serialization.load_pem_private_key(data, password=None)
             pub = priv.public_key()
         else:
-            pub = serialization.load_pem_public_key(data)  # type: ignore[assignment]
+            pub = serialization.load_pem_public_key(data)
     except (ValueError, TypeError) as exc:
         raise IdBlockFormatError("not a PEM EC public key") from exc
     if not isinstance(pub, ec.EllipticCurvePublicKey):

@@ -24,8 +24,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .idblock import (ID_AUTH_SIZE, ID_BLOCK_SIZE, IdBlockError, IdBlockFormatError, VerifiedIdBlock,
-                      has_author_key, verify)
+from .idblock import (
+    ID_AUTH_SIZE,
+    ID_BLOCK_SIZE,
+    IdBlockError,
+    IdBlockFormatError,
+    VerifiedIdBlock,
+    has_author_key,
+    verify,
+)
 
 FORMAT = "firmgate-idblocks/1"
 MAX_SET_SIZE = 64 * 1024 * 1024

@@ -20,8 +20,19 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .policy import (P, FirmwareEntry, IdBlockRules, PlatformRules, SecretRule, ShapeRule, _bool, _Errors,
-                     _list, _str, _table)
+from .policy import (
+    FirmwareEntry,
+    IdBlockRules,
+    P,
+    PlatformRules,
+    SecretRule,
+    ShapeRule,
+    _bool,
+    _Errors,
+    _list,
+    _str,
+    _table,
+)
 
 MAX_TRUSTED_KEYS = 64
 _HEX96 = re.compile(r"[0-9a-fA-F]{96}")
@@ -143,6 +154,7 @@ def unbound_secrets(firmware: tuple[FirmwareEntry, ...], shapes: tuple[ShapeRule
             why.append("nothing names the owner, so a look-alike VM of anyone else passes too (add "
                        "[id_block] trusted_author_keys / trusted_id_keys, or a literal platform.host_data)")
         if why:
-            out.append((("secrets", i), f"secret {secret.path!r} would be released to a launch not bound to "
-                        f"its owner: {'; '.join(why)}; or say unsafe_unbound = true to accept that risk"))
+            reason = (f"secret {secret.path!r} would be released to a launch not bound to its owner: "
+                      f"{'; '.join(why)}; or say unsafe_unbound = true to accept that risk")
+            out.append((("secrets", i), reason))
     return out

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 
-def register(sub: "argparse._SubParsersAction[Any]") -> None:
+def register(sub: argparse._SubParsersAction[Any]) -> None:
     p = sub.add_parser("idblock", help="owner-signed SEV-SNP ID blocks for a policy's reference table")
     isub = p.add_subparsers(dest="idblock_command", metavar="ACTION")
     isub.required = True
