@@ -9,7 +9,8 @@ author key. Several test files build policies; this is the one place that knows 
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +22,8 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from verifier.idblock import IdBlock, key_digest, sign
+from verifier.idblockset import IdBlockSet, sign_table
+from verifier.measure.launch import Shape, expected_measurement
 
 from .psp import DEFAULT_GUEST_POLICY, launch_fields
 
@@ -73,6 +76,14 @@ class Owner:
         block, auth = self.sign(measurement, guest_policy)
         return launch_fields(platform, measurement, guest_policy=guest_policy, id_block=block, id_auth=auth,
                              author_key_enabled=True)
+
+    def sign_set(self, tenant: str, images: Mapping[str, bytes], shapes: Sequence[Shape],
+                 guest_policy: int = DEFAULT_GUEST_POLICY) -> IdBlockSet:
+        """The owner's `firmgate idblock sign` output for these firmware images (fwid -> bytes) and shapes."""
+        entries = [(expected_measurement(img, sh), fwid, hashlib.sha384(img).hexdigest(), sh.key())
+                   for fwid, img in images.items() for sh in shapes]
+        return sign_table(tenant, "00" * 32, entries, self.id_key, self.author_key, family_id=self.family_id,
+                          image_id=self.image_id, guest_svn=self.guest_svn, guest_policy=guest_policy)
 
     def id_block_toml(self) -> str:
         return f'[id_block]\ntrusted_author_keys = ["{self.author_digest.hex()}"]\n'
