@@ -12,8 +12,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from test_broker_support import KBS_ERR, Guest, LiveServer, admin, random_master_key
@@ -164,7 +165,7 @@ def test_wrong_author_key_is_denied(broker: Any, world: World) -> None:
 
 
 def test_unbound_policy_is_refused_at_load(broker: Any, world: World) -> None:
-    srv, tokens = broker
+    srv, _ = broker
     store = srv.app.extensions["firmgate"].appraiser._store
     errors = [e.diagnostics() for e in store.last_errors("lax")]
     assert len(errors) == 1 and "lax/key/disk" in errors[0] and "not bound to its owner" in errors[0]

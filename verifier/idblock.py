@@ -98,15 +98,15 @@ def key_from_struct(data: bytes, what: str = "key") -> ec.EllipticCurvePublicKey
         raise IdBlockFormatError(f"{what} is {len(data)} bytes; AMD's public-key structure is {PUBKEY_SIZE}")
     curve = struct.unpack_from("<I", data)[0]
     if curve != CURVE_P384:
-        raise IdBlockError(f"{what}: curve {curve} is not P-384 ({CURVE_P384})")
+        raise IdBlockFormatError(f"{what}: curve {curve} is not P-384 ({CURVE_P384})")
     if any(data[4 + 2 * _COORD:]):
-        raise IdBlockError(f"{what}: reserved bytes of the key structure are not zero")
+        raise IdBlockFormatError(f"{what}: reserved bytes of the key structure are not zero")
     x = int.from_bytes(data[4:4 + _COORD], "little")
     y = int.from_bytes(data[4 + _COORD:4 + 2 * _COORD], "little")
     try:
         return ec.EllipticCurvePublicNumbers(x, y, ec.SECP384R1()).public_key()
     except ValueError as exc:
-        raise IdBlockError(f"{what} is not a point on P-384") from exc
+        raise IdBlockFormatError(f"{what} is not a point on P-384") from exc
 
 
 def key_digest(pub: ec.EllipticCurvePublicKey) -> bytes:
