@@ -15,22 +15,22 @@ import hashlib
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from sim.owner import BOOT_CHAIN_REASON, Owner  # noqa: E402
-from sim.platform import SimPlatform  # noqa: E402
-from verifier.appraise.appraise import appraise  # noqa: E402
-from verifier.appraise.policy import load_policy  # noqa: E402
-from verifier.appraise.reference import ReferenceTable  # noqa: E402
-from verifier.appraise.store import LoadedPolicy  # noqa: E402
-from verifier.evidence import load_evidence  # noqa: E402
-from verifier.idblock import IdBlock, sign, verify  # noqa: E402
-from verifier.options import default_options  # noqa: E402
-from verifier.verify import verify_report  # noqa: E402
+from sim.owner import BOOT_CHAIN_REASON, Owner
+from sim.platform import SimPlatform
+from verifier.appraise.appraise import appraise
+from verifier.appraise.policy import load_policy
+from verifier.appraise.reference import ReferenceTable
+from verifier.appraise.store import LoadedPolicy
+from verifier.evidence import load_evidence
+from verifier.idblock import IdBlock, sign, verify
+from verifier.options import default_options
+from verifier.verify import verify_report
 
 FW = REPO.parent / "shared" / "firmware" / "edk2-2022.11-OVMF.fd"
 

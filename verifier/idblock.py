@@ -42,7 +42,8 @@ _P384_ORDER = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFC7634D81F4372DDF
 # ID auth offsets (Table 76), from sevsnpmeasure's IdAuth layout
 _OFF = {name: getattr(_sev.IdAuth, name).offset for name in
         ("id_key_algo", "auth_key_algo", "block_sig", "id_key", "id_key_sig", "author_key")}
-assert ctypes.sizeof(_sev.IdAuth) == ID_AUTH_SIZE and ctypes.sizeof(_sev.IdBlock) == ID_BLOCK_SIZE
+if ctypes.sizeof(_sev.IdAuth) != ID_AUTH_SIZE or ctypes.sizeof(_sev.IdBlock) != ID_BLOCK_SIZE:
+    raise ImportError("sevsnpmeasure.id_block's layouts are not SNP ABI Tables 75/76: check the pinned version")
 
 
 class IdBlockError(FirmgateError):

@@ -206,8 +206,8 @@ def release_allowed(loaded: LoadedPolicy, verdict: Verdict, resource_path: str) 
     if _bound(verdict):
         return True, ok
     if rule.unsafe_unbound:
-        return True, f"{UNSAFE_UNBOUND_PREFIX} launch not bound to its owner, released because {resource_path} " \
-                     f"says unsafe_unbound = true; {ok}"
+        return True, (f"{UNSAFE_UNBOUND_PREFIX} launch not bound to its owner, released because "
+                      f"{resource_path} says unsafe_unbound = true; {ok}")
     return False, (f"the launch is not bound to its owner, and {resource_path} may go only to a bound launch "
                    "(kernel hashes or an enforces_boot_chain firmware, and a trusted ID/author key or HOST_DATA)")
 
