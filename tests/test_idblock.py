@@ -380,3 +380,35 @@ def test_vm_toml_require_id_block_needs_a_set(tmp_path: Path) -> None:
     from host_install.vm import VmDir
     with pytest.raises(VmConfigError, match="require_id_block needs"):
         VmDir.create(tmp_path / "x", snp=True, require_id_block=True)
+
+
+def test_hostile_id_block_sets_fail_with_a_reason_never_a_crash() -> None:
+    """Truncations, byte flips and retyped fields of a valid set: parse_set accepts or raises IdBlockError."""
+    import random
+
+    from verifier.idblockset import parse_set
+    o = Owner("hostile")
+    from verifier.measure.launch import Shape
+    good = o.sign_set("acme", {"fw": FW.read_bytes()}, [Shape(1, "EPYC-v4")]).to_json().encode()
+    assert parse_set(good).blocks[0].verified.author_key_digest == o.author_digest
+    rnd = random.Random(13)
+    doc = json.loads(good)
+    variants: list[bytes] = [good[:n] for n in range(0, len(good), 997)]
+    variants += [bytes(b ^ (1 << rnd.randrange(8)) if i == j else b for i, b in enumerate(good))
+                 for j in (rnd.randrange(len(good)) for _ in range(60))]
+    for key in ("id_key_digest", "author_key_digest", "tenant", "policy_sha256", "blocks"):
+        for v in (None, 1, [], {}, "zz", "00" * 48, "A" * 10_000):
+            variants.append(json.dumps({**doc, key: v}).encode())
+    for key in ("id_block", "id_auth", "launch_digest", "firmware", "shape", "firmware_sha384"):
+        for v in (None, 7, "", "!!!", base64.b64encode(b"\0" * 96).decode(), base64.b64encode(b"\0" * 4096).decode()):
+            variants.append(json.dumps({**doc, "blocks": [{**doc["blocks"][0], key: v}]}).encode())
+    variants += [b"[" * 100_000, b"\xff\xfe", b'{"format": "firmgate-idblocks/1", "blocks": [1]}']
+    outcomes = {"ok": 0, "refused": 0}
+    for v in variants:
+        try:
+            parse_set(v)
+            outcomes["ok"] += 1
+        except IdBlockError as exc:
+            assert exc.diagnostics() and exc.exit_code in (1, 2)
+            outcomes["refused"] += 1
+    assert outcomes["refused"] > len(variants) // 2
