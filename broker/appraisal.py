@@ -50,6 +50,11 @@ class Appraiser(Protocol):
     def tenants(self) -> list[str]:
         """Tenants that have a loadable policy."""
 
+    def candidates(self, attested: Attested) -> list[str]:
+        """Tenants whose policy could accept this evidence (its MEASUREMENT is in their reference
+        table, or they admit firmware by other means): a superset, never missing one. Optional for
+        an appraiser: without it, every tenant is a candidate (broker/tenant_select.py)."""
+
     def policy_id(self, tenant: str) -> str | None:
         """An id that changes whenever the tenant's policy changes; None if it has none."""
 
@@ -70,11 +75,12 @@ class VerifierAppraiser:
     """The real verifier, with the tenants' policies from a directory (re-read when they change)."""
 
     def __init__(self, policies_dir: str, trust_root_pem: str | None = None, kds_cache: str | None = None,
-                 kds_offline: bool = True, measure_cache: str | None = None) -> None:
+                 kds_offline: bool = True, measure_cache: str | None = None, background: bool = False) -> None:
         from verifier.appraise.store import PolicyStore
         self.policies_dir = Path(policies_dir)
         self._options = self._make_options(trust_root_pem, kds_cache, kds_offline)
-        self._store = PolicyStore(self.policies_dir, cache_dir=measure_cache)
+        # background: the first load runs in a thread; tenants serve as soon as each is loaded.
+        self._store = PolicyStore(self.policies_dir, cache_dir=measure_cache, background=background)
 
     @staticmethod
     def _make_options(trust_root_pem: str | None, kds_cache: str | None, kds_offline: bool) -> Any:
@@ -118,6 +124,19 @@ class VerifierAppraiser:
 
     def tenants(self) -> list[str]:
         return list(self._store.tenants())
+
+    def candidates(self, attested: Attested) -> list[str]:
+        return list(self._store.candidates(attested.measurement))
+
+    def loading(self) -> bool:
+        """Some policy file has not had its first version loaded yet."""
+        return bool(self._store.loading())
+
+    def pending(self, tenant: str) -> bool:
+        return bool(self._store.pending(tenant))
+
+    def wait_loaded(self, timeout: float) -> bool:
+        return bool(self._store.wait_loaded(timeout))
 
     def _loaded(self, tenant: str) -> Any | None:
         try:

@@ -22,6 +22,8 @@ DEFAULTS: dict[str, Any] = {
     "ATTEST_MAX_BYTES": 16 * 1024 * 1024,  # evidence may carry a firmware add-on (OVMF is 2-4 MiB)
     "UPLOAD_MAX_BYTES": 16 * 1024 * 1024,  # firmware upload over the admin API
     "SECRET_MAX_BYTES": 1024 * 1024,
+    "POLICY_LOAD_BACKGROUND": True,  # first policy load in a thread: loaded tenants serve while the rest load
+    "POLICY_LOAD_WAIT": 30,          # seconds a request for a tenant still loading waits before a 503
     "APPRAISER": None,               # an appraisal.Appraiser; None: the real verifier over POLICIES_DIR
 }
 
@@ -37,6 +39,8 @@ ENV: dict[str, tuple[str, Any]] = {
     "FIRMGATE_OPERATOR_TOKEN": ("OPERATOR_TOKEN", str),
     "FIRMGATE_SESSION_TTL": ("SESSION_TTL", int),
     "FIRMGATE_TOKEN_TTL": ("TOKEN_TTL", int),
+    "FIRMGATE_POLICY_LOAD_BACKGROUND": ("POLICY_LOAD_BACKGROUND", lambda v: v.lower() not in ("0", "false", "no")),
+    "FIRMGATE_POLICY_LOAD_WAIT": ("POLICY_LOAD_WAIT", float),
     "FIRMGATE_AUDIT_RETENTION_DAYS": ("AUDIT_RETENTION_DAYS", int),
     "FIRMGATE_AUTH_AUDIT_RETENTION_HOURS": ("AUTH_AUDIT_RETENTION_HOURS", int),
 }

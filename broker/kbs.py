@@ -26,7 +26,7 @@ from verifier.errors import FirmgateError
 from verifier.evidence import Evidence, firmgate_evidence_json
 from verifier.verdict import Verdict
 
-from . import audit, metrics, nonces, vault
+from . import audit, metrics, nonces, tenant_select, vault
 from .appraisal import Attested
 from .db import now_ms
 from .errors import ApiError
@@ -218,24 +218,38 @@ def attest() -> Response:
         raise fail(exc.diagnostics(), measurement) from None
     sync_firmware(st, db)
 
-    # Appraise for the hinted tenant, or for every tenant (an unmodified guest names none).
-    candidates = [hint] if hint else st.appraiser.tenants()
+    # Appraise for the hinted tenant, or for the tenants whose reference tables hold this
+    # MEASUREMENT (an unmodified guest names none; broker/tenant_select.py).
+    if hint and not tenant_select.wait_for_tenant(st, hint):
+        raise _unavailable(fail(f"tenant {hint}'s policy is still loading; retry", measurement))
     verdicts: list[Verdict] = []
     verdict_rows: list[dict[str, Any]] = []
     audit_rows: list[dict[str, Any]] = []
-    for tenant in candidates:
-        pid = st.appraiser.policy_id(tenant)
-        if pid is None:
-            continue
-        verdict, text, vrow = _appraisal(st, attested, sid, tenant, pid, expected, host_expected)
-        verdicts.append(verdict)
-        verdict_rows.append(vrow)
-        if verdict.accepted or tenant == hint:
-            # A tenant sees attestations its policy accepted, or that named it; not other VMs' noise.
-            audit_rows.append(audit.row(
-                event="attest", outcome="ok" if verdict.accepted else "denied",
-                reason="accepted by policy" if verdict.accepted else summarize_failures(verdict),
-                tenant=tenant, session_id=sid, verdict=verdict, verdict_text=text, measurement=measurement))
+    appraised: set[str] = set()
+
+    def appraise_for(candidates: list[str]) -> None:
+        assert st.appraiser is not None
+        for tenant in candidates:
+            pid = st.appraiser.policy_id(tenant)
+            if pid is None or tenant in appraised:
+                continue
+            appraised.add(tenant)
+            verdict, text, vrow = _appraisal(st, attested, sid, tenant, pid, expected, host_expected)
+            verdicts.append(verdict)
+            verdict_rows.append(vrow)
+            if verdict.accepted or tenant == hint:
+                # A tenant sees attestations its policy accepted, or that named it; not other VMs' noise.
+                audit_rows.append(audit.row(
+                    event="attest", outcome="ok" if verdict.accepted else "denied",
+                    reason="accepted by policy" if verdict.accepted else summarize_failures(verdict),
+                    tenant=tenant, session_id=sid, verdict=verdict, verdict_text=text, measurement=measurement))
+
+    appraise_for(tenant_select.candidates(st, attested, hint))
+    if not hint and not any(v.accepted for v in verdicts) and tenant_select.policies_loading(st):
+        # The owner's policy may be among those not loaded yet: wait for them rather than deny.
+        if not tenant_select.wait_for_all(st):
+            raise _unavailable(fail("tenant policies are still loading; retry", measurement))
+        appraise_for(tenant_select.candidates(st, attested, hint))
     accepted = sorted((v for v in verdicts if v.accepted), key=lambda v: len(v.warnings))
     best = accepted[0] if accepted else (verdicts[0] if hint and verdicts else None)
     status = "contraindicated"
@@ -265,6 +279,12 @@ def attest() -> Response:
     resp = jsonify({"token": token})
     _set_cookie(resp, sid, expires_at)
     return resp
+
+
+def _unavailable(err: ApiError) -> ApiError:
+    """Could not decide (policies still loading): 503, so neither the guest nor an operator reads a denial."""
+    err.variant, err.status = "Unavailable", 503
+    return err
 
 
 def _bearer() -> str | None:
@@ -335,6 +355,9 @@ def resource(repo: str, rtype: str, tag: str) -> Response:
         raise ApiError("InvalidRequestPath", "resource path must be <repository>/<type>/<tag> of [A-Za-z0-9._-]")
     path = f"{repo}/{rtype}/{tag}"
     tenant = repo
+    if st.appraiser is not None and not tenant_select.wait_for_tenant(st, tenant):
+        raise _unavailable(_deny(db, "Unavailable", f"tenant {tenant}'s policy is still loading; retry",
+                                 event="deny", resource=path, tenant=None))
     policy_id = st.appraiser.policy_id(tenant) if st.appraiser is not None else None
     try:
         row, jwk = _attested_session(db, st, tenant, policy_id or "")

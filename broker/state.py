@@ -63,7 +63,8 @@ def _appraiser(app: Flask) -> tuple[Appraiser | None, str | None]:
         from .appraisal import VerifierAppraiser
         return VerifierAppraiser(app.config["POLICIES_DIR"], app.config.get("TRUST_ROOT_PEM"),
                                  app.config.get("KDS_CACHE"), bool(app.config.get("KDS_OFFLINE", True)),
-                                 app.config.get("MEASURE_CACHE")), None
+                                 app.config.get("MEASURE_CACHE"),
+                                 background=bool(app.config.get("POLICY_LOAD_BACKGROUND", True))), None
     except Exception as exc:  # noqa: BLE001 - the broker still serves admin/ops routes; attest says why
         log.error("appraisal unavailable: %s", exc)
         return None, f"appraisal unavailable: {exc}"
@@ -142,4 +143,8 @@ def sync_firmware(st: BrokerState, db: Connection | OrmSession, min_interval: fl
 
 
 def app_state_summary(st: BrokerState) -> dict[str, Any]:
-    return {"appraiser": "ok" if st.appraiser is not None else st.appraiser_error}
+    out: dict[str, Any] = {"appraiser": "ok" if st.appraiser is not None else st.appraiser_error}
+    from .tenant_select import policies_loading
+    if policies_loading(st):
+        out["policies"] = "loading"  # tenants loaded so far are served; the others wait (docs/protocol.md)
+    return out

@@ -570,23 +570,22 @@ def _check_files(errs: _Errors, firmware: list[tuple[int, FirmwareEntry]], base:
         p: P = ("firmware", "allowed", i, "bytes")
         f = base / fw.location
         try:
-            payload = read_firmware_file(f, fw.id)
+            # Shared by every tenant listing the same file: read and hashed once per version of it.
+            from .shared import firmware_file_facts
+            facts, _ = firmware_file_facts(f, fw.id)
         except OSError as exc:
             errs.add(p, f"firmware file {fw.location!r} cannot be read: {exc.strerror or exc}")
             continue
         except FirmgateError as exc:
             errs.add(p, f"firmware file {fw.location!r}: {exc.diagnostics()}")
             continue
-        actual = hashlib.sha384(payload).hexdigest()
+        actual = facts.sha384
         if actual != fw.sha384:
             errs.add(p, f"firmware file {fw.location!r} has sha384 {actual[:16]}...; "
                         f"the policy lists {fw.sha384[:16]}... for {fw.id!r}")
             continue
-        from ..firmware.image import require_snp_firmware
-        try:
-            require_snp_firmware(payload)
-        except FirmgateError as exc:
-            errs.add(p, f"firmware file {fw.location!r} cannot be an SEV-SNP firmware: {exc.diagnostics()}")
+        if facts.snp_error is not None:
+            errs.add(p, f"firmware file {fw.location!r} cannot be an SEV-SNP firmware: {facts.snp_error}")
 
 
 def parse_policy(text: str | bytes, path: str | Path, *, tenant: str | None = None, check_files: bool = True

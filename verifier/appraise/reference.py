@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import FirmgateError, FirmwareError
 from ..measure.launch import KernelHashes, Shape, measurement_table
 from .policy import FirmwareEntry, ShapeRule, TenantPolicy, read_firmware_file
+from .shared import MeasurementMemo, firmware_file_facts
 
 MAX_KNOWN_FIRMWARE = 64   # firmware images held in memory per table (each a few MiB)
 
@@ -59,10 +61,14 @@ def extract_firmware(data: bytes, fwid: str | None = None) -> bytes:
 class ReferenceTable:
     """measurement -> Match; thread-safe (firmware may be added while appraisals run)."""
 
-    def __init__(self, policy: TenantPolicy, cache: object | None = None) -> None:
+    def __init__(self, policy: TenantPolicy, cache: object | None = None, memo: MeasurementMemo | None = None
+                 ) -> None:
         self.policy = policy
         self.shapes = shapes_of(policy.shapes)
         self._cache = cache
+        self._memo = memo  # measurements shared with the other tenants' tables (verifier/appraise/shared.py)
+        # Told of every measurement added after it is set (the store's measurement -> tenant index).
+        self.on_add: Callable[[list[bytes]], None] | None = None
         self._lock = threading.Lock()
         self._by_measurement: dict[bytes, Match] = {}
         self._measured: set[str] = set()        # firmware ids whose measurements are in the table
@@ -76,8 +82,16 @@ class ReferenceTable:
             if fw.uploaded:
                 self.missing[fw.id] = "bytes not uploaded yet"
                 continue
+            path = base / fw.location
             try:
-                payload = read_firmware_file(base / fw.location, fw.id)
+                facts, payload = firmware_file_facts(path, fw.id)
+                if payload is None and facts.sha384 == fw.sha384 and self._memo is not None:
+                    known = self._memo.get_all(fw.sha384, self.shapes)
+                    if known is not None:  # another tenant's table measured this build for these shapes
+                        self._add_table(fw, known)
+                        continue
+                if payload is None:
+                    payload = read_firmware_file(path, fw.id)
             except OSError as exc:
                 raise FirmwareError(f"firmware {fw.id}: cannot read {fw.location}: {exc.strerror or exc}") from exc
             self.add_payload(fw, payload)
@@ -88,12 +102,22 @@ class ReferenceTable:
         if actual != fw.sha384:
             raise FirmwareError(f"firmware {fw.id}: bytes have sha384 {actual[:16]}..., the policy lists "
                                 f"{fw.sha384[:16]}...")
-        table = measurement_table(payload, self.shapes, cache=self._cache)  # type: ignore[arg-type]
+        table = self._memo.get_all(actual, self.shapes) if self._memo is not None else None
+        if table is None:
+            table = measurement_table(payload, self.shapes, cache=self._cache)  # type: ignore[arg-type]
+            if self._memo is not None:
+                self._memo.put(actual, table)
+        self._add_table(fw, table)
+
+    def _add_table(self, fw: FirmwareEntry, table: dict[Shape, bytes]) -> None:
         with self._lock:
             for shape, m in table.items():
                 self._by_measurement.setdefault(m, Match(fw, shape))
             self._measured.add(fw.id)
             self.missing.pop(fw.id, None)
+        listener = self.on_add
+        if listener is not None:
+            listener(list(table.values()))
 
     def add_firmware_bytes(self, data: bytes, fwid: str | None = None) -> FirmwareEntry:
         """Firmware bytes that arrived from outside (an add-on or a raw image): accepted only if listed."""

@@ -9,6 +9,12 @@ that fails the check is refused: the last good policy stays in force, the
 errors are kept (`last_errors(tenant)`) and logged. A deleted file removes the
 tenant (deleting is a deliberate change, not a broken one).
 
+At scale (issue 21): tables share measurements and firmware-file facts
+(verifier/appraise/shared.py), each tenant is installed as soon as it is built
+(so a reload serves the tenants already done), `candidates(measurement)` names
+the tenants whose table holds a measurement (verifier/appraise/index.py), and
+`background=True` makes the first load run in a thread while `loading()` is true.
+
 Thread-safe: the broker's worker threads share one store.
 """
 from __future__ import annotations
@@ -23,9 +29,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import FirmgateError, FirmwareError, PolicyErrors, PolicyFileError, UsageError
+from ..errors import (
+    FirmgateError,
+    FirmwareError,
+    PolicyErrors,
+    PolicyFileError,
+    UsageError,
+)
+from .index import MeasurementIndex, admits_unlisted_firmware
 from .policy import FirmwareEntry, TenantPolicy, load_policy_file
 from .reference import ReferenceTable, extract_firmware
+from .shared import MeasurementMemo
 
 log = logging.getLogger("firmgate.policy")
 
@@ -118,7 +132,7 @@ def _stat_key(path: Path) -> tuple[int, int, int] | None:
 
 class PolicyStore:
     def __init__(self, directory: str | Path, *, cache_dir: str | Path | None = None,
-                 min_interval: float = 1.0) -> None:
+                 min_interval: float = 1.0, background: bool = False) -> None:
         self.directory = Path(directory)
         if not self.directory.is_dir():
             raise UsageError(f"policy directory {self.directory} does not exist")
@@ -137,7 +151,40 @@ class PolicyStore:
         self._checked_at = 0.0
         self._uploaded: dict[str, bytes] = {}   # sha384 hex -> firmware payload, survives reloads
         self._gen: dict[str, int] = {}           # tenant -> number of the newest reload started
-        self.refresh(force=True)
+        self._memo = MeasurementMemo()
+        self._index = MeasurementIndex()
+        self._pending: set[str] = set()          # tenants with a file being built and no version in force
+        self._first_done = threading.Event()
+        if background:
+            threading.Thread(target=self._first_load, name="policy-load", daemon=True).start()
+        else:
+            self._first_load()
+
+    def _first_load(self) -> None:
+        try:
+            self.refresh(force=True)
+        except Exception:  # a crash here must not leave the broker "loading" forever
+            log.exception("loading the policies failed")
+        finally:
+            self._first_done.set()
+
+    def loading(self) -> bool:
+        """True until the first load has finished, or while a tenant's file waits for its first version."""
+        with self._lock:
+            return not self._first_done.is_set() or bool(self._pending)
+
+    def wait_loaded(self, timeout: float | None = None) -> bool:
+        return self._first_done.wait(timeout)
+
+    def pending(self, tenant: str) -> bool:
+        """The tenant has a policy file that is still being loaded for the first time."""
+        with self._lock:
+            return tenant in self._pending
+
+    def candidates(self, measurement: bytes) -> list[str]:
+        """Tenants whose policy in force could accept `measurement` (a superset; never misses one)."""
+        self.refresh()
+        return self._index.candidates(measurement)
 
     # -- reading -------------------------------------------------------------------
     def tenants(self) -> list[str]:
@@ -205,6 +252,8 @@ class PolicyStore:
             self._head_seen = head_key
             for t in set(removed):
                 self._loaded.pop(t, None)
+                self._index.remove(t)
+                self._pending.discard(t)
                 self._errors.pop(t, None)
                 self._seen.pop(t, None)
                 self._gen[t] = self._gen.get(t, 0) + 1
@@ -214,14 +263,19 @@ class PolicyStore:
                 self._seen[t] = keys[t]
                 self._gen[t] = self._gen.get(t, 0) + 1
                 jobs.append((t, files[t], self._gen[t]))
+                if t not in self._loaded:
+                    self._pending.add(t)
             uploaded = dict(self._uploaded)
         commit, dirty = git_state(self.directory)
-        built = [(t, path, gen, self._build(path, uploaded)) for t, path, gen in jobs]
-        with self._lock:
-            for t, path, gen, (policy, table, errors) in built:
+        for t, path, gen in jobs:
+            # Installed one by one: the tenants done so far serve while the rest load.
+            policy, table, errors = self._build(path, uploaded)
+            with self._lock:
                 if self._gen.get(t) != gen:
                     continue  # a newer change of this tenant is being (or was) loaded
+                self._pending.discard(t)
                 self._install(t, path, policy, table, errors, commit, dirty)
+        with self._lock:
             if head_moved:  # same bytes, new commit: the verdict must name the new commit
                 for t, lp in list(self._loaded.items()):
                     if t in changed or t not in files:
@@ -238,7 +292,7 @@ class PolicyStore:
         if policy is None:
             return None, None, errors
         try:
-            table = ReferenceTable(policy, self._cache)
+            table = ReferenceTable(policy, self._cache, self._memo)
             table.load_files()
             for digest, payload in uploaded.items():
                 fw = policy.firmware_by_digest(digest)
@@ -265,10 +319,13 @@ class PolicyStore:
             if fw is not None and fw.id not in policy.revoked and not table.measured(fw.id):
                 table.add_payload(fw, payload)
         self._errors.pop(tenant, None)
+        # The index learns of measurements added from now on, then takes the table's current ones.
+        table.on_add = lambda ms, t=tenant: self._index.add(t, ms)
+        self._index.set_tenant(tenant, [m for m, _ in table.entries()], admits_unlisted_firmware(policy))
         lp = LoadedPolicy(policy, commit, str(path.resolve()) in dirty, table)
         previous = self._loaded.get(tenant)
         self._loaded[tenant] = lp
-        log.info("policy for tenant %s loaded: %s (%d reference measurements)%s", tenant, lp.policy_id,
+        log.debug("policy for tenant %s loaded: %s (%d reference measurements)%s", tenant, lp.policy_id,
                  len(table), f", replacing {previous.policy_id}" if previous else "")
 
     # -- firmware arriving from outside ----------------------------------------------------
