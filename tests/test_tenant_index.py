@@ -10,12 +10,21 @@ import hashlib
 import os
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, text
-from test_broker_support import DbSpec, Guest, LiveServer, admin, db, http, random_master_key  # noqa: F401
+from test_broker_support import (  # noqa: F401
+    DbSpec,
+    Guest,
+    LiveServer,
+    admin,
+    db,
+    http,
+    random_master_key,
+)
 
 from broker import create_app
 from sim.owner import Owner, bound_policy
@@ -89,7 +98,7 @@ def _measurement(store: PolicyStore, tenant: str) -> bytes:
 def test_index_names_only_tenants_whose_table_holds_the_measurement(world: World,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
-    real = reference.measurement_table
+    real = reference.measurement_table  # type: ignore[attr-defined]
 
     def counting(payload: bytes, shapes: Any, **kw: Any) -> Any:
         calls.append(len(list(shapes)))
@@ -174,7 +183,7 @@ def _rows(url: str, sql: str, **params: Any) -> list[Any]:
 
 
 def _sid(g: Guest) -> str:
-    return next(c.value for c in g.jar if c.name == "kbs-session-id")
+    return str(next(c.value for c in g.jar if c.name == "kbs-session-id"))
 
 
 def _evidence(world: World, tenant: str, measurement: bytes) -> Any:
@@ -186,7 +195,8 @@ def _evidence(world: World, tenant: str, measurement: bytes) -> Any:
 
 
 @pytest.fixture
-def served(db: DbSpec, world: World, tmp_path: Path) -> Iterator[tuple[LiveServer, PolicyStore, DbSpec]]:
+def served(db: DbSpec, world: World, tmp_path: Path  # noqa: F811 - the db fixture
+           ) -> Iterator[tuple[LiveServer, PolicyStore, DbSpec]]:
     pol = world.policies(f"srv-{tmp_path.name}")
     cfg = {"DATABASE_URL": db.url, "MASTER_KEY": random_master_key(), "OPERATOR_TOKEN": OP,
            "POLICIES_DIR": str(pol), "TRUST_ROOT_PEM": str(world.root_pem), "MEASURE_CACHE": str(world.cache)}
@@ -248,7 +258,7 @@ def test_unmatched_measurement_writes_no_verdict_rows(served: Any, world: World)
     assert g.resource("t12/key/disk").status == 401
 
 
-def test_loaded_tenants_serve_while_the_rest_load(db: DbSpec, world: World, tmp_path: Path,
+def test_loaded_tenants_serve_while_the_rest_load(db: DbSpec, world: World, tmp_path: Path,  # noqa: F811
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     pol = world.policies(f"slow-{tmp_path.name}", n=20)
     release = threading.Event()
