@@ -6,6 +6,8 @@ core), the HTTP floor (a no-op Flask app with the same three routes, served by
 the same gunicorn command line and driven by the same clients), and the client
 and server CPU spent per handshake.
 
+    .venv/bin/python bench/broker.py --tenants 1,50,200,1000,10000   (bench/tenants.py: start, memory,
+                                     CPU and rows per attestation against the number of tenants)
     .venv/bin/python bench/broker.py [--clients 8] [--seconds 10] [--workers 2] [--threads 4] [--master-key F]
                                      [--db URL] [--bearer] [--json]
 
@@ -330,6 +332,9 @@ def noop_env(base: dict[str, str], token_bytes: int) -> tuple[dict[str, str], An
 
 
 def main() -> int:
+    if any(a == "--tenants" or a.startswith("--tenants=") for a in sys.argv[1:]):
+        from bench.tenants import main as tenants_main  # issue 21: the scale bench (bench/tenants.py)
+        return tenants_main(sys.argv[1:])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", type=int, default=8, help="client processes, one connection each (default 8)")
     ap.add_argument("--seconds", type=float, default=10.0, help="length of each load run (default 10)")
