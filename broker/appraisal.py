@@ -75,15 +75,17 @@ class VerifierAppraiser:
     """The real verifier, with the tenants' policies from a directory (re-read when they change)."""
 
     def __init__(self, policies_dir: str, trust_root_pem: str | None = None, kds_cache: str | None = None,
-                 kds_offline: bool = True, measure_cache: str | None = None, background: bool = False) -> None:
+                 kds_offline: bool = True, measure_cache: str | None = None, background: bool = False,
+                 kds_engine: Any | None = None) -> None:
         from verifier.appraise.store import PolicyStore
         self.policies_dir = Path(policies_dir)
-        self._options = self._make_options(trust_root_pem, kds_cache, kds_offline)
+        self._options = self._make_options(trust_root_pem, kds_cache, kds_offline, kds_engine)
         # background: the first load runs in a thread; tenants serve as soon as each is loaded.
         self._store = PolicyStore(self.policies_dir, cache_dir=measure_cache, background=background)
 
     @staticmethod
-    def _make_options(trust_root_pem: str | None, kds_cache: str | None, kds_offline: bool) -> Any:
+    def _make_options(trust_root_pem: str | None, kds_cache: str | None, kds_offline: bool,
+                      kds_engine: Any | None = None) -> Any:
         from cryptography import x509
 
         from verifier.options import default_options
@@ -93,8 +95,15 @@ class VerifierAppraiser:
                 root = x509.load_pem_x509_certificate(Path(trust_root_pem).read_bytes())
             except (OSError, ValueError) as exc:
                 raise EvidenceError(f"--trust-root {trust_root_pem}: not a readable PEM certificate") from exc
+        fetcher = None
+        if kds_cache and kds_engine is not None:
+            # KDS answers shared by every replica through the database (broker/kds_store.py).
+            from verifier.kds.fetch import HttpFetcher
+
+            from .kds_store import SharedKdsFetcher
+            fetcher = SharedKdsFetcher(kds_engine, HttpFetcher(Path(kds_cache), offline=kds_offline))
         return default_options(trust_root=root, kds_cache=Path(kds_cache) if kds_cache else None,
-                               offline=kds_offline)
+                               offline=kds_offline, fetcher=fetcher)
 
     def parse(self, primary_evidence: Any) -> Parsed:
         from verifier.evidence import evidence_from_json

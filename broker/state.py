@@ -56,7 +56,7 @@ def _master_key(app: Flask) -> bytes:
     return load_master_key(path)
 
 
-def _appraiser(app: Flask) -> tuple[Appraiser | None, str | None]:
+def _appraiser(app: Flask, engine: Engine | None = None) -> tuple[Appraiser | None, str | None]:
     if app.config.get("APPRAISER") is not None:
         return app.config["APPRAISER"], None
     try:
@@ -64,7 +64,8 @@ def _appraiser(app: Flask) -> tuple[Appraiser | None, str | None]:
         return VerifierAppraiser(app.config["POLICIES_DIR"], app.config.get("TRUST_ROOT_PEM"),
                                  app.config.get("KDS_CACHE"), bool(app.config.get("KDS_OFFLINE", True)),
                                  app.config.get("MEASURE_CACHE"),
-                                 background=bool(app.config.get("POLICY_LOAD_BACKGROUND", True))), None
+                                 background=bool(app.config.get("POLICY_LOAD_BACKGROUND", True)),
+                                 kds_engine=engine), None
     except Exception as exc:  # noqa: BLE001 - the broker still serves admin/ops routes; attest says why
         log.error("appraisal unavailable: %s", exc)
         return None, f"appraisal unavailable: {exc}"
@@ -85,7 +86,7 @@ def init_app(app: Flask) -> None:
     box = SecretBox(_master_key(app))
     with factory() as orm:
         token_key = TokenKey.load_or_create(orm, box)
-    appraiser, why = _appraiser(app)
+    appraiser, why = _appraiser(app, engine)
     app.extensions["firmgate"] = BrokerState(engine, factory, box, token_key, appraiser, why, set())
     app.teardown_appcontext(_close_orm)
 

@@ -7,8 +7,10 @@ the network.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -22,6 +24,25 @@ from . import KDS_BASE, chain_url, crl_url, vcek_url
 
 MAX_RESPONSE = 64 * 1024
 CRL_MAX_AGE = 24 * 3600     # seconds a cached CRL is reused before asking KDS again
+BACKOFF_FIRST = 2.0         # seconds of quiet after a first HTTP 429, doubled on each next one ...
+BACKOFF_MAX = 900.0         # ... up to this; a longer Retry-After is capped here too
+
+log = logging.getLogger(__name__)
+
+
+class RateLimited(FetchError):
+    """AMD KDS answered HTTP 429, or we are still waiting out its back-off."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """RFC 9110 Retry-After as delay-seconds (an HTTP-date is not trusted: clocks differ); None if absent."""
+    if value is None or not value.strip().isdigit() or len(value.strip()) > 6:
+        return None
+    return float(value.strip())
 
 
 class CertFetcher(Protocol):
@@ -47,6 +68,10 @@ class HttpFetcher:
         self.offline = offline
         self.timeout = timeout
         self.base_url = base_url.rstrip("/")   # tests point this at a loopback server
+        # HTTP 429 back-off, shared by this process's threads: no request reaches KDS before _not_before.
+        self._lock = threading.Lock()
+        self._not_before = 0.0
+        self._backoff = 0.0
 
     def _path(self, url: str) -> Path:
         return self.cache_dir / (hashlib.sha256(url.encode()).hexdigest()[:40] + ".bin")
@@ -58,14 +83,29 @@ class HttpFetcher:
             return path.read_bytes()[:MAX_RESPONSE]
         if self.offline:
             raise FetchError(f"offline, and {url} is not in the cache ({self.cache_dir})")
+        with self._lock:
+            wait = self._not_before - time.monotonic()
+        if wait > 0:
+            if path.is_file():  # a stale CRL beats none while KDS asks us to wait
+                log.warning("AMD KDS back-off (%.0f s left): using the cached %s", wait, url)
+                return path.read_bytes()[:MAX_RESPONSE]
+            raise RateLimited(f"AMD KDS rate limit (HTTP 429): not asking for {url} for another {wait:.0f} s", wait)
         req = urllib.request.Request(url, headers={"User-Agent": "firmgate"})
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310 (https URL we built)
                 body = resp.read(MAX_RESPONSE + 1)
         except urllib.error.HTTPError as exc:
             if exc.code == 429:
-                raise FetchError(f"AMD KDS rate limit (HTTP 429) for {url}; retry after "
-                                 f"{exc.headers.get('Retry-After', 'a while')} s") from exc
+                asked = retry_after_seconds(exc.headers.get("Retry-After"))
+                with self._lock:
+                    self._backoff = min(BACKOFF_MAX, self._backoff * 2 if self._backoff else BACKOFF_FIRST)
+                    delay = min(BACKOFF_MAX, max(asked or 0.0, self._backoff))
+                    self._not_before = time.monotonic() + delay
+                if path.is_file():
+                    log.warning("AMD KDS rate limit (HTTP 429): using the cached %s", url)
+                    return path.read_bytes()[:MAX_RESPONSE]
+                raise RateLimited(f"AMD KDS rate limit (HTTP 429) for {url}; retry after "
+                                  f"{exc.headers.get('Retry-After', 'a while')} s", delay) from exc
             raise FetchError(f"AMD KDS answered HTTP {exc.code} for {url}") from exc
         except (urllib.error.URLError, OSError, TimeoutError) as exc:
             raise FetchError(f"AMD KDS unreachable for {url}: {exc}") from exc
@@ -82,6 +122,8 @@ class HttpFetcher:
         with os.fdopen(fd, "wb") as f:
             f.write(body)
         os.replace(tmp, path)
+        with self._lock:
+            self._backoff = 0.0
         return body
 
     def vcek(self, product: Product, chip_id: bytes, tcb: TcbVersion) -> bytes:
