@@ -61,7 +61,10 @@ _HTTP_VARIANTS = {404: "InvalidRequestPath", 405: "InvalidRequestPath", 413: "Se
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def _api_error(err: ApiError) -> Response:
-        return _problem(err)
+        resp = _problem(err)
+        if err.status == 503:  # could not decide yet (e.g. policies still loading): worth retrying
+            resp.headers["Retry-After"] = "5"
+        return resp
 
     @app.errorhandler(HTTPException)
     def _http_error(err: HTTPException) -> Response:

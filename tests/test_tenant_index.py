@@ -293,6 +293,7 @@ def test_loaded_tenants_serve_while_the_rest_load(db: DbSpec, world: World, tmp_
         g17.auth()
         r = g17.attest()
         assert r.status == 503 and "still loading" in r.detail, (r.status, r.body)
+        assert r.headers["Retry-After"] == "5"
         release.set()
         assert appraiser.wait_loaded(120)
         g17 = Guest(srv.url, _evidence(world, "t17", m))
