@@ -300,9 +300,14 @@ def main(argv: list[str] | None = None) -> int:
             for code, tree in trees:
                 if code == "before" and n > args.before_max:
                     continue
-                row = run_one(code, tree, pol, cache, work, n, guest, args.handshakes, args.timeout)
+                try:
+                    row = run_one(code, tree, pol, cache, work, n, guest, args.handshakes, args.timeout)
+                except (RuntimeError, OSError, lg.HandshakeError, subprocess.CalledProcessError) as exc:
+                    print(f"  {code:6s} {n:6d} tenants FAILED: {type(exc).__name__}: {exc}", file=sys.stderr)
+                    nan = float("nan")
+                    row = Row(n, code, nan, nan, nan, nan, nan, nan, nan, 0, 1)
                 rows.append(row)
-                print(f"  {code:6s} {n:6d} tenants done", file=sys.stderr)
+                print(f"  {code:6s} {n:6d} tenants: {asdict(row)}", file=sys.stderr)
     if args.json:
         print(json.dumps([asdict(r) for r in rows], indent=1))
     else:

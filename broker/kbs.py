@@ -245,11 +245,14 @@ def attest() -> Response:
                     tenant=tenant, session_id=sid, verdict=verdict, verdict_text=text, measurement=measurement))
 
     appraise_for(tenant_select.candidates(st, attested, hint))
-    if not hint and not any(v.accepted for v in verdicts) and tenant_select.policies_loading(st):
-        # The owner's policy may be among those not loaded yet: wait for them rather than deny.
-        if not tenant_select.wait_for_all(st):
+    if not hint:
+        # The owner's policy may be among those not loaded yet: appraise tenants as they load, until
+        # one accepts or all are loaded (bounded), rather than deny for a policy not read yet.
+        waiting = tenant_select.LoadWait(st)
+        while not any(v.accepted for v in verdicts) and waiting.more():
+            appraise_for(tenant_select.candidates(st, attested, hint))
+        if waiting.timed_out:
             raise _unavailable(fail("tenant policies are still loading; retry", measurement))
-        appraise_for(tenant_select.candidates(st, attested, hint))
     accepted = sorted((v for v in verdicts if v.accepted), key=lambda v: len(v.warnings))
     best = accepted[0] if accepted else (verdicts[0] if hint and verdicts else None)
     status = "contraindicated"

@@ -9,8 +9,9 @@ double) gets the old behaviour: every tenant.
 
 While the broker's first policy load runs in the background, tenants already
 loaded are served at once; a request that needs a tenant not loaded yet waits
-up to POLICY_LOAD_WAIT seconds, then gets 503 (could not decide), never a
-denial that the policy did not make.
+up to POLICY_LOAD_WAIT seconds (an unhinted /attest is appraised for tenants
+as they load, and answered as soon as one accepts), then gets 503 (could not
+decide), never a denial that the policy did not make.
 """
 from __future__ import annotations
 
@@ -58,11 +59,23 @@ def wait_for_tenant(st: BrokerState, tenant: str) -> bool:
     return True
 
 
-def wait_for_all(st: BrokerState) -> bool:
-    """Wait (bounded) until every policy file had its first load; True if so."""
-    deadline = time.monotonic() + _wait_s()
-    while policies_loading(st):
-        if time.monotonic() >= deadline:
+class LoadWait:
+    """`while not accepted and wait.more(): look again`: sleeps a little while policies are still
+    loading and the deadline is not reached; `timed_out` says which of the two ended it."""
+
+    def __init__(self, st: BrokerState) -> None:
+        self.st = st
+        self.deadline: float | None = None
+        self.timed_out = False
+
+    def more(self) -> bool:
+        if not policies_loading(self.st):
+            return False
+        now = time.monotonic()
+        if self.deadline is None:
+            self.deadline = now + _wait_s()
+        if now >= self.deadline:
+            self.timed_out = True
             return False
         time.sleep(POLL_S)
-    return True
+        return True

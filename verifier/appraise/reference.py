@@ -85,9 +85,11 @@ class ReferenceTable:
             path = base / fw.location
             try:
                 facts, payload = firmware_file_facts(path, fw.id)
-                if payload is None and facts.sha384 == fw.sha384 and self._memo is not None:
-                    known = self._memo.get_all(fw.sha384, self.shapes)
-                    if known is not None:  # another tenant's table measured this build for these shapes
+                if facts.sha384 == fw.sha384:
+                    # This version of the file has the listed digest: measurements known for it (another
+                    # tenant's table, the on-disk cache) need neither its bytes nor another hash of them.
+                    known = self._known(fw.sha384)
+                    if known is not None:
                         self._add_table(fw, known)
                         continue
                 if payload is None:
@@ -108,6 +110,20 @@ class ReferenceTable:
             if self._memo is not None:
                 self._memo.put(actual, table)
         self._add_table(fw, table)
+
+    def _known(self, digest: str) -> dict[Shape, bytes] | None:
+        """Every shape's measurement of firmware `digest` from the shared memo or the disk cache, or None."""
+        known = self._memo.get_all(digest, self.shapes) if self._memo is not None else None
+        if known is None and self._cache is not None:
+            known = {}
+            for shape in self.shapes:
+                m = self._cache.get(digest, shape.key())  # type: ignore[attr-defined]
+                if m is None:
+                    return None
+                known[shape] = m
+            if self._memo is not None:
+                self._memo.put(digest, known)
+        return known
 
     def _add_table(self, fw: FirmwareEntry, table: dict[Shape, bytes]) -> None:
         with self._lock:
