@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+from conftest import SNP_VECTORS
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from verifier.abi.fields import Product
@@ -12,11 +13,16 @@ from verifier.errors import ChainError
 from verifier.kds import parse_leaf
 from verifier.options import VerifyOptions
 from verifier.pipeline import verify_to_report
-from verifier.trust import (AMD_PINS, ROLES, BundledRootError, TrustStore, bundled_amd_certificates, der_sha256,
-                            load_bundled)
+from verifier.trust import (
+    AMD_PINS,
+    ROLES,
+    BundledRootError,
+    TrustStore,
+    bundled_amd_certificates,
+    der_sha256,
+    load_bundled,
+)
 from verifier.verify import _validate_chain
-
-from conftest import SNP_VECTORS
 
 
 @pytest.mark.parametrize("product", list(Product))
@@ -59,7 +65,7 @@ def test_vlek_report_verifies_with_the_shipped_asvk() -> None:
     case = SNP_VECTORS / "trustee-aws-vlek-milan-v3"
     vlek = tuple(load_certificates((case / "vlek.der").read_bytes()))
     v = verify_to_report((case / "report.bin").read_bytes(),
-                         VerifyOptions(certs=vlek, now=dt.datetime(2025, 6, 1, tzinfo=dt.timezone.utc)))
+                         VerifyOptions(certs=vlek, now=dt.datetime(2025, 6, 1, tzinfo=dt.UTC)))
     assert v.accepted and v.signer == "VLEK" and der_sha256(v.intermediate) == AMD_PINS[Product.MILAN].asvk
 
 
