@@ -19,6 +19,7 @@ from typing import Any
 from ..errors import FirmgateError
 from ..verdict import CheckResult, Outcome, Verdict
 from .checks import RULES, Context
+from .report_rules import RULES as REPORT_RULES
 from .store import LoadedPolicy, PolicyStore
 
 log = logging.getLogger("firmgate.appraise")
@@ -39,6 +40,8 @@ _CLAIM_OF: dict[str, str] = {
     "guest.abi_min": "configuration", "guest.svn_min": "configuration", "guest.vmpl": "configuration",
     "report.vmpl": "configuration", "binding.host_data": "configuration", "tcb.provisional": "configuration",
     "tcb.committed_eq_current": "configuration",
+    "guest.family_id": "configuration", "guest.image_id": "configuration", "guest.migration_agent": "configuration",
+    "guest.policy_bits": "configuration", "guest.key_info": "configuration",
 }
 # AR4SI codes per claim: (affirming, warning, contraindicated)
 _CODES: dict[str, tuple[int, int, int]] = {
@@ -131,7 +134,7 @@ def appraise(verified: Any, loaded: LoadedPolicy, *, expected_report_data: bytes
                   table_size=len(table), expected_report_data=expected_report_data,
                   expected_host_data=expected_host_data)
     results: list[CheckResult] = list(getattr(verified, "checks", ())) + pre
-    for rule in RULES:
+    for rule in RULES + REPORT_RULES:
         try:
             results.append(rule(ctx))
         except Exception as exc:  # a rule bug must fail closed and name itself, never crash the broker
