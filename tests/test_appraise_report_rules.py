@@ -6,21 +6,38 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_appraise_rules import (
+    BASE_POLICY,
+    FW,
+    FW_DIGEST,
+    check,
+    make_policy,
+    sim,
+    verified,
+)
 
 from verifier.abi.fields import SigningKey
 from verifier.appraise import report_rules
 from verifier.appraise.appraise import appraise
 from verifier.appraise.policy import parse_policy
+from verifier.measure.launch import Shape, measurement_table
 from verifier.verdict import Outcome
-
-from test_appraise_rules import BASE_POLICY, FW_DIGEST, check, make_policy, sim, verified
-from test_appraise_rules import good_measurement, work  # noqa: F401  (module fixtures)
 
 RULE_NAMES = ("guest.family_id", "guest.image_id", "guest.migration_agent", "platform.chip_id",
               "platform.firmware_current", "platform.firmware_committed", "platform.platform_info",
               "guest.policy_bits", "guest.key_info", "platform.mitigations")
 FAM = bytes(range(16))
 IMG = bytes(range(16, 32))
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("report_rules")
+
+
+@pytest.fixture(scope="module")
+def good_measurement() -> bytes:
+    return measurement_table(FW.read_bytes(), [Shape(2, "EPYC-Milan")])[Shape(2, "EPYC-Milan")]
 
 
 def appraised(work: Path, m: bytes, rules: str, **fields: Any) -> Any:

@@ -105,6 +105,13 @@ def snp_claims(report: Any, reported: Any | None) -> dict[str, Any]:
     return out
 
 
+def _root_name(verified: Any) -> str | None:
+    """The CN of the chain's root (AMD's ARK, or a --trust-root), as plain verification shows it."""
+    from ..certs import common_name
+    root = getattr(verified, "root", None)
+    return common_name(root) if root is not None else None
+
+
 def _supplied_check(loaded: LoadedPolicy, firmware: bytes) -> CheckResult:
     """Firmware bytes that came with the evidence: extracted, accepted only if the policy lists their digest."""
     try:
@@ -156,6 +163,8 @@ def appraise(verified: Any, loaded: LoadedPolicy, *, expected_report_data: bytes
         "product": str(verified.product),
         "signer": str(verified.signer),
         "simulated": bool(getattr(verified, "simulated", False)),
+        "report_version": report.version,
+        "root": _root_name(verified),
         "measurement": report.measurement.hex(),
         "tcb": {k: v.to_dict() for k, v in tcb.items()},
         "report_data": report.report_data.hex(),
