@@ -81,3 +81,21 @@ def test_bad_rule_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixtu
     code = _verify(tmp_path, _policy(tmp_path, '[report]\nmin_current_firmware = "one"\n'))
     err = capsys.readouterr().err
     assert code == 2 and "report.min_current_firmware" in err and "Traceback" not in err
+
+
+def test_broker_appraiser_applies_the_same_rules_to_real_trustee_evidence(tmp_path: Path) -> None:
+    # The broker's seam over the verifier: the real Trustee SnpEvidence (VCEK only in cert_chain) verifies with
+    # the package's AMD roots, and a [report] rule fails by the same name as from the CLI.
+    from broker.appraisal import VerifierAppraiser
+    from conftest import KBS_VECTORS
+    evidence = json.loads((KBS_VECTORS / "trustee-e2e-snp-evidence.json").read_bytes())
+    d = tmp_path / "policies"
+    d.mkdir()
+    _policy(d, '[report]\nfamily_ids = ["' + "ee" * 16 + '"]\nmigration_agent = "none"\n')
+    appraiser = VerifierAppraiser(str(d))
+    attested = appraiser.verify(appraiser.parse(evidence))
+    verdict = appraiser.appraise(attested, "acme", expected_report_data=attested.report_data)
+    outcomes = {c.name: c.outcome.value for c in verdict.checks}
+    assert outcomes["guest.family_id"] == "fail" and outcomes["guest.migration_agent"] == "pass"
+    assert outcomes["report.signature"] == "pass" and outcomes["platform.simulated"] == "pass"
+    assert verdict.facts["report_version"] == 3 and verdict.facts["root"] == "ARK-Genoa"
