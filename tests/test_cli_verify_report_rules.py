@@ -86,8 +86,9 @@ def test_bad_rule_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixtu
 def test_broker_appraiser_applies_the_same_rules_to_real_trustee_evidence(tmp_path: Path) -> None:
     # The broker's seam over the verifier: the real Trustee SnpEvidence (VCEK only in cert_chain) verifies with
     # the package's AMD roots, and a [report] rule fails by the same name as from the CLI.
-    from broker.appraisal import VerifierAppraiser
     from conftest import KBS_VECTORS
+
+    from broker.appraisal import VerifierAppraiser
     evidence = json.loads((KBS_VECTORS / "trustee-e2e-snp-evidence.json").read_bytes())
     d = tmp_path / "policies"
     d.mkdir()
