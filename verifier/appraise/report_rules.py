@@ -45,6 +45,7 @@ from ..abi.flags import (
     FlagWord,
     set_bit_numbers,
 )
+from ..certs import Lru
 from ..verdict import CheckResult, Outcome
 from .policy import P, _Errors, _hexbytes, _int, _list, _str, _table
 
@@ -342,9 +343,23 @@ REPORT_CHECKS: tuple[Callable[[AttestationReport, ReportRules], CheckResult], ..
 )
 
 
+# (id(rules), the report values the rules read) -> (rules, results). Keyed by the identity of the
+# rules (a policy's rules live as long as the policy; hashing the nested frozen values on every
+# call would cost more than the checks); the entry holds the rules, so the id stays theirs.
+_RUN_CACHE = Lru(1024)
+
+
 def run_report_rules(report: AttestationReport, rules: ReportRules) -> list[CheckResult]:
     """Every [report] rule on one report, in a stable order (all run; no short-circuit)."""
-    return [check(report, rules) for check in REPORT_CHECKS]
+    key = (id(rules), report.version, report.family_id, report.image_id, report.report_id_ma, report.chip_id,
+           report.current_build, report.committed_build, report.platform_info.raw, report.policy.raw,
+           report.key_info.raw, report.current_mit_vector, report.launch_mit_vector)
+    hit = _RUN_CACHE.get(key)
+    if hit is not None and hit[0] is rules:
+        return list(hit[1])
+    out = [check(report, rules) for check in REPORT_CHECKS]
+    _RUN_CACHE.put(key, (rules, tuple(out)))
+    return out
 
 
 def _on_context(check: Callable[[AttestationReport, ReportRules], CheckResult]) -> Callable[[Context], CheckResult]:
