@@ -28,8 +28,8 @@ from cryptography.hazmat.primitives import hashes  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature  # noqa: E402
 
-from verifier.abi.flags import PLATFORM_INFO  # noqa: E402
-from verifier.appraise.report_rules import BitRules, ReportRules, run_report_rules  # noqa: E402
+from verifier.abi.flags import PLATFORM_INFO
+from verifier.appraise.report_rules import BitRules, ReportRules, run_report_rules
 from verifier.certs import load_certificates  # noqa: E402
 from verifier.evidence import evidence_from_json, load_evidence, snp_evidence_json  # noqa: E402
 from verifier.options import VerifyOptions  # noqa: E402

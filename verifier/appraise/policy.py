@@ -151,7 +151,7 @@ class TenantPolicy:
     secrets: tuple[SecretRule, ...]
     # Where firmware files named by relative path are looked up.
     base_dir: str = field(default=".", compare=False)
-    report_rules: "ReportRules | None" = None   # [report] (verifier.appraise.report_rules); None: none checked
+    report_rules: ReportRules | None = None   # [report] (verifier.appraise.report_rules); None: none checked
 
     def firmware_by_id(self, fwid: str) -> FirmwareEntry | None:
         return next((f for f in self.firmware if f.id == fwid), None)
@@ -621,6 +621,7 @@ def parse_policy(text: str | bytes, path: str | Path, *, tenant: str | None = No
     guest = _guest(errs, top)
     secrets = _secrets(errs, top, tenant, {f.id for f in firmware})
     from .report_rules import parse_report_rules   # here: it builds on this module's helpers
+
     report_rules = parse_report_rules(errs, top)
     if check_files:
         _check_files(errs, located, Path(spath).parent)
