@@ -620,7 +620,8 @@ def parse_policy(text: str | bytes, path: str | Path, *, tenant: str | None = No
     platform = _platform(errs, top)
     guest = _guest(errs, top)
     secrets = _secrets(errs, top, tenant, {f.id for f in firmware})
-    from .report_rules import parse_report_rules   # here: it builds on this module's helpers
+    # Imported here: report_rules builds on this module's helpers.
+    from .report_rules import parse_report_rules
 
     report_rules = parse_report_rules(errs, top)
     if check_files:
