@@ -256,3 +256,19 @@ def test_parsed_rules() -> None:
     assert r.min_current_firmware == (1, 55, 40) and r.min_committed_firmware is None
     assert r.platform_info.required == ("alias_check_complete",) and r.platform_info.forbidden == ("smt_en",)
     assert r.mitigations_current == (1, 3) and r.mitigations_launch is None
+
+
+HOSTILE_VALUES = ['1', '"x"', '[]', '[1]', '[[1]]', '{a=1}', '1.5', 'true', '"none"', '["' + "00" * 16 + '"]',
+                  '"1.2.3"', '[64]', '[-1]', '"required"', '{smt_en="required"}', '{unknown_bits="forbidden"}',
+                  '{current=[0], launch="x"}', '["' + "0" * 17 + '"]', '"' + "f" * 100000 + '"']
+REPORT_KEYS = ("family_ids", "image_ids", "migration_agent", "chip_ids", "min_current_firmware",
+               "min_committed_firmware", "platform_info", "guest_policy", "key_info", "mitigations")
+
+
+@pytest.mark.parametrize("key", REPORT_KEYS)
+def test_any_value_of_any_key_is_a_clean_result(key: str) -> None:
+    # Wrong types, sizes and nestings: a policy or a list of errors with lines, never an exception.
+    for value in HOSTILE_VALUES:
+        policy, errors = parse_policy(BASE + f"{key} = {value}\n", "acme.toml", check_files=False)
+        assert (policy is None) == bool(errors)
+        assert all(e.line is not None and e.field and e.field.startswith("report") for e in errors), errors
