@@ -5,6 +5,8 @@ a launch of these files is one KVM accepts as written.
 """
 from __future__ import annotations
 
+from functools import cache, lru_cache
+
 from sevsnpmeasure.sev_mode import SevMode
 from sevsnpmeasure.vcpu_types import CPU_SIGS
 from sevsnpmeasure.vmm_types import VMMType
@@ -15,10 +17,12 @@ from verifier.firmware.igvm_build import IgvmWriter
 CODE_GPA = 0xFFFF_0000
 
 
+@cache
 def bsp_vmsa(sig: str = "EPYC-v4", features: int = 0x1) -> bytes:
     return bytes(VMSA(SevMode.SEV_SNP, 0, CPU_SIGS[sig], features, VMMType.QEMU).bsp_save_area)
 
 
+@lru_cache(maxsize=4096)
 def code_page(n: int = 0) -> bytes:
     return bytes([(n * 7 + i) & 0xFF for i in range(256)]) * 16
 

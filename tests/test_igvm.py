@@ -22,8 +22,15 @@ from verifier.firmware import igvm as ig
 from verifier.firmware.igvm_build import IgvmWriter
 from verifier.firmware.image import require_snp_firmware
 from verifier.measure.igvm import measure_igvm
-from verifier.measure.launch import (_VMM_TYPES, KernelHashes, Shape, _Hashes, _InMemoryOVMF, measurement_table,
-                                     shapes_product)
+from verifier.measure.launch import (
+    _VMM_TYPES,
+    KernelHashes,
+    Shape,
+    _Hashes,
+    _InMemoryOVMF,
+    measurement_table,
+    shapes_product,
+)
 from verifier.measure.ovmf_igvm import igvm_from_ovmf
 
 IMAGES = ["edk2-2022.11-OVMF.fd", "edk2-2025.02-OVMF.fd", "edk2-2026.08-OVMF.amdsev.fd"]

@@ -7,6 +7,7 @@ import hashlib
 from pathlib import Path
 
 import pytest
+from conftest import FIRMWARE_DIR
 
 from sim.platform import SimPlatform
 from verifier.appraise.appraise import appraise
@@ -19,8 +20,6 @@ from verifier.measure.launch import Shape
 from verifier.measure.ovmf_igvm import igvm_from_ovmf
 from verifier.options import default_options
 from verifier.verify import verify_report
-
-from conftest import FIRMWARE_DIR
 
 OVMF = FIRMWARE_DIR / "edk2-2026.08-OVMF.amdsev.fd"
 

@@ -18,8 +18,8 @@ from ..firmware.addon import MAX_ADDON_SIZE, Addon, build_addon, read_addon
 from ..firmware.image import IGVM_MAGIC, MAX_FIRMWARE_SIZE, inspect_firmware, require_snp_firmware
 from ..measure.cache import MeasurementCache
 from ..measure.igvm import ZERO_RULES, measure_igvm
-from ..measure.launch import (SEV_SNP_MEASURE_VERSION, VCPU_TYPES, VMMS, KernelHashes, Shape, measure_prepared,
-                              igvm_shape_matches, prepare_firmware, shapes_product)
+from ..measure.launch import (SEV_SNP_MEASURE_VERSION, VCPU_TYPES, VMMS, KernelHashes, Shape, igvm_shape_matches,
+                              measure_prepared, prepare_firmware, shapes_product)
 
 # A table larger than this is a typo, not a policy (each shape is a few SHA-384s).
 MAX_SHAPES = 65536

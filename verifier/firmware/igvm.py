@@ -48,13 +48,15 @@ PAGE_2M = 2 * 1024 * 1024
 IGNORABLE = 0x8000_0000      # top bit of a header type: the loader may skip it
 
 # Bounds (why each value):
-# 256 Ki headers: a 4 MiB firmware needs ~1100 (one per page); COCONUT-SVSM
-# images a few thousand. The bound keeps a hostile file's parse under a second.
-MAX_HEADERS = 256 * 1024
-# 256 MiB of pages the launch would measure (page data, parameter areas): each
-# 4 KiB page is one SHA-384 of the launch digest; zero pages cost the file only
-# a 24-byte header, so without a bound a small file could demand hours.
-MAX_MEASURED_BYTES = 256 * 1024 * 1024
+# 32 Ki headers: a 4 MiB firmware needs ~1100 (one per page), and the 64 MiB
+# of MAX_MEASURED_BYTES below are 16 Ki 4 KiB pages. The bound keeps a hostile
+# file's parse and measurement around a second (tests/test_igvm_props.py).
+MAX_HEADERS = 32 * 1024
+# 64 MiB of pages the launch would measure (page data, parameter areas; the
+# same bound as OVMF's SEV metadata in image.py): each 4 KiB page is one or
+# two SHA-384s, and a page without data costs the file only a 24-byte header,
+# so without a bound a small file could demand minutes.
+MAX_MEASURED_BYTES = 64 * 1024 * 1024
 # 64 MiB parameter area: parameters are small ACPI/memory-map tables.
 MAX_PARAMETER_AREA = 64 * 1024 * 1024
 # GPAs below 2^52 (the x86-64 physical address width maximum).
@@ -277,7 +279,13 @@ class IgvmFile:
         return self.data[offset:offset + size]
 
 
-def _fail(where: str, why: str) -> FirmwareError:
+Where = str | tuple[int, int, int]   # a text, or (header type, header number, file offset): formatted on failure
+
+
+def _fail(where: Where, why: str) -> FirmwareError:
+    if isinstance(where, tuple):
+        typ, num, pos = where
+        where = f"header {header_name(typ)} #{num} at {pos:#x}"
     return FirmwareError(f"IGVM {where}: {why}")
 
 
@@ -285,7 +293,7 @@ def _aligned(value: int, to: int) -> bool:
     return value % to == 0
 
 
-def _check_gpa(where: str, gpa: int, size: int, align: int = PAGE_4K) -> None:
+def _check_gpa(where: Where, gpa: int, size: int, align: int = PAGE_4K) -> None:
     if not _aligned(gpa, align):
         raise _fail(where, f"gpa {gpa:#x} is not {align:#x}-aligned")
     if size <= 0 or not _aligned(size, PAGE_4K):
@@ -294,7 +302,7 @@ def _check_gpa(where: str, gpa: int, size: int, align: int = PAGE_4K) -> None:
         raise _fail(where, f"range {gpa:#x}+{size:#x} runs past the 52-bit physical address space")
 
 
-def _check_data(where: str, data_len: int, data_start: int, offset: int, size: int) -> None:
+def _check_data(where: Where, data_len: int, data_start: int, offset: int, size: int) -> None:
     if offset < data_start or offset + size > data_len:
         raise _fail(where, f"file_offset {offset:#x} (+{size:#x}) is outside the file data "
                            f"({data_start:#x}..{data_len:#x})")
@@ -344,12 +352,12 @@ def _parse_variable_headers(data: bytes, version: int, start: int, end: int) -> 
         typ, length = VAR_HEADER.unpack_from(data, pos)
         body = pos + VAR_HEADER.size
         if length > end - body:
-            raise _fail(f"header {header_name(typ)} at {pos:#x}", f"length {length} runs past the variable header")
+            raise _fail((typ, count - 1, pos), f"length {length} runs past the variable header")
         nxt = min(body + ((length + 7) & ~7), end)
         if any(data[body + length:nxt]):
-            raise _fail(f"header {header_name(typ)} at {pos:#x}", "alignment padding is not zero")
+            raise _fail((typ, count - 1, pos), "alignment padding is not zero")
         base = typ & ~IGNORABLE
-        where = f"header {header_name(typ)} #{count - 1} at {pos:#x}"
+        where = (typ, count - 1, pos)
         sec = 0 if 0x1 <= base <= 0x100 else 1 if 0x101 <= base <= 0x200 else 2 if 0x301 <= base <= 0x400 else -1
         if sec < 0 or (base not in _HEADER_SIZES and base not in (VHT_RESERVED_DO_NOT_USE,)):
             if typ & IGNORABLE:

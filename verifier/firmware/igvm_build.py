@@ -136,3 +136,17 @@ def _prefix(fmt: str, n: int) -> str:
         num = ""
         count += 1
     return out
+
+
+def fix_checksum(data: bytes) -> bytes:
+    """`data` with its fixed header's CRC-32 recomputed, when the header's offsets fit (fuzzing, tests:
+    a mutation then reaches the header parser instead of stopping at the checksum)."""
+    if len(data) < d.FIXED_HEADER.size:
+        return data
+    _, _, vh_off, vh_size, _, _ = d.FIXED_HEADER.unpack_from(data, 0)
+    if vh_off < d.FIXED_HEADER.size or vh_off + vh_size > len(data):
+        return data
+    fixed = bytearray(data[:d.FIXED_HEADER.size])
+    fixed[20:24] = bytes(4)
+    crc = zlib.crc32(data[vh_off:vh_off + vh_size], zlib.crc32(bytes(fixed)))
+    return data[:20] + struct.pack("<I", crc) + data[24:]
