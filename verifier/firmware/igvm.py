@@ -173,18 +173,17 @@ class Relocation:
     mask: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PageData:
+    """One PAGE_DATA directive (a firmware has one per page)."""
+
     index: int          # position among the directive headers (QEMU's current_header_index)
     gpa: int
     mask: int
     file_offset: int    # 0: no data (a page of zeros)
     flags: int
     data_type: int
-
-    @property
-    def page_size(self) -> int:
-        return PAGE_2M if self.flags & FLAG_2MB else PAGE_4K
+    page_size: int      # 4 KiB, or 2 MiB with FLAG_2MB
 
     @property
     def has_data(self) -> bool:
@@ -396,11 +395,12 @@ def _parse_variable_headers(data: bytes, version: int, start: int, end: int) -> 
                 raise _fail(where, f"reserved bits set (flags {flags:#x}, reserved {reserved:#x})")
             if dtype not in PAGE_TYPE_NAMES:
                 raise _fail(where, f"unknown data_type {dtype:#x}")
-            pd = PageData(idx, gpa, mask, off, flags, dtype)
-            _check_gpa(where, gpa, pd.page_size, pd.page_size)
-            if off:
-                _check_data(where, len(data), data_start, off, pd.page_size)
-            directives.append(pd)
+            size = PAGE_2M if flags & FLAG_2MB else PAGE_4K
+            if gpa % size or gpa + size > MAX_GPA:
+                _check_gpa(where, gpa, size, size)  # raises, naming the field
+            if off and (off < data_start or off + size > len(data)):
+                _check_data(where, len(data), data_start, off, size)
+            directives.append(PageData(idx, gpa, mask, off, flags, dtype, size))
         elif base == VHT_PARAMETER_AREA:
             size, area_index, off = _PARAMETER_AREA.unpack(body_bytes)
             if size == 0 or not _aligned(size, PAGE_4K) or size > MAX_PARAMETER_AREA:

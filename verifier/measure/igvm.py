@@ -212,7 +212,7 @@ def measure_launch(launch: ig.SnpLaunch, rule: str = "qemu") -> IgvmMeasurement:
     steps = order(launch, rule)
     _check_steps(steps)
     vmsas, warnings = _vmsa_facts(launch, rule)
-    data = launch.file.data
+    data = memoryview(launch.file.data)  # page slices without copies
     gctx = _Gctx()
     counts: dict[str, int] = {}
     for kind, gpa, size, off in steps:
