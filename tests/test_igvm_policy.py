@@ -75,3 +75,13 @@ def test_uploaded_igvm_addon_enters_the_table(tmp_path: Path, igvm_bytes: bytes)
     assert len(lp.table) == 0
     fw = lp.table.add_firmware_bytes(bytes(build_addon([("coconut-1", igvm_bytes)])), "coconut-1")
     assert fw.id == "coconut-1" and lp.table.lookup(measure_igvm(igvm_bytes).digest) is not None
+
+
+def test_policy_whose_shapes_the_igvm_cannot_take_is_refused(tmp_path: Path, igvm_bytes: bytes) -> None:
+    d = tmp_path / "p"
+    d.mkdir()
+    (d / "fw.igvm").write_bytes(igvm_bytes)
+    text = _policy("coconut-1", hashlib.sha384(igvm_bytes).hexdigest(), "fw.igvm").replace("[1, 2, 4]", "[1, 4]")
+    (d / "acme.toml").write_text(text)
+    with pytest.raises(PolicyErrors, match="IGVM firmware launches only as vcpus=2, vmm=qemu.*none of the 4 shapes"):
+        PolicyStore(d, min_interval=0).get("acme")
