@@ -292,3 +292,24 @@ def test_require_snp_firmware_reads_igvm():
     assert require_snp_firmware(minimal_snp_igvm()).kind == "igvm"
     with pytest.raises(FirmwareError, match="IGVM fixed header"):
         require_snp_firmware(b"IGVM" + struct.pack("<I", 1) + bytes(4088))
+
+
+def test_id_block_key_digests_are_what_the_report_carries():
+    """ID_KEY_DIGEST / AUTHOR_KEY_DIGEST: SHA-384 of the SNP ABI public-key structure (0x404 bytes:
+    u32 curve (2 = P-384), QX and QY as 72-byte little-endian, zeros), as QEMU builds it from IGVM's."""
+    import hashlib
+
+    from cryptography.hazmat.primitives.asymmetric import ec
+    keys = []
+    for _ in range(2):
+        pub = ec.generate_private_key(ec.SECP384R1()).public_key().public_numbers()
+        keys.append((2, pub.x.to_bytes(72, "little"), pub.y.to_bytes(72, "little")))
+    digest = measure_igvm(minimal_snp_igvm()).digest
+    w = snp_writer().page(CODE_GPA, code_page()).page(CODE_GPA + 0x1000, None)
+    w.id_block(digest, family_id=b"F" * 16, image_id=b"I" * 16, guest_svn=7, id_key=keys[0], author_key=keys[1])
+    m = measure_igvm(w.vp_context(bsp_vmsa()).to_bytes())
+    expect = [hashlib.sha384(struct.pack("<I", c) + x + y + bytes(0x404 - 148)).hexdigest() for c, x, y in keys]
+    doc = m.to_dict()["id_block"]
+    assert m.id_block_matches is True
+    assert doc == {"family_id": (b"F" * 16).hex(), "image_id": (b"I" * 16).hex(), "guest_svn": 7,
+                   "id_key_digest": expect[0], "author_key_digest": expect[1]}

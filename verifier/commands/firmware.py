@@ -175,8 +175,9 @@ def _measure_igvm(args: argparse.Namespace, payload: bytes, fwid: str | None, sh
     print(f"  fixed by the file: vcpus {m.vcpus}, vmm qemu, guest_features {m.sev_features:#x}, "
           f"vcpu signature {m.vcpu_sig:#x}, guest policy {m.policy:#x}")
     print(f"  pages: {', '.join(f'{k} {v}' for k, v in m.page_counts.items())}")
-    if m.id_block_ld is not None:
-        print(f"  SNP ID block: ld {m.id_block_ld.hex()} ({'matches' if m.id_block_matches else 'DOES NOT match'})")
+    if m.id_block is not None:
+        print(f"  SNP ID block: ld {m.id_block.ld.hex()} ({'matches' if m.id_block_matches else 'DOES NOT match'}), "
+              f"id_key_digest {m.id_block.id_key_digest.hex()}, guest_svn {m.id_block.guest_svn}")
     for w in m.warnings:
         print(f"  warning: {w}")
     print(f"measurement (zero-page rule {m.rule}): {m.digest.hex()}")

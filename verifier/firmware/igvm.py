@@ -33,6 +33,7 @@ What is refused although the spec allows it, and why:
 """
 from __future__ import annotations
 
+import hashlib
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -61,6 +62,8 @@ MAX_MEASURED_BYTES = 64 * 1024 * 1024
 MAX_PARAMETER_AREA = 64 * 1024 * 1024
 # GPAs below 2^52 (the x86-64 physical address width maximum).
 MAX_GPA = 1 << 52
+# One VP context per vCPU; KVM_MAX_VCPUS on x86-64 (as verifier.measure.launch.MAX_VCPUS).
+MAX_VCPUS = 4096
 
 # Header types (igvm_defs IgvmVariableHeaderType)
 VHT_SUPPORTED_PLATFORM = 0x1
@@ -130,6 +133,8 @@ _ERROR_RANGE = struct.Struct("<QII")            # gpa, mask, size_bytes
 # guest_svn, id_key_algorithm, author_key_algorithm, id sig (r 72, s 72), id key (curve, reserved, qx 72,
 # qy 72), author sig, author key
 _SNP_ID_BLOCK = struct.Struct("<IB3s48s16s16sIIII144s152s144s152s")
+_ID_KEY_OFFSET = struct.calcsize("<IB3s48s16s16sIIII144s")
+_AUTHOR_KEY_OFFSET = struct.calcsize("<IB3s48s16s16sIIII144s152s144s")
 _VBS_MEASUREMENT_SIZE = 4 * 8 + 64 + 256 + 512
 _HEADER_SIZES = {
     VHT_SUPPORTED_PLATFORM: _SUPPORTED_PLATFORM.size, VHT_GUEST_POLICY: _GUEST_POLICY.size,
@@ -245,6 +250,22 @@ class SnpIdBlock:
     id_key_algorithm: int
     author_key_algorithm: int
     raw: bytes = field(repr=False)  # the whole IGVM_VHS_SNP_ID_BLOCK
+
+    def _key_struct(self, offset: int) -> bytes:
+        """The SNP ABI public-key structure (0x404 bytes: curve, qx, qy, zeros) QEMU builds from the
+        IGVM key {curve, reserved, qx, qy} (backends/igvm.c qigvm_directive_snp_id_block)."""
+        curve = self.raw[offset:offset + 4]
+        return (curve + self.raw[offset + 8:offset + 8 + 144]).ljust(0x404, b"\0")
+
+    @property
+    def id_key_digest(self) -> bytes:
+        """ID_KEY_DIGEST the report will carry: SHA-384 of the ID key structure (SNP ABI, Table 8)."""
+        return hashlib.sha384(self._key_struct(_ID_KEY_OFFSET)).digest()
+
+    @property
+    def author_key_digest(self) -> bytes | None:
+        """AUTHOR_KEY_DIGEST, when author_key_enabled (else the report carries zeros)."""
+        return hashlib.sha384(self._key_struct(_AUTHOR_KEY_OFFSET)).digest() if self.author_key_enabled else None
 
 
 @dataclass(frozen=True)
@@ -526,6 +547,8 @@ def snp_launch(f: IgvmFile) -> SnpLaunch:
             id_block = d
     if not vps:
         raise _fail("SEV_SNP platform", "no VP_CONTEXT: the boot vCPU would have no VMSA")
+    if len(vps) > MAX_VCPUS:
+        raise _fail("SEV_SNP platform", f"{len(vps)} VP contexts, above KVM's {MAX_VCPUS} vCPUs")
     if sorted(vps) != list(range(len(vps))):
         raise _fail("SEV_SNP platform", f"VP contexts for vp_index {sorted(vps)}: expected 0..{len(vps) - 1}, "
                                         "one per vCPU")

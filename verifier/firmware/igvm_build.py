@@ -80,10 +80,16 @@ class IgvmWriter:
         return self
 
     def id_block(self, ld: bytes, *, mask: int = 0x1, family_id: bytes = bytes(16), image_id: bytes = bytes(16),
-                 guest_svn: int = 0) -> IgvmWriter:
+                 guest_svn: int = 0, id_key: tuple[int, bytes, bytes] | None = None,
+                 author_key: tuple[int, bytes, bytes] | None = None) -> IgvmWriter:
+        """An SNP_ID_BLOCK; keys as (curve, qx, qy) with 72-byte little-endian coordinates. Signatures
+        are left zero: the PSP checks them at launch, firmgate does not."""
+        def key(k: tuple[int, bytes, bytes] | None) -> bytes:
+            return bytes(152) if k is None else struct.pack("<II72s72s", k[0], 0, k[1], k[2])
         self.headers.append(_Header(d.VHT_SNP_ID_BLOCK,
-                                    [mask, 0, bytes(3), ld, family_id, image_id, 1, guest_svn, 1, 0,
-                                     bytes(144), bytes(152), bytes(144), bytes(152)], d._SNP_ID_BLOCK))
+                                    [mask, int(author_key is not None), bytes(3), ld, family_id, image_id, 1,
+                                     guest_svn, 1, 1 if author_key is not None else 0,
+                                     bytes(144), key(id_key), bytes(144), key(author_key)], d._SNP_ID_BLOCK))
         return self
 
     def raw(self, typ: int, content: bytes) -> IgvmWriter:

@@ -86,6 +86,7 @@ class IgvmMeasurement:
     page_counts: dict[str, int]
     id_block_ld: bytes | None
     warnings: tuple[str, ...]
+    id_block: ig.SnpIdBlock | None = None
 
     @property
     def sev_features(self) -> int:
@@ -109,6 +110,12 @@ class IgvmMeasurement:
             "vcpu_sig": f"{self.vcpu_sig:#x}", "pages": dict(self.page_counts),
             "id_block_ld": None if self.id_block_ld is None else self.id_block_ld.hex(),
             "id_block_matches": self.id_block_matches, "warnings": list(self.warnings),
+            "id_block": None if self.id_block is None else {
+                # what the report carries when QEMU passes this ID block at SNP_LAUNCH_FINISH
+                "family_id": self.id_block.family_id.hex(), "image_id": self.id_block.image_id.hex(),
+                "guest_svn": self.id_block.guest_svn, "id_key_digest": self.id_block.id_key_digest.hex(),
+                "author_key_digest": (None if self.id_block.author_key_digest is None
+                                      else self.id_block.author_key_digest.hex())},
         }
 
 
@@ -234,4 +241,5 @@ def measure_launch(launch: ig.SnpLaunch, rule: str = "qemu") -> IgvmMeasurement:
     counts["vmsa"] = len(launch.vp_contexts)
     ld = launch.id_block.ld if launch.id_block is not None else None
     return IgvmMeasurement(digest=bytes(gctx.ld()), rule=rule, vcpus=launch.vcpus, policy=launch.policy,
-                           vmsas=vmsas, page_counts=counts, id_block_ld=ld, warnings=tuple(warnings))
+                           vmsas=vmsas, page_counts=counts, id_block_ld=ld, warnings=tuple(warnings),
+                           id_block=launch.id_block)
