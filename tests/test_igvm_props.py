@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.igvm_files import CODE_GPA, bsp_vmsa, code_page, minimal_snp_igvm, snp_writer
-from verifier.errors import FirmwareError
+from verifier.errors import FirmwareError, FirmwareFormatError
 from verifier.firmware import igvm as ig
 from verifier.firmware.igvm_build import IgvmWriter, fix_checksum
 from verifier.measure.igvm import measure_igvm
@@ -21,6 +21,10 @@ INTERESTING = [0, 1, 7, 8, 24, 0x1000, 0xFFF, 0x200000, 0xFFFFFFFF, 0x80000000, 
 
 
 def _check(data: bytes) -> None:
+    try:
+        ig.snp_launch(ig.parse_igvm(data))
+    except FirmwareFormatError as exc:   # the reader's refusals: one class, exit 2
+        assert exc.diagnostics().startswith("IGVM ") and exc.exit_code == 2
     for rule in ("qemu", "native-zero"):
         try:
             m = measure_igvm(data, rule)

@@ -16,8 +16,8 @@ Format (microsoft/igvm, igvm_defs/src/lib.rs, format version 1), little-endian:
 
 The file comes from a guest or a tenant, so every length, offset and count is
 checked against the bytes that hold it before anything is sliced; every
-failure is a FirmwareError naming the header (by its type name and index) and
-the field. Known header types must have exactly their defined length (as the
+failure is a FirmwareFormatError (a FirmwareError, exit 2) naming the header
+(by its type name and index) and the field. Known header types must have exactly their defined length (as the
 igvm crate's reader demands), reserved fields must be zero, and file data is
 referenced, never copied: a 16 MiB file costs no second 16 MiB here.
 
@@ -38,7 +38,7 @@ import struct
 import zlib
 from dataclasses import dataclass, field
 
-from ..errors import FirmwareError
+from ..errors import FirmwareFormatError
 
 IGVM_MAGIC = b"IGVM"          # IGVM_MAGIC_VALUE 0x4D564749
 FORMAT_VERSION_1 = 1
@@ -302,11 +302,11 @@ class IgvmFile:
 Where = str | tuple[int, int, int]   # a text, or (header type, header number, file offset): formatted on failure
 
 
-def _fail(where: Where, why: str) -> FirmwareError:
+def _fail(where: Where, why: str) -> FirmwareFormatError:
     if isinstance(where, tuple):
         typ, num, pos = where
         where = f"header {header_name(typ)} #{num} at {pos:#x}"
-    return FirmwareError(f"IGVM {where}: {why}")
+    return FirmwareFormatError(f"IGVM {where}: {why}")
 
 
 def _aligned(value: int, to: int) -> bool:
@@ -329,7 +329,7 @@ def _check_data(where: Where, data_len: int, data_start: int, offset: int, size:
 
 
 def parse_igvm(payload: bytes) -> IgvmFile:
-    """Parse and check an IGVM file; FirmwareError (naming header and field) on anything that does not fit."""
+    """Parse and check an IGVM file; FirmwareFormatError (naming header and field) on anything that does not fit."""
     data = bytes(payload)
     if len(data) < FIXED_HEADER.size:
         raise _fail("fixed header", f"file is {len(data)} bytes, the fixed header alone is {FIXED_HEADER.size}")
