@@ -32,11 +32,16 @@ def _policy(fid: str, digest: str, location: str) -> str:
 
 
 @pytest.fixture(scope="module")
+def sim() -> SimPlatform:
+    return SimPlatform("Milan")   # one simulated chain per module: its RSA keys take seconds
+
+
+@pytest.fixture(scope="module")
 def igvm_bytes() -> bytes:
     return igvm_from_ovmf(OVMF.read_bytes(), Shape(2, "EPYC-Milan"))
 
 
-def test_policy_lists_igvm_and_the_verdict_names_it(tmp_path: Path, igvm_bytes: bytes) -> None:
+def test_policy_lists_igvm_and_the_verdict_names_it(tmp_path: Path, igvm_bytes: bytes, sim: SimPlatform) -> None:
     d = tmp_path / "p"
     (d / "fw").mkdir(parents=True)
     (d / "fw" / "svsm.igvm").write_bytes(igvm_bytes)
@@ -47,7 +52,6 @@ def test_policy_lists_igvm_and_the_verdict_names_it(tmp_path: Path, igvm_bytes: 
         ("coconut-1", "vcpus=2,vcpu_type=EPYC-Milan,vmm=qemu,guest_features=0x1")]
     digest = measure_igvm(igvm_bytes).digest   # the qemu rule: what a QEMU IGVM launch reports
     assert entries[0][0] == digest
-    sim = SimPlatform("Milan")
     report = sim.sign_report(measurement=digest)
     verified = verify_report(load_evidence(report),
                              default_options(trust_root=sim.ark, certs=(sim.leaf, sim.intermediate)))
@@ -85,3 +89,26 @@ def test_policy_whose_shapes_the_igvm_cannot_take_is_refused(tmp_path: Path, igv
     (d / "acme.toml").write_text(text)
     with pytest.raises(PolicyErrors, match="IGVM firmware launches only as vcpus=2, vmm=qemu.*none of the 4 shapes"):
         PolicyStore(d, min_interval=0).get("acme")
+
+
+def test_verify_cli_with_the_vms_igvm_addon(tmp_path: Path, igvm_bytes: bytes, sim: SimPlatform,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """`firmgate verify --policy --firmware ADDON`: the VM's IGVM add-on (uploaded in the policy) is measured
+    and the sim report of a QEMU IGVM launch is accepted; the native-zero digest of the same file is not."""
+    import json
+
+    from verifier.cli import main
+    (tmp_path / "acme.toml").write_text(_policy("coconut-1", hashlib.sha384(igvm_bytes).hexdigest(), "uploaded"))
+    addon = tmp_path / "fw.efi"
+    addon.write_bytes(bytes(build_addon([("coconut-1", igvm_bytes)])))
+    (tmp_path / "chain.pem").write_bytes(sim.chain_pem())
+    (tmp_path / "root.pem").write_bytes(sim.root_pem())
+    for rule, accepted in (("qemu", True), ("native-zero", False)):
+        (tmp_path / "report.bin").write_bytes(sim.sign_report(measurement=measure_igvm(igvm_bytes, rule).digest))
+        code = main(["verify", str(tmp_path / "report.bin"), "--certs", str(tmp_path / "chain.pem"), "--offline",
+                     "--trust-root", str(tmp_path / "root.pem"), "--policy", str(tmp_path / "acme.toml"),
+                     "--tenant", "acme", "--firmware", str(addon), "--json"])
+        out = json.loads(capsys.readouterr().out)
+        assert (code == 0) is accepted and out["accepted"] is accepted, rule
+        if accepted:
+            assert out["facts"]["firmware"]["id"] == "coconut-1"
