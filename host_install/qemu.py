@@ -38,6 +38,24 @@ def kvm_usable() -> bool:
     return True
 
 
+def supports_igvm(qemu_bin: str) -> bool:
+    """Whether this QEMU can launch IGVM firmware: its `-object help` lists `igvm-cfg` (QEMU >= 10.0
+    built with libigvm, docs/system/igvm.rst). Debian 12's QEMU 7.2 does not."""
+    try:
+        proc = subprocess.run([qemu_bin, "-object", "help"], stdin=subprocess.DEVNULL, capture_output=True,
+                              timeout=QMP_TIMEOUT * 2, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return proc.returncode == 0 and any(line.strip() == b"igvm-cfg" for line in proc.stdout.splitlines())
+
+
+def require_igvm(vm: VmDir) -> None:
+    """Refuse, before the running VM is touched, to relaunch IGVM firmware on a QEMU without igvm-cfg."""
+    if vm.config.firmware_format == "igvm" and not supports_igvm(vm.config.qemu):
+        raise InstallFailed(f"QEMU {vm.config.qemu!r} has no igvm-cfg object: it cannot launch IGVM firmware",
+                            "use QEMU >= 10.0 built with IGVM support, or install with --no-launch")
+
+
 def resolve_accel(accel: str) -> str:
     if accel == "auto":
         return "kvm" if kvm_usable() else "tcg"

@@ -97,7 +97,8 @@ def test_every_rule_runs_and_a_clean_report_is_accepted(work: Path, good_measure
     names = [c.name for c in v.checks]
     assert names[:len(rep.checks)] == [c.name for c in rep.checks]  # the verification's checks come first
     policy_names = names[len(rep.checks):]
-    assert len(policy_names) == len(checks_mod.RULES) == len(set(policy_names)) == 22
+    from verifier.appraise.report_rules import RULES as REPORT_RULES
+    assert len(policy_names) == len(checks_mod.RULES) + len(REPORT_RULES) == len(set(policy_names)) == 32
     assert v.accepted and v.facts["status"] == "warning"  # warning only because the platform is simulated
     assert [c.name for c in v.warnings] == ["trust.simulated", "platform.simulated"]
     assert v.facts["firmware"]["id"] == "v2" and v.facts["shape"].startswith("vcpus=2,vcpu_type=EPYC-Milan")

@@ -20,6 +20,7 @@ from ..errors import FirmgateError
 from ..verdict import CheckResult, Outcome, Verdict
 from .binding import launch_binding
 from .checks import RULES, Context
+from .report_rules import RULES as REPORT_RULES
 from .store import LoadedPolicy, PolicyStore
 
 log = logging.getLogger("firmgate.appraise")
@@ -43,6 +44,8 @@ _CLAIM_OF: dict[str, str] = {
     # the owner's ID block names who launched it; the binding says what runs after the firmware is pinned
     "id_block.present": "instance-identity", "id_block.author_key_present": "instance-identity",
     "id_block.trusted_key": "instance-identity", "binding.owner_launch": "executables",
+    "guest.family_id": "configuration", "guest.image_id": "configuration", "guest.migration_agent": "configuration",
+    "guest.policy_bits": "configuration", "guest.key_info": "configuration",
 }
 # AR4SI codes per claim: (affirming, warning, contraindicated)
 _CODES: dict[str, tuple[int, int, int]] = {
@@ -106,6 +109,13 @@ def snp_claims(report: Any, reported: Any | None) -> dict[str, Any]:
     return out
 
 
+def _root_name(verified: Any) -> str | None:
+    """The CN of the chain's root (AMD's ARK, or a --trust-root), as plain verification shows it."""
+    from ..certs import common_name
+    root = getattr(verified, "root", None)
+    return common_name(root) if root is not None else None
+
+
 def _supplied_check(loaded: LoadedPolicy, firmware: bytes) -> CheckResult:
     """Firmware bytes that came with the evidence: extracted, accepted only if the policy lists their digest."""
     try:
@@ -135,7 +145,7 @@ def appraise(verified: Any, loaded: LoadedPolicy, *, expected_report_data: bytes
                   table_size=len(table), expected_report_data=expected_report_data,
                   expected_host_data=expected_host_data)
     results: list[CheckResult] = list(getattr(verified, "checks", ())) + pre
-    for rule in RULES:
+    for rule in RULES + REPORT_RULES:
         try:
             results.append(rule(ctx))
         except Exception as exc:  # a rule bug must fail closed and name itself, never crash the broker
@@ -157,6 +167,8 @@ def appraise(verified: Any, loaded: LoadedPolicy, *, expected_report_data: bytes
         "product": str(verified.product),
         "signer": str(verified.signer),
         "simulated": bool(getattr(verified, "simulated", False)),
+        "report_version": report.version,
+        "root": _root_name(verified),
         "measurement": report.measurement.hex(),
         "tcb": {k: v.to_dict() for k, v in tcb.items()},
         "report_data": report.report_data.hex(),

@@ -20,13 +20,16 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Collection, Literal
+from typing import TYPE_CHECKING, Any, Callable, Collection, Literal
 
 from ..abi.fields import Product
 from ..errors import FirmgateError, PolicyErrors, PolicyFileError
 from ..measure.launch import VCPU_TYPES as _MEASURE_VCPU_TYPES
 from ..measure.launch import VMMS as _MEASURE_VMMS
 from .lines import LineIndex
+
+if TYPE_CHECKING:
+    from .report_rules import ReportRules
 
 FORMAT_VERSION = 1
 MAX_POLICY_SIZE = 1024 * 1024          # a policy is text written by people; bound what we read
@@ -168,6 +171,7 @@ class TenantPolicy:
     # Where firmware files named by relative path are looked up.
     base_dir: str = field(default=".", compare=False)
     id_block: IdBlockRules = field(default_factory=IdBlockRules)
+    report_rules: ReportRules | None = None   # [report] (verifier.appraise.report_rules); None: none checked
 
     def firmware_by_id(self, fwid: str) -> FirmwareEntry | None:
         return next((f for f in self.firmware if f.id == fwid), None)
@@ -627,7 +631,7 @@ def parse_policy(text: str | bytes, path: str | Path, *, tenant: str | None = No
     index = LineIndex(source)
     errs = _Errors()
     top = _table(errs, (), doc, {"version", "description", "firmware", "shapes", "platform", "guest", "secrets",
-                                 "id_block"})
+                                 "id_block", "report"})
     if "version" not in top:
         errs.add((), f"missing 'version = {FORMAT_VERSION}' (the policy format version)")
     else:
@@ -649,6 +653,10 @@ def parse_policy(text: str | bytes, path: str | Path, *, tenant: str | None = No
         # Only a policy whose firmware, shapes and secrets parsed can be judged for binding.
         for p, why in unbound_secrets(firmware, shapes, platform, id_rules, secrets, revoked, min_svn):
             errs.add(p, why)
+    # Imported here: report_rules builds on this module's helpers.
+    from .report_rules import parse_report_rules
+
+    report_rules = parse_report_rules(errs, top)
     if check_files:
         _check_files(errs, located, Path(spath).parent)
     for p, why in errs.items:
@@ -661,7 +669,8 @@ def parse_policy(text: str | bytes, path: str | Path, *, tenant: str | None = No
     policy = TenantPolicy(
         tenant=tenant, path=spath, digest=hashlib.sha256(raw).hexdigest(), description=description,
         firmware=firmware, min_firmware_svn=min_svn, revoked=revoked, shapes=shapes, platform=platform,
-        guest=guest, secrets=secrets, base_dir=str(Path(spath).parent), id_block=id_rules)
+        guest=guest, secrets=secrets, base_dir=str(Path(spath).parent), id_block=id_rules,
+        report_rules=report_rules)
     return policy, []
 
 
