@@ -127,7 +127,7 @@ def cmd_secret_list(args: argparse.Namespace) -> int:
 
 def cmd_secret_rm(args: argparse.Namespace) -> int:
     from . import audit, vault
-    path = vault.ResourcePath.parse(args.path)
+    path = vault.ResourcePath.parse(args.path, legacy=True)  # an older broker's name can still be removed
     orm = _orm(args)
     if not vault.rm_secret(orm, path.repo, path):
         raise UsageError(f"no secret {path}")

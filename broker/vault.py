@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session as OrmSession
 from verifier.errors import UsageError
 
 from .db import ApiToken, Secret, Tenant, now_ms
-from .limits import valid_name
+from .limits import legacy_name, valid_resource, valid_tenant
 from .secretbox import SecretBox
 
 TOKEN_PREFIX = "fgt_"
@@ -35,10 +35,13 @@ class ResourcePath:
     tag: str
 
     @classmethod
-    def parse(cls, text: str) -> "ResourcePath":
+    def parse(cls, text: str, legacy: bool = False) -> ResourcePath:
+        """`legacy`: also accept a name an older broker stored (to list or remove it, never to create)."""
         parts = text.split("/")
-        if len(parts) != 3 or not all(valid_name(p) for p in parts):
-            raise VaultError(f"resource path {text!r} must be REPO/TYPE/TAG of [A-Za-z0-9._-]")
+        ok = len(parts) == 3 and (valid_resource(*parts) or (legacy and all(legacy_name(p) for p in parts)))
+        if not ok:
+            raise VaultError(f"resource path {text!r} must be TENANT/TYPE/TAG: a tenant name (a-z 0-9 _ -) "
+                             "and two parts of [A-Za-z0-9._-], each starting with a letter or digit")
         return cls(*parts)
 
     def __str__(self) -> str:
@@ -51,8 +54,9 @@ def token_hash(token: str) -> str:
 
 def add_tenant(orm: OrmSession, name: str) -> str:
     """Create tenant `name` and return its first API token (shown once, stored hashed)."""
-    if not valid_name(name):
-        raise VaultError(f"tenant name {name!r} must be 1-64 of [A-Za-z0-9._-]")
+    if not valid_tenant(name):
+        raise VaultError(f"tenant name {name!r} must be 1-63 of a-z 0-9 _ -, starting with a letter or digit "
+                         "(the policy file's rule)")
     try:
         orm.add(Tenant(name=name, created_at=now_ms()))
         orm.flush()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -66,7 +67,7 @@ class Env:
         self.policies.mkdir()
         self.cache = root / "measure-cache"
         acme_fw = FIRMWARE_DIR / FW_ACME
-        (self.policies / "ovmf.fd").symlink_to(acme_fw)
+        shutil.copyfile(acme_fw, (self.policies / "ovmf.fd"))  # must live in the policy tree
         self.acme_digest = hashlib.sha384(acme_fw.read_bytes()).hexdigest()
         self.globex_bytes = (FIRMWARE_DIR / FW_GLOBEX).read_bytes()
         self.globex_digest = hashlib.sha384(self.globex_bytes).hexdigest()

@@ -188,7 +188,9 @@ def test_replayed_nonce_refused(broker: Any) -> None:
     assert g.attest(body).status == 200
     r = g.attest(body)
     assert_kbs_error(r, 401, "AttestationError", "already used")
-    assert any("already used" in x["reason"] for x in audit_of(srv, ctx["tokens"]["acme"]))
+    # refused before any evidence was checked: the operator's record, not acme's (REVIEW-1)
+    assert any("already used" in x["reason"] and x["tenant"] is None for x in audit_of(srv, OP))
+    assert not any("already used" in x["reason"] for x in audit_of(srv, ctx["tokens"]["acme"]))
 
 
 def test_expired_session_refused(db: DbSpec, fake: FakeAppraiser) -> None:
