@@ -34,6 +34,7 @@ from .jwe import encrypt, load_tee_pubkey
 from .limits import json_body, valid_resource, valid_tenant
 from .release import decide, summarize_failures
 from .nonces import Db
+from .secretbox import SecretDecryptError
 from .runtime_data import check_host_data, check_report_data, expected_report_data, initdata_host_data
 from .state import BrokerState, get_db, get_orm, state, sync_firmware
 from .tokens import TokenError, ear_claims, tee_pubkey_from_claims
@@ -382,7 +383,16 @@ def resource(repo: str, rtype: str, tag: str) -> Response:
                     measurement=row.measurement)
         err.detail = decision.public
         raise err
-    value = vault.get_secret(db, st.box, tenant, vault.ResourcePath(repo, rtype, tag))
+    try:
+        value = vault.get_secret(db, st.box, tenant, vault.ResourcePath(repo, rtype, tag))
+    except SecretDecryptError:
+        # The broker's fault (wrong master key, or a tampered row), not the guest's: a 401 would send
+        # it round the attest loop for ever. The operator gets the cause; the guest a generic 500.
+        log.error("stored value of %s does not decrypt under the master key (wrong key or tampered row)", path)
+        audit.record(db, event="deny", outcome="error", reason="stored value does not decrypt (master key?)",
+                     tenant=None, session_id=row.id, resource=path)
+        metrics.count_event("deny", "error")
+        raise ApiError("HTTPFailed", "internal error; see the broker log", 500) from None
     if value is None:
         # Trustee answers a missing resource with 401 PluginInternalError; the guest was allowed it.
         raise _deny(db, "PluginInternalError", f"resource {path} has no value stored", event="deny",

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session as OrmSession
 
 from verifier.errors import UsageError
 
-from .db import ApiToken, Secret, Tenant, now_ms
+from .db import ApiToken, KeyMaterial, Secret, Tenant, now_ms
 from .limits import legacy_name, valid_resource, valid_tenant
 from .secretbox import SecretBox
 
@@ -118,6 +118,20 @@ def get_secret(db: Connection | OrmSession, box: SecretBox, tenant: str, path: R
         return None
     row = db.execute(_GET_SECRET, {"tenant": tenant, "path": str(path)}).first()
     return None if row is None else box.open(tenant, str(path), row.nonce, row.ciphertext)
+
+
+def check_master_key(orm: OrmSession, box: SecretBox) -> None:
+    """Raise SecretDecryptError unless `box` opens this database's sealed data: the token key if the
+    broker ever ran on it, else one stored secret; a database with neither accepts any key. Every
+    operator command that writes or removes sealed data calls it first, as `serve` does."""
+    from .tokens import KEY_NAME
+    key = orm.get(KeyMaterial, KEY_NAME)
+    if key is not None:
+        box.open("", "key:" + KEY_NAME, key.nonce, key.ciphertext)
+        return
+    one = orm.execute(select(Secret).order_by(Secret.tenant, Secret.path).limit(1)).scalar()
+    if one is not None:
+        box.open(one.tenant, one.path, one.nonce, one.ciphertext)
 
 
 def list_secrets(orm: OrmSession, tenant: str) -> list[dict[str, object]]:

@@ -126,8 +126,11 @@ def handle_request(vm: VmDir, header: dict[str, Any], body: bytes, *, launch: bo
     from .install import install
 
     try:
-        if header.get("version") != VERSION:
-            raise ChannelError(f"unsupported request version {header.get('version')!r}", f"send version {VERSION}")
+        version = header.get("version")
+        # The integer 1 only: in Python true == 1 and 1.0 == 1, but neither is version 1.
+        if type(version) is not int or version != VERSION:
+            raise ChannelError(f"unsupported request version {str(version)[:32]!r}",
+                               f"send version {VERSION} (a JSON integer)")
         if header.get("op") != "install":
             raise ChannelError(f"unknown op {header.get('op')!r}", 'the only op is "install"')
         fwid = header.get("fwid")
