@@ -11,7 +11,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from verifier.errors import FirmgateError
+from verifier.errors import FirmgateError, FirmwareError
 
 from . import audit, vault
 from .errors import ApiError
@@ -124,8 +124,15 @@ def upload_firmware() -> tuple[Response, int]:
     if not blob:
         raise ApiError("BadRequest", "the request body (firmware image or UKI add-on) is empty", 400)
     orm = get_orm()
+    st = state()
     try:
-        digests = store_firmware(state(), orm, blob, source=f"tenant:{tenant}")
+        # The caller's own policy must list it: whether some other tenant does is not the caller's
+        # business, so "listed by someone else" and "listed by nobody" get the same answer.
+        if st.appraiser is not None and not st.appraiser.lists_firmware(tenant, blob):
+            digest = hashlib.sha384(blob).hexdigest()
+            raise FirmwareError(f"firmware in the upload (sha384 of the upload {digest[:16]}...) is not allowed "
+                                "by your policy: list its image's sha384 in your policy first")
+        digests = store_firmware(st, orm, blob, source=f"tenant:{tenant}")
     except FirmgateError as exc:
         audit.record(orm, event="admin", outcome="denied", reason=f"firmware upload refused: {exc.diagnostics()}",
                      tenant=tenant)

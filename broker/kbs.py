@@ -32,7 +32,7 @@ from .db import now_ms
 from .errors import ApiError
 from .jwe import encrypt, load_tee_pubkey
 from .limits import json_body, valid_resource, valid_tenant
-from .release import decide, summarize_failures
+from .release import decide, public_denial, summarize_failures
 from .nonces import Db
 from .secretbox import SecretDecryptError
 from .runtime_data import check_host_data, check_report_data, expected_report_data, initdata_host_data
@@ -381,7 +381,7 @@ def resource(repo: str, rtype: str, tag: str) -> Response:
         err = _deny(db, decision.variant, decision.reason, event="deny", tenant=audit_tenant,
                     session_id=row.id, resource=path, verdict=verdict, verdict_text=text,
                     measurement=row.measurement)
-        err.detail = decision.public
+        err.detail = public_denial(decision, row.measurement)
         raise err
     try:
         value = vault.get_secret(db, st.box, tenant, vault.ResourcePath(repo, rtype, tag))
