@@ -52,7 +52,7 @@ MAX_JWK_BYTES = 4096  # an RSA-8192 JWK is ~2.8 KB; the key goes into every toke
 # firmware goes through the admin upload), and the cap on additional_evidence that fits it: its
 # base64 plus the JSON around it and room for device evidence (docs/protocol.md).
 MAX_GUEST_ADDON = 8 * 1024 * 1024
-MAX_ADDITIONAL_EVIDENCE = 4 * -(-MAX_GUEST_ADDON // 3) + 64 * 1024  # characters: 11,250,688
+MAX_ADDITIONAL_EVIDENCE = 4 * -(-MAX_GUEST_ADDON // 3) + 64 * 1024  # characters: 11,250,348
 FIRMWARE_KEY = "firmgate-firmware"  # our guest's key inside additional_evidence (docs/protocol.md)
 
 
