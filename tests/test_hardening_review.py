@@ -229,8 +229,14 @@ def test_report_data_hash_is_sha384_of_the_rfc8785_form(additional: str, nonce: 
 
 # -- REVIEW-3: the wrong master key -------------------------------------------------------------------
 def _fg(*argv: str) -> subprocess.CompletedProcess[bytes]:
-    """The `firmgate` console script, as an operator runs it."""
+    """The `firmgate` console script in its own process, as an operator runs it (~2 s a call here)."""
     return subprocess.run([FIRMGATE, *argv], capture_output=True, timeout=120, check=False)
+
+
+def _cli(*argv: str) -> Any:
+    """`firmgate ARGV` in this process: the console script's main(), output captured."""
+    from test_broker_units import _fg as in_process
+    return in_process(*argv)
 
 
 def test_secret_put_and_rm_with_the_wrong_master_key_change_nothing(tmp_path: Path) -> None:
@@ -238,11 +244,12 @@ def test_secret_put_and_rm_with_the_wrong_master_key_change_nothing(tmp_path: Pa
     right, wrong = tmp_path / "right.key", tmp_path / "wrong.key"
     right.write_bytes(b"\x11" * 32)
     wrong.write_bytes(b"\x22" * 32)
-    assert _fg("tenant", "add", "acme", "--db", db).returncode == 0
-    assert _fg("secret", "put", "acme/key/disk", "--value", "LIVE", "--db", db,
+    assert _cli("tenant", "add", "acme", "--db", db).returncode == 0
+    assert _cli("secret", "put", "acme/key/disk", "--value", "LIVE", "--db", db,
                "--master-key-file", str(right)).returncode == 0
-    for argv in (["secret", "put", "acme/key/disk", "--value", "X"], ["secret", "rm", "acme/key/disk"]):
-        r = _fg(*argv, "--db", db, "--master-key-file", str(wrong))
+    for run, argv in ((_fg, ["secret", "put", "acme/key/disk", "--value", "X"]),  # the console script once
+                      (_cli, ["secret", "rm", "acme/key/disk"])):
+        r = run(*argv, "--db", db, "--master-key-file", str(wrong))
         assert r.returncode == 2, r
         assert r.stderr.decode().startswith("error: the master key does not open this database") and \
             r.stderr.count(b"\n") == 1, r.stderr
@@ -301,11 +308,11 @@ def test_trailing_newline_paths_are_refused_over_http_and_cli(broker: Any, tmp_p
     r = http("GET", srv.url + "/kbs/v0/resource/acme/key/disk%0A")
     assert r.status == 404 and r.body["type"] == KBS_ERR + "InvalidRequestPath"
     db = f"sqlite:///{tmp_path / 'cli.db'}"
-    assert _fg("tenant", "add", "acme\n", "--db", db).returncode == 2
-    assert _fg("tenant", "add", "acme", "--db", db).returncode == 0
+    assert _cli("tenant", "add", "acme\n", "--db", db).returncode == 2
+    assert _cli("tenant", "add", "acme", "--db", db).returncode == 0
     key = tmp_path / "k"
     key.write_bytes(b"\x11" * 32)
-    ran = _fg("secret", "put", "acme/key/disk\n", "--value", "v", "--db", db, "--master-key-file", str(key))
+    ran = _cli("secret", "put", "acme/key/disk\n", "--value", "v", "--db", db, "--master-key-file", str(key))
     assert ran.returncode == 2 and b"must be TENANT/TYPE/TAG" in ran.stderr
 
 
@@ -319,8 +326,8 @@ def test_an_older_database_with_other_names_keeps_working(tmp_path: Path) -> Non
     db = f"sqlite:///{tmp_path / 'old.db'}"
     key = tmp_path / "k"
     key.write_bytes(b"\x11" * 32)
-    assert _fg("tenant", "add", "acme", "--db", db).returncode == 0
-    assert _fg("secret", "put", "acme/key/disk", "--value", "v", "--db", db, "--master-key-file", str(key)).returncode == 0
+    assert _cli("tenant", "add", "acme", "--db", db).returncode == 0
+    assert _cli("secret", "put", "acme/key/disk", "--value", "v", "--db", db, "--master-key-file", str(key)).returncode == 0
     engine = make_engine(db)
     migrate(engine)
     nonce, sealed = SecretBox(b"\x11" * 32).seal("Acme.Corp", "Acme.Corp/key/disk", b"old")
@@ -329,13 +336,13 @@ def test_an_older_database_with_other_names_keeps_working(tmp_path: Path) -> Non
         conn.execute(text("INSERT INTO fg_secrets (tenant, path, nonce, ciphertext, created_at, updated_at) "
                           "VALUES ('Acme.Corp', 'Acme.Corp/key/disk', :n, :c, 0, 0)"), {"n": nonce, "c": sealed})
     engine.dispose()
-    r = _fg("secret", "list", "Acme.Corp", "--db", db)
+    r = _cli("secret", "list", "Acme.Corp", "--db", db)
     assert r.returncode == 0 and b"Acme.Corp/key/disk" in r.stdout
-    assert _fg("secret", "put", "Acme.Corp/key/new", "--value", "v", "--db", db,
+    assert _cli("secret", "put", "Acme.Corp/key/new", "--value", "v", "--db", db,
                "--master-key-file", str(key)).returncode == 2
-    r = _fg("secret", "rm", "Acme.Corp/key/disk", "--db", db, "--master-key-file", str(key))
+    r = _cli("secret", "rm", "Acme.Corp/key/disk", "--db", db, "--master-key-file", str(key))
     assert r.returncode == 0, r.stderr
-    assert _fg("secret", "list", "acme", "--db", db).stdout.startswith(b"acme/key/disk")
+    assert _cli("secret", "list", "acme", "--db", db).stdout.startswith(b"acme/key/disk")
 
 
 # -- REVIEW-6: policy firmware files: regular, inside the tree, non-blocking ------------------------------
@@ -364,7 +371,7 @@ def test_policy_bytes_symlink_out_of_the_tree_is_refused_without_reading_it(tmp_
     tree.mkdir()
     (tree / "fw.fd").symlink_to(outside)
     policy = _policy_with_bytes(tree, "fw.fd", "00" * 48)
-    r = _fg("policy", "check", str(policy))
+    r = _cli("policy", "check", str(policy))
     assert r.returncode == 1, r
     out = (r.stdout + r.stderr).decode()
     assert "resolves outside the policy's directory" in out
@@ -385,7 +392,7 @@ def test_policy_bytes_symlink_inside_the_tree_still_works(tmp_path: Path, firmwa
     shutil.copyfile(fw, tmp_path / "store" / "ovmf.fd")
     (tmp_path / "fw.fd").symlink_to("store/ovmf.fd")
     policy = _policy_with_bytes(tmp_path, "fw.fd", hashlib.sha384(fw.read_bytes()).hexdigest())
-    r = _fg("policy", "check", str(policy))
+    r = _cli("policy", "check", str(policy))
     assert r.returncode == 0, r
 
 
@@ -433,7 +440,7 @@ def test_serve_without_db_keeps_its_state_in_the_state_dir_0600(tmp_path: Path) 
         proc.wait(10)
         if proc.stderr:
             proc.stderr.close()
-    r = _fg("serve", "--help")
+    r = _cli("serve", "--help")
     assert b"XDG_STATE_HOME" in r.stdout and b"FIRMGATE_STATE_DIR" in r.stdout
     assert "instance/" in (REPO / ".gitignore").read_text().split()
 
