@@ -29,7 +29,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from sim.platform import SimPlatform  # noqa: E402
+from sim.platform import SimPlatform
 
 BODY = 16 * 1024 * 1024
 TICKS = os.sysconf("SC_CLK_TCK")

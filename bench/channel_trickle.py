@@ -22,10 +22,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from host_install.channel import (ANSWER_MAGIC, FRAME_DEADLINE, REQUEST_MAGIC, encode_frame,  # noqa: E402
-                                  read_frame, request_update)
-from host_install.vm import VmDir  # noqa: E402
-from verifier.firmware.addon import build_addon  # noqa: E402
+from host_install.channel import (
+    ANSWER_MAGIC,
+    FRAME_DEADLINE,
+    REQUEST_MAGIC,
+    encode_frame,
+    read_frame,
+    request_update,
+)
+from host_install.vm import VmDir
+from verifier.firmware.addon import build_addon
 
 FIRMWARE = Path(os.environ.get("FIRMGATE_SHARED", REPO.parent / "shared")) / "firmware"
 
