@@ -19,7 +19,7 @@ DEFAULTS: dict[str, Any] = {
     "SESSION_TTL": 300,              # seconds a session (its nonce, its cookie) lives: Trustee's 5 min
     "TOKEN_TTL": 300,                # EAR token lifetime
     "AUDIT_RETENTION_DAYS": 90,      # audit rows are deleted after this many days ...
-    "AUTH_AUDIT_RETENTION_HOURS": 24,  # ... `auth` rows (one per challenge, no decision) after this
+    "AUTH_AUDIT_RETENTION_HOURS": 24,  # ... `auth` rows and operator-only denials (nothing verified) after this
     "MAX_CONTENT_LENGTH": 64 * 1024,  # every route, except the two below
     "ATTEST_MAX_BYTES": 16 * 1024 * 1024,  # evidence may carry a firmware add-on (OVMF is 2-4 MiB)
     "UPLOAD_MAX_BYTES": 16 * 1024 * 1024,  # firmware upload over the admin API
