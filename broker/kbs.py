@@ -378,11 +378,11 @@ def resource(repo: str, rtype: str, tag: str) -> Response:
     # Audit rows of a tenant-less denial go to the operator only: no tenant learns of other tenants' probes.
     audit_tenant = tenant if policy_id is not None else None
     if not decision.allowed:
-        err = _deny(db, decision.variant, decision.reason, event="deny", tenant=audit_tenant,
-                    session_id=row.id, resource=path, verdict=verdict, verdict_text=text,
-                    measurement=row.measurement)
-        err.detail = public_denial(decision, row.measurement)
-        raise err
+        denial = _deny(db, decision.variant, decision.reason, event="deny", tenant=audit_tenant,
+                       session_id=row.id, resource=path, verdict=verdict, verdict_text=text,
+                       measurement=row.measurement)
+        denial.detail = public_denial(decision, row.measurement)
+        raise denial
     try:
         value = vault.get_secret(db, st.box, tenant, vault.ResourcePath(repo, rtype, tag))
     except SecretDecryptError:
