@@ -384,11 +384,7 @@ class UpdateChannel:
         self.thread = threading.Thread(target=self._serve, name="demo-update-channel", daemon=True)
 
     def _serve(self) -> None:
-        while True:
-            try:
-                self.listener.serve_one()
-            except OSError:  # closed
-                return
+        self.listener.serve()  # as `host-install listen` does: every connection served; returns once closed
 
     def __enter__(self) -> "UpdateChannel":
         self.thread.start()
