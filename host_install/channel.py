@@ -42,6 +42,7 @@ MAX_BODY = 64 * 1024 * 1024  # the verifier's add-on limit (verifier.firmware.ad
 VERSION = 1
 log = logging.getLogger(__name__)
 READ_TIMEOUT = 30.0          # a peer that stalls mid-frame is dropped
+LOCK_WAIT = 120.0            # a request waits this long for an install in progress (vm_lock)
 
 
 def encode_frame(magic: bytes, header: dict[str, Any], body: bytes = b"") -> bytes:
@@ -107,7 +108,7 @@ def handle_request(vm: VmDir, header: dict[str, Any], body: bytes, *, launch: bo
         fwid = header.get("fwid")
         if fwid is not None and (not isinstance(fwid, str) or not 0 < len(fwid) <= 256):
             raise ChannelError("fwid must be null or a string of 1..256 characters", "send the add-on's fwid")
-        result = install(vm, body, fwid, launch=launch)
+        result = install(vm, body, fwid, launch=launch, lock_wait=LOCK_WAIT)
     except FirmgateError as exc:
         return _answer_for_error(exc)
     except Exception as exc:  # never let one request take the listener down; the journal has the state
