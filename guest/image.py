@@ -67,9 +67,12 @@ INIT = r"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/bin
 for m in $(cat /etc/firmgate/modules); do insmod "/lib/modules/$m.ko" 2>/dev/null; done
-# the ACPI power button (host-install stops a VM with system_powerdown) powers off at once
-acpid -c /etc/acpi -a /etc/acpid.conf
-n=0; while [ ! -e /sys/class/virtio-ports ] && [ $n -lt 50 ]; do sleep 0.1; n=$((n+1)); done
+# the ACPI power button (host-install stops a VM with system_powerdown) powers off at once;
+# acpid opens the event devices it finds when it starts, so wait for them (and for the port)
+n=0; while { [ ! -e /dev/input/event0 ] || [ ! -e /sys/class/virtio-ports ]; } && [ $n -lt 50 ]; do
+  sleep 0.1; n=$((n+1))
+done
+acpid -c /etc/acpi -a /etc/acpid.conf -l /dev/console
 /usr/bin/python3.11 -I -S /usr/lib/firmgate/boot.py
 echo "firmgate-guest: done (exit $?); idle"
 while :; do sleep 3600; done
