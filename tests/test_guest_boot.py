@@ -89,8 +89,8 @@ def test_run_asks_only_when_its_firmware_is_not_in_force(tmp_path: Path, firmwar
         calls.append((dev, data, fwid))
         return {"ok": False, "status": "rejected", "error": "no\nthanks"}
 
-    kw: dict[str, Any] = dict(esp_roots=[esp], port="/dev/fake", status_path=status_file, dmi_dir=dmi,
-                              request=request)
+    kw: dict[str, Any] = {"esp_roots": [esp], "port": "/dev/fake", "status_path": status_file, "dmi_dir": dmi,
+                              "request": request}
     # not in force: asks once with the add-on's bytes and fwid; a refusal is exit 1, its text made printable
     status_file.write_bytes(_status())
     assert boot.run(**kw) == 1
@@ -116,8 +116,8 @@ def test_run_asks_only_when_its_firmware_is_not_in_force(tmp_path: Path, firmwar
 
 def test_run_refuses_bad_or_ambiguous_addons(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     esp = tmp_path / "esp"
-    kw: dict[str, Any] = dict(esp_roots=[esp], port="/dev/fake", status_path=tmp_path / "none",
-                              dmi_dir=tmp_path / "none", request=lambda *a: pytest.fail("must not ask"))
+    kw: dict[str, Any] = {"esp_roots": [esp], "port": "/dev/fake", "status_path": tmp_path / "none",
+                              "dmi_dir": tmp_path / "none", "request": lambda *a: pytest.fail("must not ask")}
     assert boot.run(**kw) == 0
     assert "no firmware add-on on the ESP" in capsys.readouterr().out
     _esp(esp, b"MZ not a PE")
@@ -236,3 +236,26 @@ def test_module_dependencies_from_modinfo() -> None:
     assert guest_image._modinfo_depends(ko) == ["virtio", "virtio_ring", "virtio_pci_legacy_dev"]
     assert guest_image._modinfo_depends(b"\0depends=\0") == []
     assert guest_image._modinfo_depends(b"nothing") == []
+
+
+def test_demo_waits_for_the_guests_own_request_in_the_journal(tmp_path: Path) -> None:
+    from sim.guest_vm import RealGuestVm
+
+    vm = VmDir.create(tmp_path / "vm", update_port=True)
+    img = guest_image.GuestImage(tmp_path, tmp_path / "vmlinuz", tmp_path / "base", {})
+    g = RealGuestVm(vm, img)
+    j = Journal(vm.journal_path)
+    assert g.wait_request(D2, 0, 0.3).status == "no request"
+    vm.serial_log.write_text("firmgate-guest: the add-on's firmware is in force; not asking\n")
+    assert g.wait_request(D2, 0, 0.3).status == "unchanged"
+    # once the guest asked, only the journal's terminal record counts (the new boot's console may
+    # already say "not asking" before host-install has committed)
+    j.append("begin", "t" * 16, kind="install", new=D2, fwid="v2", old=D1, old_fwid="v1", launch=True)
+    j.append("launched", "t" * 16, pid=1, accel="tcg")
+    assert g.wait_request(D2, 0, 0.3).status == "no request"
+    j.append("confirmed", "t" * 16, seconds=51.5, status="running")
+    j.append("committed", "t" * 16, in_force=D2, fwid="v2", confirmed=True)
+    out = g.wait_request(D2, 0, 0.3)
+    assert out.status == "installed"
+    assert out.result == {"fwid": "v2", "in_force": D2, "launched": True, "accel": "tcg", "boot_seconds": 51.5}
+    assert g.wait_request(D2, 4, 0.3).status == "unchanged"  # records before `since` are not this request
