@@ -238,6 +238,9 @@ def _fetch_debs(debs: Path, log: Callable[[str], None]) -> list[Path]:
     os.chmod(debs, 0o755)
     wanted = [_kernel_package(), "busybox-static"]
     have = {p.name.split("_")[0]: p for p in debs.glob("*.deb")}
+    for name, stale in have.items():  # an older kernel package: not an input any more
+        if name not in wanted:
+            stale.unlink()
     missing = [n for n in wanted if n not in have]
     if missing:
         log("apt-get download " + " ".join(missing))
@@ -360,7 +363,8 @@ def build(directory: Path | None = None, *, log: Callable[[str], None] = print, 
 
     # Debian's python3.11 and the libraries it links
     cpio.file(GUEST_PYTHON.lstrip("/"), Path(GUEST_PYTHON).read_bytes(), 0o755)
-    for lib in _libs(GUEST_PYTHON):
+    python_libs = _libs(GUEST_PYTHON)
+    for lib in python_libs:
         real = os.path.realpath(lib)
         cpio.file(real.lstrip("/"), Path(real).read_bytes(), 0o755)
         if real != lib:
@@ -393,7 +397,7 @@ def build(directory: Path | None = None, *, log: Callable[[str], None] = print, 
         elif path.endswith(".so"):
             cpio.file(rel, Path(path).read_bytes(), 0o755)
             for lib in _libs(path):
-                if lib not in _libs(GUEST_PYTHON):
+                if lib not in python_libs:
                     real = os.path.realpath(lib)
                     cpio.file(real.lstrip("/"), Path(real).read_bytes(), 0o755)
                     if real != lib:
@@ -424,7 +428,8 @@ def build(directory: Path | None = None, *, log: Callable[[str], None] = print, 
     log(f"guest image built in {d} in {time.monotonic() - t0:.1f}s: kernel {kver}, "
         f"initrd {manifest['initrd_bytes'] // 1024} KiB ({len(compile_jobs)} Python modules)")
     img = load(d)
-    assert img is not None
+    if img is None:
+        raise ImageBuildError(f"the image just built in {d} does not load")
     return img
 
 

@@ -24,6 +24,7 @@ from host_install.journal import TERMINAL, Journal
 from host_install.vm import VmDir
 
 INITRD = "initrd"
+DONE_MARKER = b"firmgate-guest: done"  # the test image's /init prints it when the client returned
 
 
 def vm_config(img: GuestImage, accel: str) -> dict[str, Any]:
@@ -57,10 +58,22 @@ class RealGuestVm:
         recs = Journal(self.vm.journal_path).records()
         return int(recs[-1]["seq"]) if recs else 0
 
+    def _guest_done(self) -> bool:
+        """The client of the current boot has finished (it asked and was answered, or had nothing to ask)."""
+        if qemu.running_pid(self.vm) is None:
+            return True
+        try:
+            return DONE_MARKER in self.vm.serial_log.read_bytes()[-65536:]
+        except FileNotFoundError:
+            return False
+
     def settle(self, timeout: float) -> None:
-        """Wait until no transaction is open (the guest's own request after a boot may be running)."""
+        """Wait until the guest's own request after its last boot, if any, has ended: its client is
+        done and no transaction is open (rebooting earlier would kill a guest about to ask)."""
         end = time.monotonic() + timeout
-        while Journal(self.vm.journal_path).open_transaction() and time.monotonic() < end:
+        while time.monotonic() < end:
+            if not Journal(self.vm.journal_path).open_transaction() and self._guest_done():
+                break
             time.sleep(0.5)
         with vm_lock(self.vm, wait=max(1.0, end - time.monotonic())):
             pass
