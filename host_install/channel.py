@@ -54,6 +54,7 @@ VERSION = 1
 log = logging.getLogger(__name__)
 FRAME_DEADLINE = 30.0        # seconds for a whole frame, from its first byte (64 MiB needs ~2 MB/s)
 MAX_CONNECTIONS = 8          # QEMU's plus a few operators'; one more is answered "busy" and closed
+LOCK_WAIT = 120.0            # a request waits this long for an install in progress (vm_lock)
 
 
 def encode_frame(magic: bytes, header: dict[str, Any], body: bytes = b"") -> bytes:
@@ -136,7 +137,7 @@ def handle_request(vm: VmDir, header: dict[str, Any], body: bytes, *, launch: bo
         fwid = header.get("fwid")
         if fwid is not None and (not isinstance(fwid, str) or not 0 < len(fwid) <= 256):
             raise ChannelError("fwid must be null or a string of 1..256 characters", "send the add-on's fwid")
-        result = install(vm, body, fwid, launch=launch)
+        result = install(vm, body, fwid, launch=launch, lock_wait=LOCK_WAIT)
     except FirmgateError as exc:
         return _answer_for_error(exc)
     except Exception as exc:  # never let one request take the listener down; the journal has the state
