@@ -35,6 +35,7 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -86,7 +87,7 @@ def _sha256(s: str) -> str:
 def write_policies(pol: Path, n: int, digests: dict[str, str]) -> None:
     pol.mkdir()
     for kind, name in BUILDS.items():
-        (pol / f"{kind}.fd").symlink_to(SHARED / "firmware" / name)
+        shutil.copyfile(SHARED / "firmware" / name, pol / f"{kind}.fd")  # must live in the policy tree
     repo, rtype, tag = lg.SECRET_PATH.split("/")
 
     def put(tenant: str, kind: str, vcpus: int, vtype: str, kernel: str = "") -> None:

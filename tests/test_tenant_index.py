@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -76,7 +77,7 @@ class World:
         pol = self.root / name
         pol.mkdir()
         for k, fname in BUILDS.items():
-            (pol / f"{k}.fd").symlink_to(FIRMWARE_DIR / fname)
+            shutil.copyfile(FIRMWARE_DIR / fname, pol / f"{k}.fd")  # must live in the policy tree
         for i in range(n):
             build, vcpus = _group(i)
             _write(pol, f"t{i:02d}", build, vcpus, self.digests)

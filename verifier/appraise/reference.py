@@ -84,7 +84,7 @@ class ReferenceTable:
                 continue
             path = base / fw.location
             try:
-                facts, payload = firmware_file_facts(path, fw.id)
+                facts, payload = firmware_file_facts(path, fw.id, root=base)
                 if facts.sha384 == fw.sha384:
                     # This version of the file has the listed digest: measurements known for it (another
                     # tenant's table, the on-disk cache) need neither its bytes nor another hash of them.
@@ -93,7 +93,7 @@ class ReferenceTable:
                         self._add_table(fw, known)
                         continue
                 if payload is None:
-                    payload = read_firmware_file(path, fw.id)
+                    payload = read_firmware_file(path, fw.id, root=base)
             except OSError as exc:
                 raise FirmwareError(f"firmware {fw.id}: cannot read {fw.location}: {exc.strerror or exc}") from exc
             self.add_payload(fw, payload)
