@@ -240,7 +240,7 @@ def attest() -> Response:
     # Appraise for the hinted tenant, or for the tenants whose reference tables hold this
     # MEASUREMENT (an unmodified guest names none; broker/tenant_select.py).
     if hint and not tenant_select.wait_for_tenant(st, hint):
-        raise _unavailable(fail(f"tenant {hint}'s policy is still loading; retry", measurement))
+        raise _undecided(db, sid, f"tenant {hint}'s policy is still loading; retry", measurement)
     verdicts: list[Verdict] = []
     verdict_rows: list[dict[str, Any]] = []
     audit_rows: list[dict[str, Any]] = []
@@ -271,7 +271,7 @@ def attest() -> Response:
         while not any(v.accepted for v in verdicts) and waiting.more():
             appraise_for(tenant_select.candidates(st, attested, hint))
         if waiting.timed_out:
-            raise _unavailable(fail("tenant policies are still loading; retry", measurement))
+            raise _undecided(db, sid, "tenant policies are still loading; retry", measurement)
     accepted = sorted((v for v in verdicts if v.accepted), key=lambda v: len(v.warnings))
     best = accepted[0] if accepted else (verdicts[0] if hint and verdicts else None)
     status = "contraindicated"
@@ -301,6 +301,13 @@ def attest() -> Response:
     resp = jsonify({"token": token})
     _set_cookie(resp, sid, expires_at)
     return resp
+
+
+def _undecided(db: Db, sid: str, reason: str, measurement: str) -> ApiError:
+    """/attest could not decide (policies still loading): the session fails (the guest attests again
+    after Retry-After), an operator-only audit row says why, and the answer is a 503."""
+    nonces.mark_failed(db, sid)  # committed by _deny, with the audit row
+    return _unavailable(_deny(db, "Unavailable", reason, event="attest", session_id=sid, measurement=measurement))
 
 
 def _unavailable(err: ApiError) -> ApiError:
