@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,7 @@ class World:
         self.root_pem.write_bytes(self.sim.root_pem())
         self.policies = root / "policies"
         self.policies.mkdir()
-        (self.policies / "ovmf.fd").symlink_to(fw)
+        shutil.copyfile(fw, self.policies / "ovmf.fd")  # must live in the policy tree (i14)
         digest = hashlib.sha384(fw.read_bytes()).hexdigest()
         self.owners = {t: Owner(f"binding-{t}") for t in ("acme", "globex")}
         for t, owner in self.owners.items():
