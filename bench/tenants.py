@@ -231,6 +231,8 @@ def run_one(code: str, tree: Path, pol: Path, cache: Path, work: Path, n: int, g
                 raise RuntimeError(f"{code}: policies still loading after {timeout:.0f} s")
             time.sleep(0.05)
         loaded = time.monotonic() - t0
+        conn.close()  # idle past gunicorn's keep-alive (2 s) while the policies loaded: a fresh one
+        conn = lg.Connection(port, timeout=timeout)
         guest.handshake(conn)  # warm-up
         guest.handshake(conn)
         cpu0, _ = tree_cpu(proc.pid)
