@@ -85,7 +85,8 @@ class VerifierAppraiser:
         self.policies_dir = Path(policies_dir)
         self._options = self._make_options(trust_root_pem, kds_cache, kds_offline, kds_engine)
         # background: the first load runs in a thread; tenants serve as soon as each is loaded.
-        self._store = PolicyStore(self.policies_dir, cache_dir=measure_cache, background=background)
+        self._store = PolicyStore(self.policies_dir, cache_dir=measure_cache, background=background,
+                                  freeze_gc=True)
 
     @staticmethod
     def _make_options(trust_root_pem: str | None, kds_cache: str | None, kds_offline: bool,

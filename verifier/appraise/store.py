@@ -19,6 +19,7 @@ Thread-safe: the broker's worker threads share one store.
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import logging
 import os
@@ -44,6 +45,7 @@ from .shared import MeasurementMemo
 log = logging.getLogger("firmgate.policy")
 
 GIT_TIMEOUT_S = 10
+FREEZE_GC_MIN_TENANTS = 500  # below this, a full collection over the policies costs little
 MAX_UPLOADED = 64          # firmware images (bytes) the store keeps for "uploaded" entries
 
 
@@ -132,7 +134,7 @@ def _stat_key(path: Path) -> tuple[int, int, int] | None:
 
 class PolicyStore:
     def __init__(self, directory: str | Path, *, cache_dir: str | Path | None = None,
-                 min_interval: float = 1.0, background: bool = False) -> None:
+                 min_interval: float = 1.0, background: bool = False, freeze_gc: bool = False) -> None:
         self.directory = Path(directory)
         if not self.directory.is_dir():
             raise UsageError(f"policy directory {self.directory} does not exist")
@@ -155,6 +157,7 @@ class PolicyStore:
         self._index = MeasurementIndex()
         self._pending: set[str] = set()          # tenants with a file being built and no version in force
         self._first_done = threading.Event()
+        self._freeze_gc = freeze_gc
         if background:
             threading.Thread(target=self._first_load, name="policy-load", daemon=True).start()
         else:
@@ -166,6 +169,10 @@ class PolicyStore:
         except Exception:  # a crash here must not leave the broker "loading" forever
             log.exception("loading the policies failed")
         finally:
+            if self._freeze_gc and len(self._loaded) >= FREEZE_GC_MIN_TENANTS:
+                # Thousands of tenants' policies and tables live as long as the process: out of the
+                # cyclic collector's sight, a full collection no longer walks them (~110 ms at 10,000).
+                gc.freeze()
             self._first_done.set()
 
     def loading(self) -> bool:
@@ -229,10 +236,10 @@ class PolicyStore:
             return None
         return _stat_key(gd / "logs" / "HEAD") or _stat_key(gd / "HEAD")
 
-    def _scan(self) -> tuple[dict[str, Path], dict[str, tuple[int, int, int] | None]] | None:
+    def _scan(self) -> tuple[dict[str, str], dict[str, tuple[int, int, int] | None]] | None:
         """Every `*.toml` regular file (symlinks followed) by tenant, in name order, and its stat key.
         os.scandir: one stat per file (pathlib's glob + is_file + stat costs ~6x more at 10,000 files)."""
-        found: list[tuple[str, Path, tuple[int, int, int]]] = []
+        found: list[tuple[str, str, tuple[int, int, int]]] = []
         try:
             with os.scandir(self.directory) as it:
                 for e in it:
@@ -244,7 +251,7 @@ class PolicyStore:
                         st = e.stat()
                     except OSError:
                         continue
-                    found.append((e.name[:-5], Path(e.path), (st.st_mtime_ns, st.st_size, st.st_ino)))
+                    found.append((e.name[:-5], e.path, (st.st_mtime_ns, st.st_size, st.st_ino)))
         except OSError as exc:  # keep what is in force: an unreadable directory deletes nothing
             log.warning("policy directory %s unreadable (%s); policies in force kept", self.directory, exc)
             return None
@@ -286,7 +293,7 @@ class PolicyStore:
             for t in changed:
                 self._seen[t] = keys[t]
                 self._gen[t] = self._gen.get(t, 0) + 1
-                jobs.append((t, files[t], self._gen[t]))
+                jobs.append((t, Path(files[t]), self._gen[t]))
                 if t not in self._loaded:
                     self._pending.add(t)
             uploaded = dict(self._uploaded)
@@ -304,7 +311,7 @@ class PolicyStore:
                 for t, lp in list(self._loaded.items()):
                     if t in changed or t not in files:
                         continue
-                    is_dirty = str(files[t].resolve()) in dirty
+                    is_dirty = str(Path(files[t]).resolve()) in dirty
                     if (lp.commit, lp.dirty) != (commit, is_dirty):
                         self._loaded[t] = LoadedPolicy(lp.policy, commit, is_dirty, lp.table, lp.loaded_at)
         return True
