@@ -20,13 +20,16 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Collection, Literal
+from typing import TYPE_CHECKING, Any, Callable, Collection, Literal
 
 from ..abi.fields import Product
 from ..errors import FirmgateError, PolicyErrors, PolicyFileError
 from ..measure.launch import VCPU_TYPES as _MEASURE_VCPU_TYPES
 from ..measure.launch import VMMS as _MEASURE_VMMS
 from .lines import LineIndex
+
+if TYPE_CHECKING:
+    from ..endorse.admit import PublisherRule
 
 FORMAT_VERSION = 1
 MAX_POLICY_SIZE = 1024 * 1024          # a policy is text written by people; bound what we read
@@ -148,6 +151,8 @@ class TenantPolicy:
     secrets: tuple[SecretRule, ...]
     # Where firmware files named by relative path are looked up.
     base_dir: str = field(default=".", compare=False)
+    # [[firmware.publishers]] (publishers.py): admit builds not listed above, on a signed endorsement.
+    publishers: tuple[PublisherRule, ...] = ()
 
     def firmware_by_id(self, fwid: str) -> FirmwareEntry | None:
         return next((f for f in self.firmware if f.id == fwid), None)
@@ -301,14 +306,15 @@ def _firmware(errs: _Errors, doc: dict[str, Any]
     if "firmware" not in doc:
         errs.add(("firmware",), "missing [firmware] (with at least one [[firmware.allowed]] entry)")
         return [], None, frozenset()
-    fw = _table(errs, ("firmware",), doc["firmware"], {"allowed", "revoked", "min_svn"})
+    fw = _table(errs, ("firmware",), doc["firmware"], {"allowed", "revoked", "min_svn", "publishers"})
     min_svn = _int(errs, ("firmware", "min_svn"), fw["min_svn"], 0, 2**32 - 1) if "min_svn" in fw else None
     entries: list[tuple[int, FirmwareEntry]] = []   # (index in firmware.allowed, entry)
     seen_ids: dict[str, int] = {}
     seen_digests: dict[str, str] = {}
     allowed = fw.get("allowed")
     if allowed is None or allowed == []:
-        errs.add(("firmware",), "no [[firmware.allowed]] entry: nothing could ever match")
+        if not fw.get("publishers"):  # a policy may trust publishers only
+            errs.add(("firmware",), "no [[firmware.allowed]] or [[firmware.publishers]] entry: nothing could ever match")
     elif not isinstance(allowed, list):
         errs.add(("firmware", "allowed"), f"must be an array of tables ([[firmware.allowed]]), not {_tname(allowed)}")
     else:
@@ -615,6 +621,8 @@ def parse_policy(text: str | bytes, path: str | Path, *, tenant: str | None = No
     platform = _platform(errs, top)
     guest = _guest(errs, top)
     secrets = _secrets(errs, top, tenant, {f.id for f in firmware})
+    from .publishers import parse_publishers  # its own module; imports this one's helpers
+    publishers = parse_publishers(errs, top.get("firmware"), Path(spath).parent, check_files=check_files)
     if check_files:
         _check_files(errs, located, Path(spath).parent)
     for p, why in errs.items:
@@ -627,7 +635,7 @@ def parse_policy(text: str | bytes, path: str | Path, *, tenant: str | None = No
     policy = TenantPolicy(
         tenant=tenant, path=spath, digest=hashlib.sha256(raw).hexdigest(), description=description,
         firmware=firmware, min_firmware_svn=min_svn, revoked=revoked, shapes=shapes, platform=platform,
-        guest=guest, secrets=secrets, base_dir=str(Path(spath).parent))
+        guest=guest, secrets=secrets, base_dir=str(Path(spath).parent), publishers=publishers)
     return policy, []
 
 
