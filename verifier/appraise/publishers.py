@@ -61,7 +61,7 @@ def _expires(errs: _Errors, p: P, v: Any) -> int | None:
             return None
         return int(v.timestamp())
     if isinstance(v, dt.date):
-        return int(dt.datetime(v.year, v.month, v.day, tzinfo=dt.timezone.utc).timestamp())
+        return int(dt.datetime(v.year, v.month, v.day, tzinfo=dt.UTC).timestamp())
     errs.add(p, "expires must be a TOML date (2027-06-30) or an offset date-time")
     return None
 
@@ -140,7 +140,11 @@ def parse_publishers(errs: _Errors, firmware: Any, base: Path, *, check_files: b
                 errs.add(p + ("revocations",), "a revocation list is checked with the publisher's 'key' file; "
                                                "add it")
             elif loc is not None and check_files and key is not None:
-                from ..endorse.corim import MAX_REVOCATIONS_SIZE, parse_revocations, read_revocations
+                from ..endorse.corim import (
+                    MAX_REVOCATIONS_SIZE,
+                    parse_revocations,
+                    read_revocations,
+                )
                 data = _read(errs, p + ("revocations",), base / loc, MAX_REVOCATIONS_SIZE)
                 if data is not None:
                     try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from ..errors import UsageError
@@ -23,11 +23,11 @@ def _time(text: str | None, what: str) -> int:
     if text is None:
         return int(time.time())
     try:
-        t = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        t = datetime.fromisoformat(text)
     except ValueError as exc:
         raise UsageError(f"{what}: {text!r} is not an ISO 8601 date-time") from exc
     if t.tzinfo is None:
-        t = t.replace(tzinfo=timezone.utc)
+        t = t.replace(tzinfo=UTC)
     return int(t.timestamp())
 
 
@@ -86,7 +86,12 @@ def cmd_sign(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from ..cli import print_json
-    from ..endorse.admit import EndorsementRefused, PublisherRule, constraint_failure, verify_with
+    from ..endorse.admit import (
+        EndorsementRefused,
+        PublisherRule,
+        constraint_failure,
+        verify_with,
+    )
     from ..endorse.corim import MAX_ENDORSEMENT_SIZE
     from ..endorse.cose import key_id, load_public_key
     from ..measure.launch import Shape, measurement_table
@@ -139,8 +144,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_revoke(args: argparse.Namespace) -> int:
     import re
 
-    from ..endorse.corim import (MAX_ENDORSEMENT_SIZE, Revocations, parse_signed, read_payload,
-                                 sign_revocations)
+    from ..endorse.corim import (
+        MAX_ENDORSEMENT_SIZE,
+        Revocations,
+        parse_signed,
+        read_payload,
+        sign_revocations,
+    )
     from ..endorse.cose import load_private_key
     from .firmware import read_bounded, write_file
     key = load_private_key(read_bounded(args.key, MAX_KEY_FILE, "key"), args.key)
@@ -160,7 +170,7 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: "argparse._SubParsersAction[Any]") -> None:
+def register(sub: argparse._SubParsersAction[Any]) -> None:
     p = sub.add_parser("endorse", help="sign, verify or revoke firmware endorsements (CoRIM in COSE_Sign1)")
     esub = p.add_subparsers(dest="endorse_command", metavar="ACTION")
     esub.required = True

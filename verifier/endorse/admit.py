@@ -21,14 +21,20 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Iterable
+from datetime import UTC, datetime
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from ..errors import FirmgateError, TrustError
-from .corim import Endorsement, Revocations, SignedEndorsement, parse_signed, read_payload
+from .corim import (
+    Endorsement,
+    Revocations,
+    SignedEndorsement,
+    parse_signed,
+    read_payload,
+)
 from .cose import load_public_key
 
 
@@ -62,7 +68,7 @@ class Admission:
 
 
 def _iso(t: int) -> str:
-    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def verify_with(data: bytes, publishers: Iterable[PublisherRule]) -> tuple[PublisherRule, SignedEndorsement]:
