@@ -210,6 +210,12 @@ def check_fields(e: Endorsement) -> None:
 
 def corim_map(e: Endorsement) -> dict[int, Any]:
     """The unsigned corim-map (without its tag 501) of endorsement `e`."""
+    return {0: e.id, 1: [CBORTag(TAG_COMID, dumps(comid_map(e)))], 3: CBORTag(TAG_URI, PROFILE),
+            4: _validity(e.not_before, e.not_after), 5: [_entity(e.publisher, [ROLE_MANIFEST_CREATOR])]}
+
+
+def comid_map(e: Endorsement) -> dict[int, Any]:
+    """The concise-mid-tag stating one firmware build and, per shape, its launch MEASUREMENT."""
     prov: dict[int, str] = {}
     for k, v in ((0, e.provenance.source_repo), (1, e.provenance.source_commit), (2, e.provenance.build_recipe)):
         if v is not None:
@@ -221,11 +227,9 @@ def corim_map(e: Endorsement) -> dict[int, Any]:
     for shape, m in e.measurements:
         triples.append([{0: {0: CBORTag(TAG_UUID, SNP_BY_CHIP_CLASS)}},
                         [{0: 0, 1: {2: [[SHA384_ALG, bytes(m)]], 11: shape}}]])
-    comid = {1: {0: f"firmgate:{e.fwid}:{e.sha384[:32]}", 1: 0},
-             2: [_entity(e.publisher, [ROLE_TAG_CREATOR, ROLE_CREATOR])],
-             4: {0: triples}}
-    return {0: e.id, 1: [CBORTag(TAG_COMID, dumps(comid))], 3: CBORTag(TAG_URI, PROFILE),
-            4: _validity(e.not_before, e.not_after), 5: [_entity(e.publisher, [ROLE_MANIFEST_CREATOR])]}
+    return {1: {0: f"firmgate:{e.fwid}:{e.sha384[:32]}", 1: 0},
+            2: [_entity(e.publisher, [ROLE_TAG_CREATOR, ROLE_CREATOR])],
+            4: {0: triples}}
 
 
 def sign_endorsement(e: Endorsement, key: ec.EllipticCurvePrivateKey) -> bytes:
