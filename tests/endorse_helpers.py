@@ -49,7 +49,7 @@ def cddl_text() -> str:
     src = CDDL.read_text()
     src = re.sub(r"&\(\s*[\w-]+\s*:\s*(-?\d+)\s*\)", r"\1", src)
     src = src.replace("non-empty<{", "{").replace("}>", "}")
-    src = re.sub(r"^non-empty<M>.*$", "", src, flags=re.M)
+    src = re.sub(r"^non-empty<M>.*$", "", src, flags=re.MULTILINE)
     socks: dict[str, list[str]] = defaultdict(list)
     out = []
     for line in src.splitlines():

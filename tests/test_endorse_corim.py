@@ -12,8 +12,16 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from tests.endorse_helpers import endorsement, new_key, schema, signed
 from verifier.endorse.admit import EndorsementRefused, PublisherRule, admit, verify_with
 from verifier.endorse.cbor import EndorsementFormatError, loads
-from verifier.endorse.corim import (MAX_ENDORSEMENT_SIZE, Revocations, parse_revocations, parse_signed, read_payload,
-                                    read_revocations, sign_endorsement, sign_revocations)
+from verifier.endorse.corim import (
+    MAX_ENDORSEMENT_SIZE,
+    Revocations,
+    parse_revocations,
+    parse_signed,
+    read_payload,
+    read_revocations,
+    sign_endorsement,
+    sign_revocations,
+)
 from verifier.endorse.cose import ES256, ES384, key_id, parse_sign1
 from verifier.endorse.export import export_bytes, table_corim
 from verifier.errors import FirmgateError, SignatureError
