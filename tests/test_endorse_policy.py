@@ -225,7 +225,7 @@ def test_endorsement_inside_the_addon(sim_case: tuple[Path, ec.EllipticCurvePriv
 
 
 def test_policy_export_corim(pdir: tuple[Path, ec.EllipticCurvePrivateKey], image: bytes, measured: bytes) -> None:
-    d, key = pdir
+    d, _ = pdir
     (d / "fw.bin").write_bytes(image)
     allowed = (f'[[firmware.allowed]]\nid = "fw-listed"\nsha384 = "{hashlib.sha384(image).hexdigest()}"\n'
                'svn = 1\nbytes = "fw.bin"\n')
