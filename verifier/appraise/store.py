@@ -302,7 +302,7 @@ class PolicyStore:
                 if lp.allows_firmware_digest(digest):
                     lp.table.add_firmware_bytes(payload)
                     accepted.append(t)
-                elif lp.policy.publishers and ends:
+                elif lp.policy.publishers:
                     try:   # admission, then measuring: reference.ReferenceTable.add_endorsed
                         lp.table.add_endorsed(payload, ends)
                     except EndorsementRefused as exc:
