@@ -257,3 +257,35 @@ def test_endorsed_addon_variant_is_refused_when_it_was_not_the_endorsed_bytes(
     payload, ends = split_firmware(addon)
     with pytest.raises(EndorsementRefused, match="is for firmware sha384"):
         loaded.table.add_endorsed(payload, ends)
+
+
+def test_store_keeps_endorsed_builds_across_reloads_and_a_raised_min_svn_drops_them(
+        pdir: tuple[Path, ec.EllipticCurvePrivateKey], image: bytes, measured: bytes) -> None:
+    from verifier.appraise.appraise import release_allowed
+    from verifier.appraise.store import PolicyStore
+    from verifier.verdict import CheckResult, Outcome, Verdict
+    d, key = pdir
+    (d / "acme.toml").write_text(policy_text(publisher()))
+    store = PolicyStore(d, min_interval=0)
+    digest = hashlib.sha384(image).hexdigest()
+    addon = build_addon([("edk2-2022.11-acme.1", image)],
+                        extra_sections=[(".corim", signed(key, digest, fwid="edk2-2022.11-acme.1", svn=2, eid="e-2"))])
+    assert store.add_firmware(addon) == ["acme"]
+    loaded = store.get("acme")
+    assert loaded.table.lookup(measured) is not None
+    facts = {"tenant": "acme", "firmware": {"id": "edk2-2022.11-acme.1", "sha384": digest}}
+    verdict = Verdict(checks=(CheckResult("firmware.measurement", Outcome.PASS, "matched"),), facts=facts)
+    assert release_allowed(loaded, verdict, "acme/key/disk") == (
+        True, "firmware edk2-2022.11-acme.1 (svn 2) may receive acme/key/disk")
+    # Same policy, rewritten (a new commit, say): the build is re-admitted from the store's copy.
+    (d / "acme.toml").write_text(policy_text(publisher()) + "\n# touched\n")
+    store.refresh(force=True)
+    assert store.get("acme").table.lookup(measured) is not None
+    # The owner raises the publisher's minimum svn: the svn-2 build drops out on reload.
+    (d / "acme.toml").write_text(policy_text(publisher().replace("min_svn = 2", "min_svn = 3")))
+    store.refresh(force=True)
+    raised = store.get("acme")
+    assert raised.table.lookup(measured) is None
+    # A token issued before the change is re-checked at release time: refused, by name.
+    ok, why = release_allowed(raised, verdict, "acme/key/disk")
+    assert not ok and "no longer allowed" in why

@@ -220,9 +220,8 @@ class PolicyStore:
                 self._gen[t] = self._gen.get(t, 0) + 1
                 jobs.append((t, files[t], self._gen[t]))
             uploaded = dict(self._uploaded)
-            endorsed = dict(self._endorsed)
         commit, dirty = git_state(self.directory)
-        built = [(t, path, gen, self._build(path, uploaded, endorsed)) for t, path, gen in jobs]
+        built = [(t, path, gen, self._build(path, uploaded)) for t, path, gen in jobs]
         with self._lock:
             for t, path, gen, (policy, table, errors) in built:
                 if self._gen.get(t) != gen:
@@ -237,9 +236,11 @@ class PolicyStore:
                         self._loaded[t] = LoadedPolicy(lp.policy, commit, is_dirty, lp.table, lp.loaded_at)
         return True
 
-    def _build(self, path: Path, uploaded: dict[str, bytes], endorsed: dict[str, tuple[bytes, tuple[bytes, ...]]]
+    def _build(self, path: Path, uploaded: dict[str, bytes]
                ) -> tuple[TenantPolicy | None, ReferenceTable | None, list[PolicyFileError]]:
         """Parse, check and measure one policy file (no lock held)."""
+        with self._lock:
+            endorsed = dict(self._endorsed)
         policy, errors = load_policy_file(path)
         if policy is None:
             return None, None, errors
