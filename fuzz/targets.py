@@ -228,7 +228,12 @@ def run_endorsement(data: bytes) -> None:
     """First byte: 0 full admission (signature first), 1 the strict payload reader on unverified input
     (as if the signature had passed), 2 a revocation list."""
     from verifier.endorse.admit import PublisherRule, admit
-    from verifier.endorse.corim import parse_revocations, parse_signed, read_payload, read_revocations
+    from verifier.endorse.corim import (
+        parse_revocations,
+        parse_signed,
+        read_payload,
+        read_revocations,
+    )
     from verifier.endorse.cose import key_id
 
     if not data:
@@ -249,15 +254,17 @@ def run_endorsement(data: bytes) -> None:
 def seeds_endorsement() -> list[bytes]:
     import time
 
-    from verifier.endorse.corim import Endorsement, Provenance, Revocations, sign_endorsement, sign_revocations
+    from verifier.endorse.corim import Endorsement, Provenance, Revocations
+    from verifier.endorse.corim import sign_endorsement as sign_e
+    from verifier.endorse.corim import sign_revocations as sign_r
 
     key = _publisher_key()
     now = int(time.time())
     e = Endorsement("fuzz-1", "edk2-fuzz.1", "00" * 48, 3, "Fuzz", now - 60, now + 10 * 365 * 86400,
                     Provenance("https://example.com/x.git", "0123abcd", "make"),
                     (("vcpus=1,vcpu_type=EPYC-v4,vmm=qemu,guest_features=0x1", b"\x11" * 48),))
-    raw = sign_endorsement(e, key)
-    rev = sign_revocations(Revocations("Fuzz", now, frozenset({"fuzz-0"}), frozenset({"11" * 48})), key)
+    raw = sign_e(e, key)
+    rev = sign_r(Revocations("Fuzz", now, frozenset({"fuzz-0"}), frozenset({"11" * 48})), key)
     return [b"\x00" + raw, b"\x01" + raw, b"\x02" + rev]
 
 
