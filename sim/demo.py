@@ -171,8 +171,20 @@ def _git(repo: Path, *args: str) -> str:
     return r.stdout.strip()
 
 
-def policy_text(v1: tuple[str, str], v2: tuple[str, str] | None, vcpus: int, vcpu_type: str) -> str:
-    """The owner's policy: v1 (bytes in the repo); with v2, v2 (bytes from the guest's add-on) + min_svn 2."""
+# The owner trusts one firmware publisher: its endorsed builds need no policy commit (docs/endorsements.md).
+PUBLISHERS = '''[[firmware.publishers]]
+name = "demo-publisher"
+key = "publishers/demo-publisher.pem"   # the publisher's public key, committed by the owner
+fwid = "ovmf-demo-*"
+min_svn = 3
+revocations = "publishers/demo-publisher.revoked"   # the publisher's signed revocation list
+'''
+
+
+def policy_text(v1: tuple[str, str], v2: tuple[str, str] | None, vcpus: int, vcpu_type: str,
+                publishers: str = "") -> str:
+    """The owner's policy: v1 (bytes in the repo); with v2, v2 (bytes from the guest's add-on) + min_svn 2;
+    `publishers`: [[firmware.publishers]] entries."""
     fw = [f'''[[firmware.allowed]]
 id = "{v1[0]}"
 sha384 = "{v1[1]}"
@@ -195,6 +207,7 @@ description = "firmgate demo tenant"
 min_svn = {2 if v2 else 1}
 
 {chr(10).join(fw)}
+{publishers}
 [[shapes]]
 vmm = "qemu"
 vcpus = [{vcpus}]
@@ -263,6 +276,9 @@ def run_demo(firmware: str | None = None, workdir: str | None = None, *, quiet: 
         digests = {k: hashlib.sha384(img).hexdigest() for k, img in (("v1", v1_img), ("v2", v2_img), ("bad", bad_img))}
         for k, blob in addons.items():
             (ws / f"{fwids[k]}.efi").write_bytes(blob)
+        publisher = _publisher_builds(ws, base, addons, digests, fwids)
+        story.say("publisher      demo-publisher (P-384 key); builds v3 (svn 3, endorsed), v3 signed by another "
+                  "key, and a build the publisher revoked")
 
         # The simulated platform and its root (the broker trusts it only because we say so).
         platform = SimPlatform("Milan", "VCEK")
@@ -275,9 +291,12 @@ def run_demo(firmware: str | None = None, workdir: str | None = None, *, quiet: 
         (repo / "firmware").mkdir(parents=True)
         _git(repo, "init", "-q", "-b", "main")
         (repo / "firmware" / "v1.efi").write_bytes(addons["v1"])
+        (repo / "publishers").mkdir()
+        (repo / "publishers" / "demo-publisher.pem").write_bytes(publisher["public_pem"])
+        (repo / "publishers" / "demo-publisher.revoked").write_bytes(publisher["revocations"])
         vm_vcpus, vcpu_type = 1, "EPYC-v4"
         pol = repo / f"{TENANT}.toml"
-        pol.write_text(policy_text((fwids["v1"], digests["v1"]), None, vm_vcpus, vcpu_type))
+        pol.write_text(policy_text((fwids["v1"], digests["v1"]), None, vm_vcpus, vcpu_type, PUBLISHERS))
         code, out = _cli(["policy", "check", str(pol)])
         if code != 0:
             raise UsageError(f"the demo's own policy does not pass `firmgate policy check`: {out}")
@@ -324,7 +343,7 @@ def run_demo(firmware: str | None = None, workdir: str | None = None, *, quiet: 
                     qemu.stop(vm, timeout=1.0)
         elapsed = time.monotonic() - t_start
         result = {
-            "ok": all(s.ok for s in story.steps) and len(story.steps) == 7,
+            "ok": all(s.ok for s in story.steps) and len(story.steps) == 10,
             "seconds": round(elapsed, 1),
             "firmware": str(fw_path),
             "qemu": have_qemu,
@@ -441,7 +460,8 @@ def _story(story: Story, url: str, vm: Any, host: Any, addons: dict[str, bytes],
         st.facts.update(reasons=denials)
 
     def owner_commits_v2(st: Step) -> None:
-        pol.write_text(policy_text((fwids["v1"], digests["v1"]), (fwids["v2"], digests["v2"]), vcpus, vcpu_type))
+        pol.write_text(policy_text((fwids["v1"], digests["v1"]), (fwids["v2"], digests["v2"]), vcpus, vcpu_type,
+                                   PUBLISHERS))
         code, out = _cli(["policy", "check", str(pol)])
         if code != 0:
             st.outcome, st.detail = "policy check failed", out
@@ -466,6 +486,53 @@ def _story(story: Story, url: str, vm: Any, host: Any, addons: dict[str, bytes],
                            st.outcome == "installed" and do_attest("v2", send_addon=True)(st)))
     story.step("guest asks for v1 again (a downgrade), attests", "denied",
                lambda st: (do_install("v1", by="guest")(st), st.outcome == "installed" and do_attest("v1")(st)))
+    # A fix rolls out with no commit to the owner's policy: the publisher's endorsement admits it.
+    story.step("the publisher's v3 build, signed by an untrusted key: guest updates, attests", "denied",
+               lambda st: (do_install("v3-rogue", by="guest")(st),
+                           st.outcome == "installed" and do_attest("v3-rogue", send_addon=True)(st)))
+    def endorsed_fix(st: Step) -> None:
+        head = _git(repo, "rev-parse", "--short", "HEAD")
+        do_install("v3", by="guest")(st)
+        if st.outcome == "installed":
+            do_attest("v3", send_addon=True)(st)
+        unchanged = _git(repo, "rev-parse", "--short", "HEAD") == head and not _git(repo, "status", "--porcelain")
+        st.facts.update(policy_commit=head, policy_unchanged=unchanged)
+        if st.outcome == "released":
+            st.detail += (f"; admitted on endorsement demo-v3 by demo-publisher, the policy repo still at {head}"
+                          if unchanged else "; BUT the policy repo changed")
+
+    story.step("publisher issues v3 (svn 3) with its endorsement: guest updates, attests", "released", endorsed_fix)
+    story.step("a build its publisher revoked: guest updates, attests", "denied",
+               lambda st: (do_install("revoked", by="guest")(st),
+                           st.outcome == "installed" and do_attest("revoked", send_addon=True)(st)))
+
+
+def _publisher_builds(ws: Path, base: bytes, addons: dict[str, bytes], digests: dict[str, str],
+                      fwids: dict[str, str]) -> dict[str, bytes]:
+    """The publisher's side: v3 endorsed (svn 3) in its add-on's .corim section; the same build endorsed
+    by an untrusted key; a build endorsed and then revoked. Adds the add-ons; returns the key and list."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from verifier.endorse.corim import Endorsement, Provenance, Revocations, sign_endorsement, sign_revocations
+    from verifier.firmware.addon import build_addon
+    key, rogue = ec.generate_private_key(ec.SECP384R1()), ec.generate_private_key(ec.SECP384R1())
+    now = int(time.time())
+    prov = Provenance("https://example.com/demo-publisher/edk2.git", "0123456789abcdef", "make -C OvmfPkg")
+    builds = {"v3": (derive(base, b"firmgate-demo-v3"), "ovmf-demo-v3", key, "demo-v3"),
+              "v3-rogue": (derive(base, b"firmgate-demo-v3"), "ovmf-demo-v3", rogue, "demo-v3-rogue"),
+              "revoked": (derive(base, b"firmgate-demo-rv"), "ovmf-demo-rv", key, "demo-revoked")}
+    for name, (img, fwid, signer, eid) in builds.items():
+        digest = hashlib.sha384(img).hexdigest()
+        e = Endorsement(eid, fwid, digest, 3, "demo-publisher", now - 60, now + 30 * 86400, prov)
+        end = sign_endorsement(e, signer)
+        addons[name] = build_addon([(fwid, img)], extra_sections=[(".corim", end)])
+        digests[name], fwids[name] = digest, fwid
+        (ws / f"{name}.corim").write_bytes(end)
+    revocations = sign_revocations(Revocations("demo-publisher", now, frozenset({"demo-revoked"}), frozenset()), key)
+    public_pem = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                               serialization.PublicFormat.SubjectPublicKeyInfo)
+    return {"public_pem": public_pem, "revocations": revocations}
 
 
 def _summary(story: Story, result: dict[str, Any]) -> None:

@@ -15,7 +15,8 @@ from sim.demo import run_demo
 from verifier.errors import UsageError
 
 FW = "edk2-2022.11-OVMF.fd"   # the image Debian bookworm installs as /usr/share/ovmf/OVMF.fd
-EXPECTED = ["installed", "released", "denied", "denied", "committed", "released", "denied"]
+EXPECTED = ["installed", "released", "denied", "denied", "committed", "released", "denied",
+            "denied", "released", "denied"]
 
 
 def _check_story(result: dict[str, Any]) -> None:
@@ -37,6 +38,11 @@ def _check_story(result: dict[str, Any]) -> None:
     assert steps[4]["facts"]["commit"]
     assert steps[5]["facts"]["sent_addon"] is True and steps[1]["facts"]["sent_addon"] is False
     assert steps[6]["facts"]["variant"] == "PolicyDeny" and "firmware.min_svn" in steps[6]["facts"]["reason"]
+    # A publisher's fix: the same build signed by an untrusted key is denied, the endorsed one released
+    # with no commit to the owner's policy, a revoked build denied by name.
+    assert "no trusted publisher" in steps[7]["facts"]["reason"]
+    assert steps[8]["facts"]["policy_unchanged"] is True and steps[8]["facts"]["sent_addon"] is True
+    assert "demo-revoked" in steps[9]["facts"]["reason"] and "revoked" in steps[9]["facts"]["reason"]
 
 
 def test_demo_without_qemu(firmware_dir: Path, tmp_path: Path) -> None:
@@ -80,5 +86,5 @@ def test_demo_boots_each_firmware_under_qemu(firmware_dir: Path, tmp_path: Path)
     result = run_demo(str(firmware_dir / FW), str(tmp_path / "ws"), quiet=True)
     _check_story(result)
     installs = [s for s in result["steps"] if "launched" in s["facts"]]
-    assert len(installs) == 4 and all(s["facts"]["launched"] is True for s in installs)
+    assert len(installs) == 7 and all(s["facts"]["launched"] is True for s in installs)
     assert all(s["facts"]["boot_seconds"] > 0 for s in installs)
