@@ -408,7 +408,8 @@ def _story(story: Story, url: str, vm: Any, host: Any, addons: dict[str, bytes],
                 st.outcome, st.detail = "wrong firmware", f"in force {r.get('in_force')}, wanted {digests[which]}"
                 return
             booted = (f"booted under QEMU ({r.get('accel')}, {r.get('boot_seconds') or 0:.1f}s)"
-                      if r.get("launched") else "not booted (no QEMU)")
+                      if r.get("launched") else
+                      "already in force, not relaunched" if have_qemu else "not booted (no QEMU)")
             st.outcome = "installed"
             st.detail = (f"{r.get('fwid')} in force, {booted}; simulated host measures MEASUREMENT "
                          f"{launch.measurement.hex()[:24]}…")
@@ -514,8 +515,15 @@ def _publisher_builds(ws: Path, base: bytes, addons: dict[str, bytes], digests: 
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from verifier.endorse.corim import Endorsement, Provenance, Revocations, sign_endorsement, sign_revocations
+    from verifier.endorse.corim import (
+        Endorsement,
+        Provenance,
+        Revocations,
+        sign_endorsement,
+        sign_revocations,
+    )
     from verifier.firmware.addon import build_addon
+
     key, rogue = ec.generate_private_key(ec.SECP384R1()), ec.generate_private_key(ec.SECP384R1())
     now = int(time.time())
     prov = Provenance("https://example.com/demo-publisher/edk2.git", "0123456789abcdef", "make -C OvmfPkg")

@@ -86,5 +86,8 @@ def test_demo_boots_each_firmware_under_qemu(firmware_dir: Path, tmp_path: Path)
     result = run_demo(str(firmware_dir / FW), str(tmp_path / "ws"), quiet=True)
     _check_story(result)
     installs = [s for s in result["steps"] if "launched" in s["facts"]]
-    assert len(installs) == 7 and all(s["facts"]["launched"] is True for s in installs)
-    assert all(s["facts"]["boot_seconds"] > 0 for s in installs)
+    # Step 9 installs the same firmware bytes step 8 installed (only the .corim section differs):
+    # host-install finds them in force and does not relaunch.
+    booted = [s for s in installs if s["n"] != 9]
+    assert len(installs) == 7 and all(s["facts"]["launched"] is True for s in booted)
+    assert all(s["facts"]["boot_seconds"] > 0 for s in booted)
