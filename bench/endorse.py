@@ -12,6 +12,7 @@ and a simulated Milan report. Prints a table:
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import os
 import sys
@@ -92,13 +93,13 @@ def main() -> int:
                 loaded.table.add_endorsed(image, (_endorsement(key, digest),))
             v = appraise(verified, loaded)
             assert v.accepted, [c.message for c in v.checks if c.outcome.value == "fail"]
-            t, n = per_call(lambda lp=loaded: appraise(verified, lp), args.seconds)
+            t, n = per_call(functools.partial(appraise, verified, loaded), args.seconds)
             rows.append((f"appraise, {'listed' if listed else 'endorsed'} build (bytes measured)", t, n))
     for curve, alg in ((ec.SECP256R1(), "ES256"), (ec.SECP384R1(), "ES384")):
         k = ec.generate_private_key(curve)
         raw = _endorsement(k, digest)
         rule = PublisherRule("acme", key_id(k.public_key()).hex(), key=k.public_key())
-        t, n = per_call(lambda r=rule, b=raw: admit([r], b, digest), args.seconds)
+        t, n = per_call(functools.partial(admit, [rule], raw, digest), args.seconds)
         rows.append((f"admit (cold, once per build): {alg}, {len(raw)} bytes", t, n))
     print(f"{'operation':58} {'per call':>12} {'calls':>8}")
     for name, t, n in rows:

@@ -488,14 +488,18 @@ def _story(story: Story, url: str, vm: Any, host: Any, addons: dict[str, bytes],
     story.step("guest asks for v1 again (a downgrade), attests", "denied",
                lambda st: (do_install("v1", by="guest")(st), st.outcome == "installed" and do_attest("v1")(st)))
     # A fix rolls out with no commit to the owner's policy: the publisher's endorsement admits it.
+    def update_and_attest(which: str) -> Callable[[Step], None]:
+        def run(st: Step) -> None:
+            do_install(which, by="guest")(st)
+            if st.outcome == "installed":
+                do_attest(which, send_addon=True)(st)
+        return run
+
     story.step("the publisher's v3 build, signed by an untrusted key: guest updates, attests", "denied",
-               lambda st: (do_install("v3-rogue", by="guest")(st),
-                           st.outcome == "installed" and do_attest("v3-rogue", send_addon=True)(st)))
+               update_and_attest("v3-rogue"))
     def endorsed_fix(st: Step) -> None:
         head = _git(repo, "rev-parse", "--short", "HEAD")
-        do_install("v3", by="guest")(st)
-        if st.outcome == "installed":
-            do_attest("v3", send_addon=True)(st)
+        update_and_attest("v3")(st)
         unchanged = _git(repo, "rev-parse", "--short", "HEAD") == head and not _git(repo, "status", "--porcelain")
         st.facts.update(policy_commit=head, policy_unchanged=unchanged)
         if st.outcome == "released":
@@ -503,9 +507,7 @@ def _story(story: Story, url: str, vm: Any, host: Any, addons: dict[str, bytes],
                           if unchanged else "; BUT the policy repo changed")
 
     story.step("publisher issues v3 (svn 3) with its endorsement: guest updates, attests", "released", endorsed_fix)
-    story.step("a build its publisher revoked: guest updates, attests", "denied",
-               lambda st: (do_install("revoked", by="guest")(st),
-                           st.outcome == "installed" and do_attest("revoked", send_addon=True)(st)))
+    story.step("a build its publisher revoked: guest updates, attests", "denied", update_and_attest("revoked"))
 
 
 def _publisher_builds(ws: Path, base: bytes, addons: dict[str, bytes], digests: dict[str, str],
