@@ -214,6 +214,8 @@ HOSTILE = {
     "bool alg": cbor2.dumps(cbor2.CBORTag(18, [cbor2.dumps({1: True, 4: b"k" * 32}), {}, b"", b""])),
     "short kid": cbor2.dumps(cbor2.CBORTag(18, [cbor2.dumps({1: -35, 4: b"k"}), {}, b"", b""])),
     "too large": b"\x40" * (MAX_ENDORSEMENT_SIZE + 1),
+    "corim-meta not a bstr": cbor2.dumps(cbor2.CBORTag(18, [cbor2.dumps(
+        {1: -7, 3: "application/rim+cbor", 4: b"k" * 32, 8: cbor2.CBORTag(1, 5)}), {}, b"\xa0", b""])),
     "invalid utf-8": bytes.fromhex("62ff00"),
 }
 

@@ -29,6 +29,8 @@ class EndorsementFormatError(EvidenceError):
 
 def loads(data: bytes, what: str, limit: int) -> Any:
     """One CBOR item, the whole of `data`, decoded strictly; EndorsementFormatError otherwise."""
+    if not isinstance(data, (bytes, bytearray)):
+        raise EndorsementFormatError(f"{what} must be a byte string, not {type(data).__name__}")
     if len(data) > limit:
         raise EndorsementFormatError(f"{what} is {len(data)} bytes; at most {limit}")
     if not data:

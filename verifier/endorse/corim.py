@@ -252,8 +252,8 @@ def parse_signed(data: bytes) -> SignedEndorsement:
     s1 = parse_sign1(data, "endorsement", MAX_ENDORSEMENT_SIZE)
     if s1.protected.get(HDR_CONTENT_TYPE) != CONTENT_TYPE:
         raise _fail("protected header", f"content type must be {CONTENT_TYPE!r}")
-    if HDR_CORIM_META not in s1.protected:
-        raise _fail("protected header", "corim-meta (8) is missing")
+    if not isinstance(s1.protected.get(HDR_CORIM_META), bytes):
+        raise _fail("protected header", "corim-meta (8) must be a byte string (bstr .cbor corim-meta-map)")
     spki = s1.protected.get(HDR_SPKI)
     if spki is not None and (not isinstance(spki, bytes) or len(spki) > 1024):
         raise _fail("protected header", f"{HDR_SPKI} must be a SubjectPublicKeyInfo DER byte string")
