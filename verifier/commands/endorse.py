@@ -92,13 +92,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
         constraint_failure,
         verify_with,
     )
-    from ..endorse.corim import MAX_ENDORSEMENT_SIZE
+    from ..endorse.corim import MAX_ENDORSEMENT_SIZE, parse_signed
     from ..endorse.cose import key_id, load_public_key
     from ..measure.launch import Shape, measurement_table
     from .firmware import _firmware_from_file, read_bounded
     data = read_bounded(args.endorsement, MAX_ENDORSEMENT_SIZE, "endorsement")
     key = load_public_key(read_bounded(args.key, MAX_KEY_FILE, "key"), args.key)
     rule = PublisherRule(name=args.key, key_sha256=key_id(key).hex(), key=key)
+    parse_signed(data)   # bytes that are no endorsement at all: bad input (exit 2), not a rejection
     problems: list[str] = []
     try:
         _, signed = verify_with(data, [rule])

@@ -18,7 +18,8 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     e = psub.add_parser("export", help="write a tenant's reference table (firmware x shape -> MEASUREMENT, svn) "
                                        "as a CoRIM (AMD SEV-SNP profile) for other verifiers")
     e.add_argument("--corim", required=True, metavar="TENANT", help="the tenant whose table to export")
-    e.add_argument("--policies", required=True, metavar="FILE_OR_DIR", help="the tenant's policy file, or a directory")
+    e.add_argument("--policies", default="policies", metavar="FILE_OR_DIR",
+                   help="the tenant's policy file, or a directory of them (default: ./policies)")
     e.add_argument("--key", metavar="PEM", help="sign it (COSE_Sign1, ES256/ES384) with this private key")
     e.add_argument("-o", "--output", required=True, metavar="OUT")
     e.set_defaults(func=export)
@@ -43,8 +44,10 @@ def check(args: argparse.Namespace) -> int:
             n_fw = sum(len(p.firmware) for p in report.policies)
             n_sh = sum(len(p.shapes) for p in report.policies)
             n_se = sum(len(p.secrets) for p in report.policies)
+            n_pub = sum(len(p.publishers) for p in report.policies)
             print(f"OK: {len(report.files)} policy file(s), tenants {', '.join(p.tenant for p in report.policies)}; "
-                  f"{n_fw} firmware, {n_sh} shape rule(s), {n_se} secret(s)")
+                  f"{n_fw} firmware, {n_sh} shape rule(s), {n_se} secret(s)"
+                  + (f", {n_pub} trusted publisher(s)" if n_pub else ""))
         else:
             print(f"FAIL: {len(report.errors)} error(s) in {len(report.files)} file(s)")
     return 0 if report.ok else 1
