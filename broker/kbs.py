@@ -221,11 +221,12 @@ def attest() -> Response:
         attested = st.appraiser.verify(parsed)
     except FirmgateError as exc:
         raise fail(f"evidence rejected: {exc.diagnostics()}", measurement) from None
+    # Others' uploads first (an endorsement kept through another replica may admit the guest's firmware).
+    sync_firmware(st, db)
     try:
         _guest_firmware(st, additional, sid)
     except FirmgateError as exc:
         raise fail(exc.diagnostics(), measurement) from None
-    sync_firmware(st, db)
 
     # Appraise for the hinted tenant, or for every tenant (an unmodified guest names none).
     candidates = [hint] if hint else st.appraiser.tenants()

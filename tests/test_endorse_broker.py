@@ -31,7 +31,7 @@ FW = "edk2-2022.11-OVMF.fd"
 SECRET = b"acme disk key"
 pytestmark = pytest.mark.slow   # five simulated VMs installed with real firmware: ~10 s of setup
 
-BUILDS = ("listed", "fix", "bad", "late", "inline")   # "bad": one image, denied under several endorsements
+BUILDS = ("listed", "fix", "bad", "late", "inline", "replica")   # "bad": one image, denied under several endorsements
 
 
 class World:
@@ -50,6 +50,7 @@ class World:
                               eid="acme-expired", valid=(now - 7200, now - 3600)),
             "late": signed(self.key, self.digests["late"], fwid="edk2-2026.10-acme.4", svn=4, eid="acme-late-4"),
             "inline": signed(self.key, self.digests["inline"], fwid="edk2-2026.11-acme.5", svn=5, eid="acme-in-5"),
+            "replica": signed(self.key, self.digests["replica"], fwid="edk2-2026.12-acme.6", svn=6, eid="acme-r-6"),
         }
         # The guest's add-on carries its endorsement in a .corim section (except "late", uploaded by the
         # admin API, and "inline", sent beside the add-on in additional_evidence).
@@ -104,17 +105,19 @@ path = "acme/key/disk"
         code, out = _cli(["secret", "put", "acme/key/disk", "--value", SECRET.decode(), "--db", db,
                           "--master-key-file", str(mkey)])
         assert code == 0, out
-        self.broker = LoopbackBroker({"POLICIES_DIR": str(pol), "DATABASE_URL": db,
-                                      "TRUST_ROOT_PEM": str(root / "ark.pem"), "MASTER_KEY_FILE": str(mkey)})
+        self.config = {"POLICIES_DIR": str(pol), "DATABASE_URL": db, "TRUST_ROOT_PEM": str(root / "ark.pem"),
+                       "MASTER_KEY_FILE": str(mkey)}
+        self.broker = LoopbackBroker(self.config)
         self.hosts: dict[str, SimSnpHost] = {}
         for k in self.images:
             vm = VmDir.create(root / f"vm-{k}", snp=True, launch_mode="plain", memory_mib=128)
             install(vm, self.addons[k], launch=False)   # host-install ignores the .corim section
             self.hosts[k] = SimSnpHost(vm, self.platform)
 
-    def fetch(self, which: str, *, addon: bool = True, endorsement: bytes | None = None) -> bytes:
+    def fetch(self, which: str, *, addon: bool = True, endorsement: bytes | None = None, url: str | None = None
+              ) -> bytes:
         key = TeeKey.generate()
-        s = KbsSession(self.broker.url)
+        s = KbsSession(url or self.broker.url)
         host = self.hosts[which if which in self.hosts else "bad"]
         attest(s, TsmSource(host.tsm()), key, addon=self.addons[which] if addon else None, endorsement=endorsement)
         return fetch_resource(s, "acme/key/disk", key)
@@ -191,3 +194,12 @@ def test_endorsement_beside_the_addon_in_additional_evidence(world: World) -> No
 
 def test_endorsement_that_is_no_cose_in_additional_evidence_is_refused(world: World) -> None:
     assert "no COSE_Sign1" in _denied(world, "listed", endorsement=b"not cbor")
+
+
+def test_an_endorsement_uploaded_to_one_replica_admits_firmware_at_another(world: World) -> None:
+    """Endorsements are kept in the shared database like firmware: a second broker on the same database
+    reads them (smallest blobs first) before the firmware they admit arrives there."""
+    status, _ = world.admin("/endorsements", world.ends["replica"])
+    assert status == 201
+    with LoopbackBroker(world.config) as replica:
+        assert world.fetch("replica", url=replica.url) == SECRET
