@@ -28,7 +28,10 @@ FW = "edk2-2022.11-OVMF.fd"     # 2 MiB with SEV metadata: the quickest real ima
 SHAPE = Shape(vcpus=1, vcpu_type="EPYC-v4")
 
 
-def policy_text(publishers: str, *, allowed: str = "", secrets: str = '[[secrets]]\npath = "acme/key/disk"\n') -> str:
+UNBOUND_SECRET = '[[secrets]]\npath = "acme/key/disk"\nunsafe_unbound = true   # tests: no ID block / kernel hashes\n'
+
+
+def policy_text(publishers: str, *, allowed: str = "", secrets: str = UNBOUND_SECRET) -> str:
     return f'''version = 1
 [firmware]
 min_svn = 1
@@ -101,6 +104,21 @@ def test_publisher_errors_name_file_and_line(pdir: tuple[Path, ec.EllipticCurveP
     assert policy is None
     assert any(e.line == line and re.search(why, e.why) for e in errors), \
         [(e.line, e.why) for e in errors]
+
+
+def test_secrets_for_publisher_builds_need_a_pinned_boot_chain(pdir: tuple[Path, ec.EllipticCurvePrivateKey]
+                                                               ) -> None:
+    """Release binding: a publisher's build in a shape without kernel hashes pins nothing unless the owner
+    says the publisher's builds enforce the boot chain (the owner is named here by a literal HOST_DATA)."""
+    d, _ = pdir
+    text = policy_text(publisher(), secrets='[[secrets]]\npath = "acme/key/disk"\n').replace(
+        "allow_simulated_platform = true", 'allow_simulated_platform = true\nhost_data = "' + "ab" * 32 + '"')
+    _, errors = parse_policy(text, d / "acme.toml")
+    assert any("publisher(s) acme in a shape without kernel hashes" in e.why for e in errors), errors
+    bound = text.replace('min_svn = 2\n', 'min_svn = 2\nenforces_boot_chain = "acme builds boot only signed UKIs"\n', 1)
+    policy, errors = parse_policy(bound, d / "acme.toml")
+    assert errors == [] and policy is not None
+    assert policy.publishers[0].enforces_boot_chain == "acme builds boot only signed UKIs"
 
 
 def test_revocation_list_must_verify_with_the_publisher_key(pdir: tuple[Path, ec.EllipticCurvePrivateKey]) -> None:
@@ -275,8 +293,8 @@ def test_store_keeps_endorsed_builds_across_reloads_and_a_raised_min_svn_drops_t
     assert loaded.table.lookup(measured) is not None
     facts = {"tenant": "acme", "firmware": {"id": "edk2-2022.11-acme.1", "sha384": digest}}
     verdict = Verdict(checks=(CheckResult("firmware.measurement", Outcome.PASS, "matched"),), facts=facts)
-    assert release_allowed(loaded, verdict, "acme/key/disk") == (
-        True, "firmware edk2-2022.11-acme.1 (svn 2) may receive acme/key/disk")
+    ok, why = release_allowed(loaded, verdict, "acme/key/disk")
+    assert ok and why.endswith("firmware edk2-2022.11-acme.1 (svn 2) may receive acme/key/disk")
     # Same policy, rewritten (a new commit, say): the build is re-admitted from the store's copy.
     (d / "acme.toml").write_text(policy_text(publisher()) + "\n# touched\n")
     store.refresh(force=True)

@@ -8,6 +8,9 @@
     min_svn = 3                             # optional: endorsements below are refused
     expires = 2027-06-30                    # optional: the trust ends (TOML date or offset date-time)
     revocations = "publishers/acme.revoked" # optional: the publisher's signed revocation list (needs `key`)
+    enforces_boot_chain = "..."             # optional: the owner's reason why these builds pin what they
+                                            #   boot (release binding, docs/policy.md); else only shapes
+                                            #   with kernel hashes bind their launches
 
 Parsed into `verifier.endorse.admit.PublisherRule`s, kept on TenantPolicy.publishers.
 Every key file and revocation list is read and checked at load (a revocation
@@ -28,7 +31,7 @@ from .policy import MAX_LIST, P, _Errors, _int, _str, _table
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ +-]{0,63}$")
 FWID_GLOB_RE = re.compile(r"^[A-Za-z0-9._+*?\[\]!-]{1,64}$")
 MAX_KEY_FILE = 16 * 1024
-KEYS = {"name", "key", "key_sha256", "fwid", "min_svn", "expires", "revocations"}
+KEYS = {"name", "key", "key_sha256", "fwid", "min_svn", "expires", "revocations", "enforces_boot_chain"}
 
 
 def _inside(errs: _Errors, p: P, loc: str | None) -> str | None:
@@ -155,10 +158,34 @@ def parse_publishers(errs: _Errors, firmware: Any, base: Path, *, check_files: b
                         revocations = read_revocations(s1)
                     except FirmgateError as exc:
                         errs.add(p + ("revocations",), f"revocation list {loc!r}: {exc.diagnostics()}")
+        chain: str | None = None
+        if "enforces_boot_chain" in t:   # the same rule as firmware.allowed's
+            chain = _str(errs, p + ("enforces_boot_chain",), t["enforces_boot_chain"])
+            if chain is not None and not 8 <= len(chain.strip()) <= 500:
+                errs.add(p + ("enforces_boot_chain",), "enforces_boot_chain is the owner's reason (8-500 "
+                         "characters) why this publisher's builds boot only what the owner allows")
+                chain = None
         if name is not None and pattern is not None and kid is not None and (min_svn is not None or "min_svn" not in t) \
                 and (expires is not None or "expires" not in t):
             names[name] = i
             out.append(PublisherRule(name=name, key_sha256=kid, fwid_pattern=pattern, min_svn=min_svn,
-                                     expires=expires, key=key, revocations=revocations))
+                                     expires=expires, key=key, revocations=revocations,
+                                     enforces_boot_chain=chain.strip() if chain else None))
     return tuple(out)
 
+
+
+def unbound_publisher_secrets(publishers: tuple[PublisherRule, ...], shapes: tuple[Any, ...],
+                              secrets: tuple[Any, ...]) -> list[tuple[P, str]]:
+    """(path, reason) for each secret a publisher's build could receive in a launch that pins nothing:
+    a shape without kernel hashes and a publisher the owner has not said enforces the boot chain.
+    (Whether the launch names its owner is binding.unbound_secrets' check, for every secret.)
+    Secrets limited to listed firmware (`firmware = [...]`) never go to endorsed builds."""
+    loose = [p.name for p in publishers if not p.enforces_boot_chain]
+    if not loose or all(s.kernel is not None for s in shapes):
+        return []
+    return [(("secrets", i), f"secret {s.path!r} could be released to firmware of publisher(s) {', '.join(loose)} "
+                             "in a shape without kernel hashes, which boots whatever the disk holds (add "
+                             "[shapes.kernel] hashes, or enforces_boot_chain = \"<reason>\" on the publisher); "
+                             "or say unsafe_unbound = true to accept that risk")
+            for i, s in enumerate(secrets) if s.firmware is None and not s.unsafe_unbound]

@@ -170,7 +170,8 @@ class ReferenceTable:
                 raise EndorsementRefused(f"{who}: fwid {e.fwid} is already admitted with another digest")
             if len(self._measured) >= MAX_KNOWN_FIRMWARE:
                 raise FirmwareError(f"at most {MAX_KNOWN_FIRMWARE} firmware images per policy")
-        fw = FirmwareEntry(e.fwid, digest, e.svn, ENDORSED)
+        rule = next((p for p in self.policy.publishers if p.key_sha256 == adm.key_sha256), None)
+        fw = FirmwareEntry(e.fwid, digest, e.svn, ENDORSED, rule.enforces_boot_chain if rule is not None else None)
         table = measurement_table(payload, self.shapes, cache=self._cache)  # type: ignore[arg-type]
         claimed = dict(e.measurements)
         for shape, m in table.items():   # cross-check only: ours is the reference

@@ -53,6 +53,8 @@ class PublisherRule:
     expires: int | None = None                        # trust in this publisher ends (epoch seconds)
     key: ec.EllipticCurvePublicKey | None = field(default=None, compare=False, repr=False)
     revocations: Revocations | None = None
+    # The owner's statement that this publisher's builds pin what they boot (verifier/appraise/binding.py).
+    enforces_boot_chain: str | None = None
 
 
 @dataclass(frozen=True)
