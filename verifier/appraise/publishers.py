@@ -184,8 +184,7 @@ def unbound_publisher_secrets(publishers: tuple[PublisherRule, ...], shapes: tup
     loose = [p.name for p in publishers if not p.enforces_boot_chain]
     if not loose or all(s.kernel is not None for s in shapes):
         return []
-    return [(("secrets", i), f"secret {s.path!r} could be released to firmware of publisher(s) {', '.join(loose)} "
-                             "in a shape without kernel hashes, which boots whatever the disk holds (add "
-                             "[shapes.kernel] hashes, or enforces_boot_chain = \"<reason>\" on the publisher); "
-                             "or say unsafe_unbound = true to accept that risk")
+    why = ("in a shape without kernel hashes, which boots whatever the disk holds (add [shapes.kernel] hashes, "
+           "or enforces_boot_chain = \"<reason>\" on the publisher); or say unsafe_unbound = true to accept that risk")
+    return [(("secrets", i), f"secret {s.path!r} could be released to firmware of publisher(s) {', '.join(loose)} {why}")
             for i, s in enumerate(secrets) if s.firmware is None and not s.unsafe_unbound]
