@@ -116,6 +116,9 @@ def rm_secret(repo: str, rtype: str, tag: str) -> Response:
     return jsonify({"path": str(path), "removed": True})
 
 
+ENDORSEMENT_MAX_BYTES = 64 * 1024   # verifier.endorse.corim.MAX_ENDORSEMENT_SIZE
+
+
 @bp.post("/firmware")
 def upload_firmware() -> tuple[Response, int]:
     tenant = _tenant()
@@ -140,6 +143,26 @@ def upload_firmware() -> tuple[Response, int]:
     audit.record(orm, event="admin", outcome="ok", reason="firmware uploaded: " + ", ".join(digests),
                  tenant=tenant)
     return jsonify({"sha384": digests}), 201
+
+
+@bp.post("/endorsements")
+def upload_endorsement() -> tuple[Response, int]:
+    """A firmware publisher's signed endorsement (CoRIM in COSE_Sign1), kept for the firmware it
+    endorses; refused unless some tenant's policy trusts its signer (docs/endorsements.md)."""
+    tenant = _tenant()
+    request.max_content_length = ENDORSEMENT_MAX_BYTES
+    blob = request.get_data(cache=False)
+    if blob[:1] != b"\xd2":
+        raise ApiError("BadRequest", "the request body must be an endorsement (a tagged COSE_Sign1)", 400)
+    orm = get_orm()
+    try:
+        taken = store_firmware(state(), orm, blob, source=f"tenant:{tenant}")
+    except FirmgateError as exc:
+        audit.record(orm, event="admin", outcome="denied", reason=f"endorsement refused: {exc.diagnostics()}",
+                     tenant=tenant)
+        raise ApiError("EndorsementNotTrusted", exc.diagnostics(), 422) from None
+    audit.record(orm, event="admin", outcome="ok", reason="endorsement uploaded: " + ", ".join(taken), tenant=tenant)
+    return jsonify({"endorsement": taken[0].removeprefix("endorsement:")}), 201
 
 
 @bp.get("/audit")

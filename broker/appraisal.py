@@ -17,6 +17,7 @@ from verifier.verdict import Verdict
 from verifier.appraise.appraise import snp_claims  # the Trustee claim names, one source for EAR and token
 
 log = logging.getLogger(__name__)
+ENDORSEMENT_MAGIC = b"\xd2"   # CBOR tag 18 (COSE_Sign1): no PE add-on (MZ) or OVMF image starts so
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,9 @@ class Appraiser(Protocol):
 
     def add_firmware(self, data: bytes) -> list[str]:
         """Make firmware bytes (a UKI add-on or an image) available to appraisal; returns the
-        sha384 digests of the firmware images taken. Raises FirmwareError when no policy allows them."""
+        sha384 digests of the firmware images taken. Raises FirmwareError when no policy allows them.
+        A publisher's endorsement (a COSE_Sign1, CBOR tag 18) is taken the same way: kept for the
+        firmware it endorses; returns ["endorsement:<id>"]; raises TrustError when no policy trusts it."""
 
     def lists_firmware(self, tenant: str, data: bytes) -> bool:
         """Whether `tenant`'s own policy allows (lists, not revoked) the firmware in `data`; raises
@@ -159,6 +162,9 @@ class VerifierAppraiser:
 
     def add_firmware(self, data: bytes) -> list[str]:
         from verifier.appraise.reference import extract_firmware
+        if data[:1] == ENDORSEMENT_MAGIC:
+            self._store.refresh()
+            return [f"endorsement:{self._store.add_endorsement(data)}"]
         payload = extract_firmware(data)  # FirmwareError for something that is no firmware
         # Policies first (at most one re-read a second): the owner may have just listed this digest.
         self._store.refresh()

@@ -141,13 +141,22 @@ def _guest_firmware(st: BrokerState, additional: str, session_id: str) -> None:
     blob_b64 = item.get("addon") if isinstance(item, dict) else None
     if not isinstance(blob_b64, str):
         raise ApiError("AttestationError", f"additional_evidence.{FIRMWARE_KEY} must be {{\"addon\": base64}}")
+    # Optional: a publisher's endorsement of the add-on's firmware, when the add-on does not carry it.
+    end_b64 = item.get("endorsement")
+    if end_b64 is not None and not isinstance(end_b64, str):
+        raise ApiError("AttestationError", f"additional_evidence.{FIRMWARE_KEY}.endorsement must be base64")
     try:
         blob = base64.b64decode(blob_b64, validate=True)
+        endorsement = base64.b64decode(end_b64, validate=True) if end_b64 else None
     except (binascii.Error, ValueError):
-        raise ApiError("AttestationError", f"additional_evidence.{FIRMWARE_KEY}.addon is not base64") from None
+        raise ApiError("AttestationError", f"additional_evidence.{FIRMWARE_KEY} is not base64") from None
     if st.appraiser is None:
         return
     from .firmware_store import store_firmware
+    if endorsement is not None:
+        if endorsement[:1] != b"\xd2":
+            raise ApiError("AttestationError", f"additional_evidence.{FIRMWARE_KEY}.endorsement is no COSE_Sign1")
+        store_firmware(st, get_orm(), endorsement, source=f"guest:{session_id}")
     store_firmware(st, get_orm(), blob, source=f"guest:{session_id}")
 
 
@@ -229,13 +238,14 @@ def attest() -> Response:
     except FirmgateError as exc:
         raise reject(f"evidence rejected: {exc.diagnostics()}") from None
     measurement = attested.measurement.hex()  # a fact from here on: the signature covers it
+    # Others' uploads first (an endorsement kept through another replica may admit the guest's firmware).
+    sync_firmware(st, db)
     try:
         _guest_firmware(st, additional, sid)
     except FirmgateError as exc:
         nonces.mark_failed(db, sid)
         raise _deny(db, "AttestationError", exc.diagnostics(), event="attest", session_id=sid, tenant=hint,
                     measurement=measurement) from None
-    sync_firmware(st, db)
 
     # Appraise for the hinted tenant, or for every tenant (an unmodified guest names none).
     candidates = [hint] if hint else st.appraiser.tenants()

@@ -98,6 +98,13 @@ def openapi_document() -> dict[str, Any]:
                     "schema": {"type": "string", "format": "binary"}}}},
                 "responses": {"201": _json(obj), "400": _err("empty"), "401": _err("no or bad token"),
                               "413": _err("too large"), "422": _err("no policy allows this firmware")}}},
+            "/admin/v0/endorsements": {"post": {
+                "summary": "Upload a firmware publisher's signed endorsement (CoRIM in COSE_Sign1) some policy trusts",
+                "security": _BEARER,
+                "requestBody": {"required": True, "content": {"application/octet-stream": {
+                    "schema": {"type": "string", "format": "binary"}}}},
+                "responses": {"201": _json(obj), "400": _err("not an endorsement"), "401": _err("no or bad token"),
+                              "413": _err("too large"), "422": _err("no policy trusts its signer")}}},
             "/admin/v0/audit": {"get": {
                 "summary": "The calling tenant's audit records (the operator sees all)",
                 "security": _BEARER,

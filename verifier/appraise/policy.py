@@ -31,6 +31,7 @@ from ..measure.launch import VMMS as _MEASURE_VMMS
 from .lines import LineIndex
 
 if TYPE_CHECKING:
+    from ..endorse.admit import PublisherRule
     from .report_rules import ReportRules
 
 FORMAT_VERSION = 1
@@ -177,6 +178,8 @@ class TenantPolicy:
     base_dir: str = field(default=".", compare=False)
     id_block: IdBlockRules = field(default_factory=IdBlockRules)
     report_rules: ReportRules | None = None   # [report] (verifier.appraise.report_rules); None: none checked
+    # [[firmware.publishers]] (publishers.py): admit builds not listed above, on a signed endorsement.
+    publishers: tuple[PublisherRule, ...] = ()
 
     def firmware_by_id(self, fwid: str) -> FirmwareEntry | None:
         return next((f for f in self.firmware if f.id == fwid), None)
@@ -330,14 +333,15 @@ def _firmware(errs: _Errors, doc: dict[str, Any]
     if "firmware" not in doc:
         errs.add(("firmware",), "missing [firmware] (with at least one [[firmware.allowed]] entry)")
         return [], None, frozenset()
-    fw = _table(errs, ("firmware",), doc["firmware"], {"allowed", "revoked", "min_svn"})
+    fw = _table(errs, ("firmware",), doc["firmware"], {"allowed", "revoked", "min_svn", "publishers"})
     min_svn = _int(errs, ("firmware", "min_svn"), fw["min_svn"], 0, 2**32 - 1) if "min_svn" in fw else None
     entries: list[tuple[int, FirmwareEntry]] = []   # (index in firmware.allowed, entry)
     seen_ids: dict[str, int] = {}
     seen_digests: dict[str, str] = {}
     allowed = fw.get("allowed")
     if allowed is None or allowed == []:
-        errs.add(("firmware",), "no [[firmware.allowed]] entry: nothing could ever match")
+        if not fw.get("publishers"):  # a policy may trust publishers only
+            errs.add(("firmware",), "no [[firmware.allowed]] or [[firmware.publishers]] entry: nothing could ever match")
     elif not isinstance(allowed, list):
         errs.add(("firmware", "allowed"), f"must be an array of tables ([[firmware.allowed]]), not {_tname(allowed)}")
     else:
@@ -673,11 +677,16 @@ def parse_policy(text: str | bytes, path: str | Path, *, tenant: str | None = No
     platform = _platform(errs, top)
     guest = _guest(errs, top)
     secrets = _secrets(errs, top, tenant, {f.id for f in firmware})
+    from .publishers import parse_publishers  # its own module; imports this one's helpers
+    publishers = parse_publishers(errs, top.get("firmware"), Path(spath).parent, check_files=check_files)
     from .binding import id_block_rules, unbound_secrets
     id_rules = id_block_rules(errs, top)
     if not any(p[:1] == ("firmware",) or p[:1] == ("shapes",) or p[:1] == ("secrets",) for p, _ in errs.items):
         # Only a policy whose firmware, shapes and secrets parsed can be judged for binding.
         for p, why in unbound_secrets(firmware, shapes, platform, id_rules, secrets, revoked, min_svn):
+            errs.add(p, why)
+        from .publishers import unbound_publisher_secrets   # the same rule for builds publishers endorse
+        for p, why in unbound_publisher_secrets(publishers, shapes, secrets):
             errs.add(p, why)
     # Imported here: report_rules builds on this module's helpers.
     from .report_rules import parse_report_rules
@@ -696,7 +705,7 @@ def parse_policy(text: str | bytes, path: str | Path, *, tenant: str | None = No
         tenant=tenant, path=spath, digest=hashlib.sha256(raw).hexdigest(), description=description,
         firmware=firmware, min_firmware_svn=min_svn, revoked=revoked, shapes=shapes, platform=platform,
         guest=guest, secrets=secrets, base_dir=str(Path(spath).parent), id_block=id_rules,
-        report_rules=report_rules)
+        report_rules=report_rules, publishers=publishers)
     return policy, []
 
 
