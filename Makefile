@@ -25,5 +25,16 @@ demo: $(STAMP)
 bench: $(STAMP)
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
 
+# ruff (rules in pyproject.toml) and mypy --strict over every package.
+LINT_PATHS := verifier broker host_install guest sim
+LINT_STAMP := $(VENV)/.installed-lint
+$(LINT_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e '.[lint]'
+	touch $(LINT_STAMP)
+
+lint: $(LINT_STAMP)
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/mypy --strict $(LINT_PATHS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -64,7 +64,7 @@ def add_tenant() -> tuple[Response, int]:
         raise ApiError("Forbidden", "only the operator token may create tenants", 403)
     body = json_body("BadRequest", 400)
     name = body.get("name")
-    if not valid_name(name):
+    if not isinstance(name, str) or not valid_name(name):
         raise ApiError("BadRequest", "name must be 1-64 of [A-Za-z0-9._-]", 400)
     orm = get_orm()
     try:

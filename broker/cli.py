@@ -87,7 +87,7 @@ def cmd_tenant_add(args: argparse.Namespace) -> int:
 
 def _read_value(args: argparse.Namespace) -> bytes:
     if args.value is not None:
-        return args.value.encode()
+        return str(args.value).encode()
     if args.file:
         try:
             return Path(args.file).read_bytes()
@@ -137,7 +137,7 @@ def cmd_secret_rm(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: "argparse._SubParsersAction[Any]") -> None:
+def register(sub: argparse._SubParsersAction[Any]) -> None:
     p = sub.add_parser("serve", help="run the key broker (development server)")
     p.add_argument("--policies", default=os.environ.get("FIRMGATE_POLICIES", "policies"), metavar="DIR")
     p.add_argument("--host", default="127.0.0.1")

@@ -32,8 +32,8 @@ from .db import now_ms
 from .errors import ApiError
 from .jwe import encrypt, load_tee_pubkey
 from .limits import json_body, valid_name
-from .release import decide, summarize_failures
 from .nonces import Db
+from .release import decide, summarize_failures
 from .runtime_data import check_host_data, check_report_data, expected_report_data, initdata_host_data
 from .state import BrokerState, get_db, get_orm, state, sync_firmware
 from .tokens import TokenError, ear_claims, tee_pubkey_from_claims
@@ -358,11 +358,11 @@ def resource(repo: str, rtype: str, tag: str) -> Response:
     # Audit rows of a tenant-less denial go to the operator only: no tenant learns of other tenants' probes.
     audit_tenant = tenant if policy_id is not None else None
     if not decision.allowed:
-        err = _deny(db, decision.variant, decision.reason, event="deny", tenant=audit_tenant,
-                    session_id=row.id, resource=path, verdict=verdict, verdict_text=text,
-                    measurement=row.measurement)
-        err.detail = decision.public
-        raise err
+        refused = _deny(db, decision.variant, decision.reason, event="deny", tenant=audit_tenant,
+                        session_id=row.id, resource=path, verdict=verdict, verdict_text=text,
+                        measurement=row.measurement)
+        refused.detail = decision.public
+        raise refused
     value = vault.get_secret(db, st.box, tenant, vault.ResourcePath(repo, rtype, tag))
     if value is None:
         # Trustee answers a missing resource with 401 PluginInternalError; the guest was allowed it.

@@ -20,7 +20,7 @@ def _json(schema: dict[str, Any], desc: str = "OK") -> dict[str, Any]:
     return {"description": desc, "content": {"application/json": {"schema": schema}}}
 
 
-_BEARER = [{"apiToken": []}]
+_BEARER: list[dict[str, list[str]]] = [{"apiToken": []}]
 _RES_PARAMS = [{"name": n, "in": "path", "required": True,
                 "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"}}
                for n in ("repository", "type", "tag")]

@@ -26,7 +26,7 @@ class BindingError(EvidenceError):
 
 
 def expected_report_data(nonce: str, tee_pubkey: dict[str, Any], additional_evidence: str) -> bytes:
-    obj = {"additional-evidence": additional_evidence, "nonce": nonce, "tee-pubkey": tee_pubkey}
+    obj: dict[str, Any] = {"additional-evidence": additional_evidence, "nonce": nonce, "tee-pubkey": tee_pubkey}
     digest = hashlib.sha384(rfc8785.dumps(obj)).digest()
     return digest.ljust(REPORT_DATA_SIZE, b"\0")
 

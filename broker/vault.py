@@ -9,9 +9,10 @@ import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
+from typing import Any, cast
 
-from sqlalchemy import bindparam, delete, select
-from sqlalchemy.engine import Connection
+from sqlalchemy import Table, bindparam, delete, select
+from sqlalchemy.engine import Connection, CursorResult
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session as OrmSession
 
@@ -35,7 +36,7 @@ class ResourcePath:
     tag: str
 
     @classmethod
-    def parse(cls, text: str) -> "ResourcePath":
+    def parse(cls, text: str) -> ResourcePath:
         parts = text.split("/")
         if len(parts) != 3 or not all(valid_name(p) for p in parts):
             raise VaultError(f"resource path {text!r} must be REPO/TYPE/TAG of [A-Za-z0-9._-]")
@@ -104,7 +105,7 @@ def put_secret(orm: OrmSession, box: SecretBox, tenant: str, path: ResourcePath,
 
 # Built once from the table's columns: /resource runs it on every release (ORM attributes would
 # send it through the ORM's compile path each time).
-_S = Secret.__table__
+_S = cast(Table, Secret.__table__)
 _GET_SECRET = select(_S.c.nonce, _S.c.ciphertext).where(_S.c.tenant == bindparam("tenant"), _S.c.path == bindparam("path"))
 
 
@@ -124,4 +125,4 @@ def list_secrets(orm: OrmSession, tenant: str) -> list[dict[str, object]]:
 def rm_secret(orm: OrmSession, tenant: str, path: ResourcePath) -> bool:
     res = orm.execute(delete(Secret).where(Secret.tenant == tenant, Secret.path == str(path)))
     orm.commit()
-    return bool(res.rowcount)
+    return bool(cast("CursorResult[Any]", res).rowcount)  # a DELETE returns a CursorResult

@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from verifier.cli import print_json, run
 
@@ -32,7 +31,7 @@ def _read_addon(path: str) -> bytes:
         raise InstallError(f"add-on {path} is a directory", "pass the add-on file itself") from None
 
 
-def _print_result(args: argparse.Namespace, result: "InstallResult") -> int:
+def _print_result(args: argparse.Namespace, result: InstallResult) -> int:
     if args.json:
         print_json(result.to_dict())
     else:
@@ -111,7 +110,7 @@ def _cmd_listen(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_commands(sub: "argparse._SubParsersAction[Any]") -> None:
+def _add_commands(sub: argparse._SubParsersAction[Any]) -> None:
     def common(p: argparse.ArgumentParser, launch_help: str) -> None:
         p.add_argument("--vm", required=True, metavar="DIR", help="the VM directory (holds vm.toml)")
         p.add_argument("--json", action="store_true", help="print JSON")
@@ -138,7 +137,7 @@ def _add_commands(sub: "argparse._SubParsersAction[Any]") -> None:
     p.set_defaults(func=_cmd_listen)
 
 
-def register(sub: "argparse._SubParsersAction[Any]") -> None:
+def register(sub: argparse._SubParsersAction[Any]) -> None:
     """Add `firmgate host-install ...`."""
     p = sub.add_parser("host-install", help="install guest-supplied firmware into a VM's ROM and relaunch it")
     inner = p.add_subparsers(dest="host_install_command", metavar="ACTION", parser_class=type(p))

@@ -23,9 +23,10 @@ import os
 import secrets
 import signal
 import sys
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from . import qemu
 from .errors import BootFailed, InstallError, InstallFailed, RecoveryNeeded, VmBusy

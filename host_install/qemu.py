@@ -146,7 +146,7 @@ def launch(vm: VmDir, accel: str | None = None) -> int:
     vm.pid_path.unlink(missing_ok=True)
     cmd = build_command(vm, accel)
     try:
-        proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True,
                               timeout=LAUNCH_TIMEOUT, cwd=vm.path)
     except FileNotFoundError:
         raise InstallFailed(f"QEMU binary {vm.config.qemu!r} not found",

@@ -173,7 +173,7 @@ class VmDir:
     config: VmConfig = field(default_factory=VmConfig)
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str]) -> "VmDir":
+    def open(cls, path: str | os.PathLike[str]) -> VmDir:
         p = Path(path).absolute()
         if not p.is_dir():
             raise VmDirError(f"VM directory {p} does not exist",
@@ -191,7 +191,7 @@ class VmDir:
         return vm
 
     @classmethod
-    def create(cls, path: str | os.PathLike[str], **config: Any) -> "VmDir":
+    def create(cls, path: str | os.PathLike[str], **config: Any) -> VmDir:
         """Make a VM directory with a vm.toml holding `config` (VmConfig's fields)."""
         p = Path(path).absolute()
         p.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@ import argparse
 from typing import Any
 
 
-def register(sub: "argparse._SubParsersAction[Any]") -> None:
+def register(sub: argparse._SubParsersAction[Any]) -> None:
     p = sub.add_parser("policy", help="owner policy files")
     psub = p.add_subparsers(dest="policy_command", metavar="ACTION")
     psub.required = True

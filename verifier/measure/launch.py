@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib.metadata import version as _dist_version
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
 
 from sevsnpmeasure import guest as _ssm_guest
 from sevsnpmeasure.gctx import GCTX
-from sevsnpmeasure.ovmf import FOUR_GB, OVMF, SectionType
+from sevsnpmeasure.ovmf import FOUR_GB, OVMF
 from sevsnpmeasure.sev_hashes import SevHashes
 from sevsnpmeasure.sev_mode import SevMode
 from sevsnpmeasure.vcpu_types import CPU_SIGS

@@ -53,7 +53,7 @@ class TrustStore:
     # is marked simulated in every result. Never populated by default.
     simulated_roots: tuple[x509.Certificate, ...] = ()
 
-    def with_simulated_root(self, root: x509.Certificate) -> "TrustStore":
+    def with_simulated_root(self, root: x509.Certificate) -> TrustStore:
         return TrustStore(pins=self.pins, simulated_roots=self.simulated_roots + (root,))
 
     def pin_for(self, product: Product, role: str) -> str:
