@@ -1,25 +1,33 @@
-# `make test` and `make demo` work on a fresh machine: they build the venv first.
+# `make test` and `make demo` work on a fresh Debian/Ubuntu machine: `deps` installs the system
+# packages (as root; otherwise it prints the apt-get command), then the venv is built.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo fuzz bench lint clean
+.PHONY: deps test demo fuzz bench lint clean
+
+# qemu-system-x86, ovmf, postgresql, git, python3-venv (scripts/deps.sh says why each).
+deps:
+	@scripts/deps.sh
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2
+# With no FIRMGATE_TEST_PG_URL, a throwaway PostgreSQL runs for the duration of the tests.
+# The last line says what was skipped and why.
+test: deps $(STAMP)
+	scripts/with-test-postgres.sh $(BIN)/python -m pytest -q -n 2
 
 # Longer fuzzing than `make test` does (FUZZ_SECONDS per target, default 120): atheris, every target.
 fuzz: $(STAMP)
 	$(BIN)/pip install -q -e '.[fuzz]'
 	PYTHONPATH=. $(BIN)/python -m fuzz.all --seconds $${FUZZ_SECONDS:-120}
 
-demo: $(STAMP)
+demo: deps $(STAMP)
 	$(BIN)/firmgate demo
 
 bench: $(STAMP)
@@ -37,4 +45,4 @@ lint: $(LINT_STAMP)
 	$(BIN)/mypy --strict $(LINT_PATHS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache .mypy_cache
