@@ -32,6 +32,7 @@ from typing import Any
 from verifier.errors import FirmgateError
 
 from .errors import BootFailed, ChannelError, InstallFailed
+from .listen_log import log_answer
 from .vm import VmDir
 
 REQUEST_MAGIC = b"FGUR"
@@ -163,6 +164,7 @@ class Listener:
             if not first:
                 return None
             conn.settimeout(READ_TIMEOUT)  # once a frame has started, a stalled peer is dropped
+            body_len: int | None = None
             try:
                 header, body = read_frame(conn, REQUEST_MAGIC, first)
             except ChannelError as exc:
@@ -171,7 +173,9 @@ class Listener:
                 answer = _answer_for_error(ChannelError(f"request not received: {exc}", "resend the request"))
             else:
                 conn.settimeout(None)  # an install with a relaunch takes as long as the boot timeout
+                body_len = len(body)
                 answer = handle_request(self.vm, header, body, launch=self.launch)
+            log_answer(answer, body_len)
             try:
                 conn.sendall(encode_frame(ANSWER_MAGIC, answer))
             except OSError:
@@ -185,6 +189,10 @@ class Listener:
                 n += 1
 
     def close(self) -> None:
+        try:  # wakes a thread blocked in accept(): close() alone leaves it waiting for the next peer
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.sock.close()
         self.path.unlink(missing_ok=True)
 

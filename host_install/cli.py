@@ -114,12 +114,29 @@ def _cmd_recover(args: argparse.Namespace) -> int:
     return _print_result(args, recover(args.vm, relaunch=not args.no_launch))
 
 
+def _log_requests_to_stderr() -> None:
+    """Each served request as one line on stderr (journald adds its own timestamp under systemd)."""
+    import logging
+
+    from .listen_log import log
+
+    if not any(getattr(h, "_firmgate_listen", False) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("host-install listen: %(message)s"))
+        handler._firmgate_listen = True  # type: ignore[attr-defined]
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
 def _cmd_listen(args: argparse.Namespace) -> int:
     from .channel import Listener
     from .vm import VmDir
 
     vm = VmDir.open(args.vm)
     listener = Listener(vm, launch=not args.no_launch)
+    progress.enable()
+    _log_requests_to_stderr()
     print(f"listening on {listener.path}", flush=True)
     try:
         listener.serve(args.max_requests)
