@@ -22,7 +22,6 @@ DEFAULTS: dict[str, Any] = {
     "MAX_CONTENT_LENGTH": 64 * 1024,  # every route, except the two below
     "ATTEST_MAX_BYTES": 16 * 1024 * 1024,  # evidence may carry a firmware add-on (OVMF is 2-4 MiB)
     "UPLOAD_MAX_BYTES": 16 * 1024 * 1024,  # firmware upload over the admin API
-    "SECRET_MAX_BYTES": 1024 * 1024,
     "APPRAISER": None,               # an appraisal.Appraiser; None: the real verifier over POLICIES_DIR
 }
 

@@ -23,6 +23,8 @@ from .limits import valid_name
 from .secretbox import SecretBox
 
 TOKEN_PREFIX = "fgt_"
+# The one limit on a secret value, for the admin API and `firmgate secret put` alike (docs/protocol.md).
+MAX_SECRET_BYTES = 1024 * 1024
 
 
 class VaultError(UsageError):
@@ -92,6 +94,8 @@ def put_secret(orm: OrmSession, box: SecretBox, tenant: str, path: ResourcePath,
     """Store (or replace) a secret; returns True if it replaced one."""
     if path.repo != tenant:
         raise VaultError(f"resource repository {path.repo!r} is not tenant {tenant!r}")
+    if len(value) > MAX_SECRET_BYTES:
+        raise VaultError(f"secret value is {len(value)} bytes; at most {MAX_SECRET_BYTES} (1 MiB)")
     nonce, ct = box.seal(tenant, str(path), value)
     t = now_ms()
     row = orm.execute(select(Secret).where(Secret.tenant == tenant, Secret.path == str(path))).scalar_one_or_none()

@@ -200,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     from verifier.cli import _Parser
 
     parser = _Parser(prog="host-install", description="install guest-supplied firmware into a VM's ROM")
-    parser.add_argument("--verbose", "-v", action="store_true", help="show tracebacks")
+    parser.add_argument("--verbose", "-v", action="store_true",
+                        help="also show the traceback of an error (the exit code stays the same)")
     sub = parser.add_subparsers(dest="host_install_command", metavar="ACTION", parser_class=_Parser)
     sub.required = True
     _add_commands(sub)

@@ -314,7 +314,7 @@ def run_demo(firmware: str | None = None, workdir: str | None = None, *, quiet: 
                       "MASTER_KEY_FILE": str(mkey), "MEASURE_CACHE": str(ws / "measure-cache")}
         try:
             with LoopbackBroker(broker_cfg) as broker:
-                story.say(f"broker         {broker.url} (firmgate broker, SQLite, trusting the simulated root)")
+                story.say(f"broker         {broker.url} (the `firmgate serve` broker app, SQLite, trusting the simulated root)")
                 with UpdateChannel(vm, launch=have_qemu) as channel:
                     story.say(f"update channel {channel.path} (host-install listen; the guest's requests arrive here)")
                     _story(story, broker.url, vm, host, addons, digests, fwids, repo, pol, have_qemu,
