@@ -50,7 +50,7 @@ def test_readme_names_only_commands_that_exist() -> None:
     assert named, "the README shows firmgate commands"
     assert named <= set(_commands()), named - set(_commands())
     assert "firmgate serve" in readme
-    for sub in re.findall(r"\bhost-install ([a-z]+)", readme):
+    for sub in re.findall(r"(?:^|`)host-install ([a-z]+)", code, re.M):  # commands, not prose
         assert sub in {"install", "status", "rollback", "recover", "listen", "init"}, sub
 
 
@@ -141,3 +141,19 @@ def test_secret_commands_share_one_size_limit_and_one_unknown_tenant_answer(tmp_
     listed = _run("firmgate", "secret", "list", "nobody", env=env)
     assert put.returncode == listed.returncode == 2
     assert put.stderr == listed.stderr == "error: no tenant nobody: run `firmgate tenant add nobody` first\n"
+
+
+def test_readme_vm_toml_example_parses_and_its_cpu_model_exists() -> None:
+    import shutil
+
+    from host_install.vm import parse_config
+
+    blocks = re.findall(r"```toml\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    assert len(blocks) == 1
+    cfg = parse_config(blocks[0], "README.md")
+    assert cfg.snp and cfg.cpu
+    qemu = shutil.which(cfg.qemu)
+    if qemu is None:
+        pytest.skip(f"{cfg.qemu} is not installed")
+    models = subprocess.run([qemu, "-cpu", "help"], capture_output=True, text=True, timeout=60).stdout
+    assert re.search(rf"^x86 {re.escape(cfg.cpu)}\s", models, re.M), f"this QEMU has no CPU model {cfg.cpu}"
