@@ -13,11 +13,22 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def _module_level(tree: ast.AST) -> list[ast.AST]:
+    found: list[ast.AST] = []
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        found.append(node)
+        todo += [c for c in ast.iter_child_nodes(node) if not isinstance(c, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    return found
+
+
 def _imports(path: Path, name: str, known: set[str]) -> set[str]:
-    """Project modules imported by a module, anywhere in it (TYPE_CHECKING blocks and functions too)."""
+    """Project modules a module imports at import time or for typing (TYPE_CHECKING blocks count; an import
+    inside a function, run only when called, does not)."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     out: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in _module_level(ast.parse(path.read_text())):
         targets: list[str] = []
         if isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
