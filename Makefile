@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: deps test demo fuzz bench lint clean
+.PHONY: deps test demo fuzz bench lint clean guest-image
 
 # qemu-system-x86, ovmf, postgresql, git, python3-venv (scripts/deps.sh says why each).
 deps:
@@ -17,9 +17,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
-# With no FIRMGATE_TEST_PG_URL, a throwaway PostgreSQL runs for the duration of the tests.
+# The real guest for the QEMU tests and the demo: Debian's kernel + firmgate's initramfs, built from
+# Debian packages (apt-get download) into ~/.cache/firmgate/guest-image ($FIRMGATE_GUEST_IMAGE).
+guest-image: $(STAMP)
+	$(BIN)/python -m guest.image build
+
+# Without the guest image (not Debian, no apt) its test skips and says why. With no
+# FIRMGATE_TEST_PG_URL, a throwaway PostgreSQL runs for the duration of the tests.
 # The last line says what was skipped and why.
 test: deps $(STAMP)
+	-$(BIN)/python -m guest.image build
 	scripts/with-test-postgres.sh $(BIN)/python -m pytest -q -n 2
 
 # Longer fuzzing than `make test` does (FUZZ_SECONDS per target, default 120): atheris, every target.
@@ -28,6 +35,7 @@ fuzz: $(STAMP)
 	PYTHONPATH=. $(BIN)/python -m fuzz.all --seconds $${FUZZ_SECONDS:-120}
 
 demo: deps $(STAMP)
+	-$(BIN)/python -m guest.image build
 	$(BIN)/firmgate demo
 
 bench: $(STAMP)

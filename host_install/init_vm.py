@@ -27,19 +27,25 @@ COMMENTS: dict[str, str] = {
     "launch_mode": '"snp" (sev-snp-guest object) or "plain" (same ROM, ordinary VM); default follows snp',
     "firmware_format": '"ovmf", or "igvm" for a VM QEMU launches with -object igvm-cfg (QEMU >= 10.0)',
     "rom_max_bytes": "largest image this VM accepts (64 KiB .. 256 MiB)",
+    "id_blocks": "the owner's firmgate-idblocks/1 set, relative to the VM directory (docs/host.md)",
+    "require_id_block": "refuse firmware the owner signed no ID block for (needs snp and id_blocks)",
     "cbitpos": "sev-snp-guest C-bit position",
     "reduced_phys_bits": "sev-snp-guest reduced-phys-bits",
     "qmp_socket": "QMP socket, relative to the VM directory",
     "serial_log": "guest serial console log",
     "debug_log": "OVMF debug console log (isa-debugcon 0x402)",
     "boot_marker": "text the firmware prints once it reached boot device selection",
+    "kernel": "direct kernel boot: -kernel (relative to the VM directory)",
+    "initrd": "direct kernel boot: -initrd (needs kernel)",
+    "append": "direct kernel boot: -append, one line (needs kernel)",
     "boot_fail_marker": 'text that proves the boot failed; "" = none',
     "boot_timeout": "seconds for QMP running + boot_marker",
     "stop_timeout": "seconds a guest gets to honour ACPI power-down before QMP quit",
     "acpi_shutdown": '"auto" (power-down only with a boot medium in extra_args), "always" or "never"',
 }
 
-_EXAMPLES: dict[str, Any] = {"cpu": "EPYC", "launch_mode": "plain"}
+_EXAMPLES: dict[str, Any] = {"cpu": "EPYC", "launch_mode": "plain", "id_blocks": "idblocks.json",
+                             "kernel": "vmlinuz", "initrd": "initrd.img", "append": "console=ttyS0"}
 
 
 def commented_toml(config: dict[str, Any]) -> str:
@@ -47,7 +53,7 @@ def commented_toml(config: dict[str, Any]) -> str:
     defaults = VmConfig()
     out = ["# host-install VM configuration (docs/host.md). Uncomment a line to change it.", ""]
     for f in fields(VmConfig):
-        out.append(f"# {COMMENTS[f.name]}")
+        out.append(f"# {COMMENTS.get(f.name, 'see docs/host.md')}")  # a test keeps COMMENTS complete
         if f.name in config:
             out.append(f"{f.name} = {_toml_value(config[f.name])}")
         else:

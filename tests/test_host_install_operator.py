@@ -66,6 +66,10 @@ def test_power_down_only_when_an_os_can_answer(tmp_path: Path, mode: str, extra:
     assert qemu.can_power_down(vm) is expected
 
 
+def test_a_direct_kernel_boot_can_power_down(tmp_path: Path) -> None:
+    assert qemu.can_power_down(VmDir.create(tmp_path / "vm", kernel="vmlinuz", append="console=ttyS0"))
+
+
 def test_acpi_shutdown_is_checked(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="acpi_shutdown must be one of"):
         parse_config('acpi_shutdown = "sometimes"\n')
