@@ -40,7 +40,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> Generator[
     """End the run with one line saying what was skipped and why (pytest's -ra would list every test)."""
     result = yield
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None and not hasattr(session.config, "workerinput"):  # the xdist controller only
+    if (reporter is not None and not hasattr(session.config, "workerinput")  # the xdist controller only
+            and not session.config.option.collectonly):
         skipped = [r for r in reporter.stats.get("skipped", []) if isinstance(r, pytest.TestReport)]
         if skipped:
             counts = Counter(_skip_reason(r) for r in skipped)
