@@ -6,7 +6,8 @@ environment variables (see docs/protocol.md), development via `firmgate serve`.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from flask import Flask
 

@@ -88,7 +88,7 @@ def _path(repo: str, rtype: str, tag: str, tenant: str, legacy: bool = False) ->
 def put_secret(repo: str, rtype: str, tag: str) -> tuple[Response, int]:
     tenant = _tenant()
     path = _path(repo, rtype, tag, tenant)
-    request.max_content_length = int(current_app.config["SECRET_MAX_BYTES"])
+    request.max_content_length = vault.MAX_SECRET_BYTES
     value = request.get_data(cache=False)
     if not value:
         raise ApiError("BadRequest", "the request body (the secret value) is empty", 400)

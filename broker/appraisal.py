@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from verifier.appraise.appraise import snp_claims  # the Trustee claim names, one source for EAR and token
 from verifier.errors import EvidenceError, FirmgateError
 from verifier.verdict import Verdict
-from verifier.appraise.appraise import snp_claims  # the Trustee claim names, one source for EAR and token
 
 log = logging.getLogger(__name__)
 ENDORSEMENT_MAGIC = b"\xd2"   # CBOR tag 18 (COSE_Sign1): no PE add-on (MZ) or OVMF image starts so

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 DEFAULTS: dict[str, Any] = {
     "DATABASE_URL": None,            # None: sqlite file firmgate.db in STATE_DIR
@@ -23,7 +24,6 @@ DEFAULTS: dict[str, Any] = {
     "MAX_CONTENT_LENGTH": 64 * 1024,  # every route, except the two below
     "ATTEST_MAX_BYTES": 16 * 1024 * 1024,  # evidence may carry a firmware add-on (OVMF is 2-4 MiB)
     "UPLOAD_MAX_BYTES": 16 * 1024 * 1024,  # firmware upload over the admin API
-    "SECRET_MAX_BYTES": 1024 * 1024,
     "APPRAISER": None,               # an appraisal.Appraiser; None: the real verifier over POLICIES_DIR
 }
 

@@ -32,10 +32,10 @@ from .db import now_ms
 from .errors import ApiError
 from .jwe import encrypt, load_tee_pubkey
 from .limits import json_body, valid_resource, valid_tenant
-from .release import decide, public_denial, summarize_failures
 from .nonces import Db
-from .secretbox import SecretDecryptError
+from .release import decide, public_denial, summarize_failures
 from .runtime_data import check_host_data, check_report_data, expected_report_data, initdata_host_data
+from .secretbox import SecretDecryptError
 from .state import BrokerState, get_db, get_orm, state, sync_firmware
 from .tokens import TokenError, ear_claims, tee_pubkey_from_claims
 

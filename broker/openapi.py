@@ -20,7 +20,7 @@ def _json(schema: dict[str, Any], desc: str = "OK") -> dict[str, Any]:
     return {"description": desc, "content": {"application/json": {"schema": schema}}}
 
 
-_BEARER = [{"apiToken": []}]
+_BEARER: list[dict[str, list[str]]] = [{"apiToken": []}]
 # The policy file's name rule (verifier.appraise.policy TENANT_RE, RESOURCE_PART_RE), anchored.
 TENANT_PATTERN = "^[a-z0-9][a-z0-9_-]{0,62}$"
 PART_PATTERN = "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"

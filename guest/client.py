@@ -52,7 +52,7 @@ class Attestation:
 
 
 def report_data_for(nonce: str, tee_pubkey: dict[str, Any], additional_evidence: str) -> bytes:
-    obj = {"additional-evidence": additional_evidence, "nonce": nonce, "tee-pubkey": tee_pubkey}
+    obj: dict[str, Any] = {"additional-evidence": additional_evidence, "nonce": nonce, "tee-pubkey": tee_pubkey}
     return hashlib.sha384(rfc8785.dumps(obj)).digest().ljust(64, b"\0")
 
 

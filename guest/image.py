@@ -304,8 +304,8 @@ def _libs(binary: str) -> list[str]:
 
 
 def _client_inputs(src_root: Path) -> dict[str, bytes]:
-    import ordlookup  # type: ignore[import-untyped]
-    import pefile  # type: ignore[import-untyped]
+    import ordlookup
+    import pefile
     files = {rel: (src_root / rel).read_bytes() for rel in CLIENT_SOURCES}
     files["pefile.py"] = Path(pefile.__file__).read_bytes()
     for p in sorted(Path(ordlookup.__file__).parent.glob("*.py")):

@@ -31,9 +31,10 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from verifier.errors import FirmgateError, UsageError
 
@@ -143,7 +144,7 @@ class LoopbackBroker:
         self.url = f"http://127.0.0.1:{self.server.server_port}"
         self.thread = threading.Thread(target=self.server.serve_forever, name="demo-broker", daemon=True)
 
-    def __enter__(self) -> "LoopbackBroker":
+    def __enter__(self) -> LoopbackBroker:
         self.thread.start()
         return self
 
@@ -289,7 +290,7 @@ def run_demo(firmware: str | None = None, workdir: str | None = None, *, quiet: 
         fwids = {"v1": "ovmf-demo-v1", "v2": "ovmf-demo-v2", "bad": "ovmf-unlisted"}
         story.say(f"firmware v2    v1 with 16 bytes changed at {padding_page(base) + PAGE - 16:#x} (padding page; "
                   "same code and SEV metadata, different MEASUREMENT)")
-        story.say(f"unlisted       v1 with other 16 bytes there (an image the owner never listed)")
+        story.say("unlisted       v1 with other 16 bytes there (an image the owner never listed)")
         addons = {k: build_addon([(fwids[k], img)]) for k, img in (("v1", v1_img), ("v2", v2_img), ("bad", bad_img))}
         digests = {k: hashlib.sha384(img).hexdigest() for k, img in (("v1", v1_img), ("v2", v2_img), ("bad", bad_img))}
         for k, blob in addons.items():
@@ -389,7 +390,7 @@ def run_demo(firmware: str | None = None, workdir: str | None = None, *, quiet: 
                       "MASTER_KEY_FILE": str(mkey), "MEASURE_CACHE": str(ws / "measure-cache")}
         try:
             with LoopbackBroker(broker_cfg) as broker:
-                story.say(f"broker         {broker.url} (firmgate broker, SQLite, trusting the simulated root)")
+                story.say(f"broker         {broker.url} (the `firmgate serve` broker app, SQLite, trusting the simulated root)")
                 with UpdateChannel(vm, launch=have_qemu) as channel:
                     story.say(f"update channel {channel.path} (host-install listen; the guest's requests arrive here)")
                     _story(story, broker.url, vm, host, addons, digests, fwids, repo, pol, have_qemu,
@@ -425,7 +426,7 @@ class UpdateChannel:
     def _serve(self) -> None:
         self.listener.serve()  # as `host-install listen` does: every connection served; returns once closed
 
-    def __enter__(self) -> "UpdateChannel":
+    def __enter__(self) -> UpdateChannel:
         self.thread.start()
         return self
 
@@ -593,11 +594,17 @@ def _story(story: Story, url: str, vm: Any, host: Any, addons: dict[str, bytes],
                      "(`firmgate idblock sign`) and handed them to the host")
         st.facts.update(commit=commit)
 
+    def install_then_attest(name: str, by: str, send_addon: bool = False) -> Callable[[Step], None]:
+        def run(st: Step) -> None:
+            do_install(name, by=by)(st)
+            if st.outcome == "installed":
+                do_attest(name, send_addon=send_addon)(st)
+        return run
+
     story.step("guest asks host-install for its v1 add-on", "installed", do_install("v1", by="guest"))
     story.step("guest attests via configfs-tsm and asks for its disk key", "released",
                do_attest("v1"))
-    story.step("host swaps in an unlisted firmware; guest attests", "denied",
-               lambda st: (do_install("bad", by="host")(st), st.outcome == "installed" and do_attest("bad")(st)))
+    story.step("host swaps in an unlisted firmware; guest attests", "denied", install_then_attest("bad", by="host"))
     story.step("replay the step-2 attestation (same and new session)", "denied", replay)
     def look_alike(st: Step) -> None:
         do_attest("v2", on=other_host)(st)
@@ -616,11 +623,10 @@ def _story(story: Story, url: str, vm: Any, host: Any, addons: dict[str, bytes],
 
     story.step("owner commits v2 and min_svn 2 to the policy repo", "committed", owner_commits_v2)
     story.step("guest asks for v2, attests sending the v2 add-on", "released",
-               lambda st: (do_install("v2", by="guest")(st),
-                           st.outcome == "installed" and do_attest("v2", send_addon=True)(st)))
+               install_then_attest("v2", by="guest", send_addon=True))
     story.step("another tenant's VM (same v2, same shape) asks for this key", "denied", look_alike)
     story.step("guest asks for v1 again (a downgrade), attests", "denied",
-               lambda st: (do_install("v1", by="guest")(st), st.outcome == "installed" and do_attest("v1")(st)))
+               install_then_attest("v1", by="guest"))
 
     # A fix rolls out with no commit to the owner's policy: the publisher's endorsement admits it.
     def update_and_attest(which: str) -> Callable[[Step], None]:
@@ -711,7 +717,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if result["ok"] else 1
 
 
-def register(sub: "argparse._SubParsersAction[Any]") -> None:
+def register(sub: argparse._SubParsersAction[Any]) -> None:
     p = sub.add_parser("demo", help="the whole flow end to end on this machine (simulated SEV-SNP hardware)")
     p.add_argument("--firmware", metavar="F", help="OVMF image with SEV metadata (default: Debian's OVMF.fd)")
     p.add_argument("--workdir", metavar="D", help="keep the workspace here (an empty directory); default: a temp dir")

@@ -20,9 +20,10 @@ import os
 import re
 import stat
 import tomllib
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Collection, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..abi.fields import Product
 from ..errors import FirmgateError, PolicyErrors, PolicyFileError
@@ -122,7 +123,8 @@ class PlatformRules:
     host_data: bytes | Literal["initdata"] | None = None
 
     def floor(self, which: Literal["min_tcb", "min_launch_tcb"], product: Product) -> TcbFloor | None:
-        for p, f in getattr(self, which):
+        floors: tuple[tuple[Product, TcbFloor], ...] = getattr(self, which)
+        for p, f in floors:
             if p is product:
                 return f
         return None
@@ -426,7 +428,7 @@ def _shapes(errs: _Errors, doc: dict[str, Any]) -> tuple[ShapeRule, ...]:
             k = _table(errs, p + ("kernel",), t["kernel"], {"kernel", "initrd", "cmdline"})
             hs = {n: _hexbytes(errs, p + ("kernel", n), k[n], 32, f"{n} sha256") if n in k else None
                   for n in ("kernel", "initrd", "cmdline")}
-            for n, h in hs.items():
+            for n in hs:
                 if k and n not in k:
                     errs.add(p + ("kernel",), f"kernel hashes need {n!r} (sha256 of the {n})")
             if all(hs.values()):
@@ -472,7 +474,7 @@ def _platform(errs: _Errors, doc: dict[str, Any]) -> PlatformRules:
     if "host_data" in t:
         v = t["host_data"]
         if v == INITDATA:
-            host_data = INITDATA
+            host_data = "initdata"
         else:
             h = _hexbytes(errs, p + ("host_data",), v, 32, f'host_data (or "{INITDATA}")')
             host_data = bytes.fromhex(h) if h else None
@@ -638,8 +640,8 @@ def parse_policy(text: str | bytes, path: str | Path, *, tenant: str | None = No
     try:
         source = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        line = raw[:exc.start].count(b"\n") + 1
-        return None, [PolicyFileError(spath, line, None, "not valid UTF-8 (TOML files are UTF-8)")]
+        bad_line = raw[:exc.start].count(b"\n") + 1
+        return None, [PolicyFileError(spath, bad_line, None, "not valid UTF-8 (TOML files are UTF-8)")]
     if not TENANT_RE.fullmatch(tenant):
         errors.append(PolicyFileError(spath, None, None,
                                       f"tenant id {tenant!r} (the file name) must be 1-63 of a-z 0-9 _ - "

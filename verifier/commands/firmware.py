@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..cli import print_json
 from ..errors import FirmwareError, UsageError
@@ -18,8 +19,17 @@ from ..firmware.addon import MAX_ADDON_SIZE, Addon, build_addon, read_addon
 from ..firmware.image import IGVM_MAGIC, MAX_FIRMWARE_SIZE, inspect_firmware, require_snp_firmware
 from ..measure.cache import MeasurementCache
 from ..measure.igvm import ZERO_RULES, measure_igvm
-from ..measure.launch import (SEV_SNP_MEASURE_VERSION, VCPU_TYPES, VMMS, KernelHashes, Shape, igvm_shape_matches,
-                              measure_prepared, prepare_firmware, shapes_product)
+from ..measure.launch import (
+    SEV_SNP_MEASURE_VERSION,
+    VCPU_TYPES,
+    VMMS,
+    KernelHashes,
+    Shape,
+    igvm_shape_matches,
+    measure_prepared,
+    prepare_firmware,
+    shapes_product,
+)
 
 # A table larger than this is a typo, not a policy (each shape is a few SHA-384s).
 MAX_SHAPES = 65536
@@ -204,7 +214,7 @@ def cmd_addon_build(args: argparse.Namespace) -> int:
     if not files or len(files) != len(fwids):
         raise UsageError("give one --fwid for each --firmware (in the same order)")
     entries = []
-    for path, fwid in zip(files, fwids):
+    for path, fwid in zip(files, fwids, strict=True):
         payload = read_bounded(path, MAX_FIRMWARE_SIZE, "firmware")
         if not args.unsafe_skip_firmware_check:
             try:
@@ -310,7 +320,7 @@ def cmd_addon_extract(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: "argparse._SubParsersAction[Any]") -> None:
+def register(sub: argparse._SubParsersAction[Any]) -> None:
     m = sub.add_parser("measure", help="expected SNP launch measurements of a firmware for a set of VM shapes")
     m.add_argument("firmware", metavar="FIRMWARE", help="raw OVMF image, or a UKI add-on (see --fwid)")
     m.add_argument("--fwid", help="which firmware of an add-on (needed when it holds several)")

@@ -14,13 +14,13 @@ from cryptography import x509
 from ..abi.certtable import parse_cert_table
 from ..abi.fields import Product
 from ..abi.flags import GUEST_POLICY, KEY_INFO, PLATFORM_INFO
+from ..appraise.appraise import appraise
 from ..certs import common_name, load_certificate, load_certificates, load_crl
 from ..errors import CertificateFormatError, EvidenceError, FetchError, FirmgateError, TrustError, UsageError
 from ..evidence import MAX_EVIDENCE_SIZE, Evidence, load_evidence
 from ..kds import parse_leaf
 from ..kds.fetch import HttpFetcher
 from ..options import VerifyOptions
-from ..appraise.appraise import appraise
 from ..pipeline import check_name_for, evidence_digest, verify_to_report
 from ..trust import DEFAULT_TRUST_STORE
 from ..verdict import CheckResult, Outcome, Verdict
@@ -28,7 +28,7 @@ from ..verdict import CheckResult, Outcome, Verdict
 MAX_CERT_FILES = 64
 
 
-def register(sub: "argparse._SubParsersAction[Any]") -> None:
+def register(sub: argparse._SubParsersAction[Any]) -> None:
     r = sub.add_parser("report", help="read SEV-SNP attestation reports")
     rsub = r.add_subparsers(dest="report_command", metavar="SUBCOMMAND")
     rsub.required = True
@@ -131,7 +131,7 @@ def _parse_at(text: str | None) -> dt.datetime | None:
         when = dt.datetime.fromisoformat(text)
     except ValueError:
         raise UsageError(f"--at {text!r} is not an ISO 8601 time (e.g. 2025-06-01T00:00:00Z)") from None
-    return when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)
+    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
 
 
 def _parse_hex(text: str | None) -> bytes | None:

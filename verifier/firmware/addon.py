@@ -23,8 +23,8 @@ import hashlib
 import struct
 import sys
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import pefile
 

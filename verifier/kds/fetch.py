@@ -61,7 +61,7 @@ class HttpFetcher:
         req = urllib.request.Request(url, headers={"User-Agent": "firmgate"})
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310 (https URL we built)
-                body = resp.read(MAX_RESPONSE + 1)
+                body: bytes = resp.read(MAX_RESPONSE + 1)
         except urllib.error.HTTPError as exc:
             if exc.code == 429:
                 raise FetchError(f"AMD KDS rate limit (HTTP 429) for {url}; retry after "
@@ -173,7 +173,7 @@ class FirstOf:
     def local_crl(self, product: Product, signer: str) -> bytes | None:
         for f in self.fetchers:
             local = getattr(f, "local_crl", None)
-            data = local(product, signer) if local is not None else None
+            data: bytes | None = local(product, signer) if local is not None else None
             if data is not None:
                 return data
         return None
