@@ -61,7 +61,7 @@ def _deny(db: Db, variant: str, reason: str, *, event: str, tenant: str | None =
     """Audit a denial (committing whatever the caller wrote with it) and return the error to raise."""
     audit.record(db, event=event, outcome="denied", reason=reason, tenant=tenant, session_id=session_id,
                  resource=resource, verdict=verdict, verdict_text=verdict_text, measurement=measurement)
-    metrics.count_event(event, "denied")
+    metrics.denied(event, variant, tenant)
     return ApiError(variant, reason)
 
 
@@ -143,6 +143,7 @@ def _appraisal(st: BrokerState, attested: Attested, session_id: str, tenant: str
     """Appraise for `tenant`: the verdict, its JSON, and its row for the session's verdict cache."""
     assert st.appraiser is not None
     verdict = st.appraiser.appraise(attested, tenant, expected, host)
+    metrics.appraised(tenant, verdict)
     text = audit.verdict_json(verdict)
     return verdict, text, {"session_id": session_id, "tenant": tenant, "policy_id": policy_id,
                            "accepted": verdict.accepted, "verdict_json": text, "created_at": now_ms()}
@@ -261,7 +262,7 @@ def attest() -> Response:
     audit_rows.append(audit.row(event="attest", outcome="ok", reason=f"evidence verified; token status {status}",
                                 tenant=None, session_id=sid, measurement=measurement))
     audit.write(db, audit_rows)
-    metrics.count_event("attest", status)
+    metrics.attested(status)
     resp = jsonify({"token": token})
     _set_cookie(resp, sid, expires_at)
     return resp
@@ -376,7 +377,7 @@ def resource(repo: str, rtype: str, tag: str) -> Response:
                     resource=path) from None
     audit.record(db, event="release", outcome="ok", reason=decision.reason, tenant=tenant, session_id=row.id,
                  resource=path, verdict=verdict, verdict_text=text, measurement=row.measurement)
-    metrics.count_event("release", "ok")
+    metrics.released(tenant)
     return jsonify(body)
 
 

@@ -27,6 +27,15 @@ _RES_PARAMS = [{"name": n, "in": "path", "required": True,
 
 
 def openapi_document() -> dict[str, Any]:
+    from .console import openapi_paths as console_paths
+    doc = _document()
+    doc["paths"].update(console_paths())
+    doc["components"]["securitySchemes"]["consoleSession"] = {"type": "apiKey", "in": "cookie",
+                                                              "name": "firmgate-console"}
+    return doc
+
+
+def _document() -> dict[str, Any]:
     obj = {"type": "object"}
     return {
         "openapi": "3.1.0",

@@ -24,7 +24,7 @@ def healthz() -> Response:
 
 @bp.get("/metrics")
 def prometheus() -> Response:
-    return Response(metrics.render(), mimetype="text/plain; version=0.0.4")
+    return Response(metrics.render(), content_type=metrics.content_type())
 
 
 @bp.get("/openapi.json")
