@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from test_broker_e2e import FW_ACME, Env
-from test_broker_support import Guest, LiveServer, Reply, admin, http, random_master_key
+from test_broker_support import Guest, LiveServer, Reply, admin, db, http, random_master_key  # noqa: F401
 
 from broker import audit, create_app
 from tests.conftest import FIRMWARE_DIR
@@ -284,12 +284,14 @@ def test_console_in_a_real_browser(world: World, browser: Any, tmp_path: Path) -
     d.find_element(By.CSS_SELECTOR, "form.filters button").click()
     from selenium.webdriver.support.ui import WebDriverWait
     WebDriverWait(d, 10).until(lambda drv: "outcome=denied" in drv.current_url)
-    rows = d.find_elements(By.CSS_SELECTOR, "#activity tbody tr.denied")
+    rows = d.find_elements(By.CSS_SELECTOR, "#activity tbody tr.record.denied")
     real = [r for r in rows if "policy rejected the evidence" in r.text]
     assert real, [r.text for r in rows]
-    real[0].find_element(By.TAG_NAME, "summary").click()        # open the verdict's checks
-    checks = real[0].find_element(By.CSS_SELECTOR, "table.checks").text
-    assert "firmware.measurement" in checks and "fail" in checks
+    detail = real[0].find_element(By.XPATH, "following-sibling::tr[1]")
+    assert "1 failed" in detail.text
+    detail.find_element(By.TAG_NAME, "summary").click()          # open the verdict's checks
+    first = detail.find_element(By.CSS_SELECTOR, "table.checks tbody tr").text
+    assert first.startswith("firmware.measurement fail"), first  # the failure comes first
     assert not d.find_elements(By.CSS_SELECTOR, "#activity img")  # the hostile record stayed text
     _shot(d, tmp_path, "activity")
 
@@ -320,3 +322,39 @@ def test_console_in_a_real_browser(world: World, browser: Any, tmp_path: Path) -
     assert sorted(p.name for p in tmp_path.glob("console-*.png")) == [
         "console-activity.png", "console-operator.png", "console-overview.png", "console-policy.png",
         "console-secrets.png", "console-sign-in.png"]
+
+
+def test_console_queries_on_each_database(db: Any) -> None:
+    """The hourly counts (integer division in SQL), last releases and the tenant filter, on SQLite and PostgreSQL."""
+    from sqlalchemy.orm import sessionmaker
+
+    from broker.console import data
+    from broker.db import Secret, make_engine, migrate
+    engine = make_engine(db.url)
+    migrate(engine)
+    now = 1_800_000_000_000 + 1234                      # a fixed instant, 1234 ms into an hour
+    hour = data.HOUR_MS
+    with sessionmaker(engine)() as orm:
+        rows = [audit.row(event="release", outcome="ok", reason="r", tenant="acme", resource="acme/key/disk"),
+                audit.row(event="deny", outcome="denied", reason="d", tenant="acme", resource="acme/key/disk"),
+                audit.row(event="attest", outcome="denied", reason="a", tenant="acme"),
+                audit.row(event="release", outcome="ok", reason="r", tenant="globex", resource="globex/key/disk"),
+                audit.row(event="deny", outcome="denied", reason="old", tenant="acme")]
+        for r, at in zip(rows, (now, now - hour, now - hour - 1, now, now - 30 * hour)):
+            r["at"] = at
+        audit.write(orm, rows)
+        orm.add(Secret(tenant="acme", path="acme/key/disk", nonce=b"n" * 12, ciphertext=b"c" * 48, created_at=0,
+                       updated_at=now))
+        orm.add(Secret(tenant="globex", path="globex/key/disk", nonce=b"n" * 12, ciphertext=b"c" * 20,
+                       created_at=0, updated_at=now))
+        orm.commit()
+        hours = data.per_hour(orm, "acme", now_ms=now)
+        assert len(hours) == 24 and hours[-1].start_ms == now - 1234
+        assert (hours[-1].releases, hours[-1].denials) == (1, 0)
+        assert (hours[-2].releases, hours[-2].denials) == (0, 2)
+        assert sum(h.releases + h.denials for h in hours) == 3        # the 30-hour-old denial is outside
+        secrets = data.secrets_of(orm, "acme")
+        assert [(s.path, s.size, s.last_release) for s in secrets] == [("acme/key/disk", 32, data.utc(now))]
+        assert {r.reason for r in data.activity(orm, "acme", since="all", now_ms=now)} == {"r", "d", "a", "old"}
+        assert {r.reason for r in data.activity(orm, "acme", since="24h", outcome="denied", now_ms=now)} == {"d", "a"}
+    engine.dispose()

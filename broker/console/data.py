@@ -54,8 +54,12 @@ class Row:
     measurement: str | None
     reason: str
     policy_id: str | None
-    checks: tuple[Check, ...]
+    checks: tuple[Check, ...]      # failures first, then warnings, then the rest (each in verdict order)
     verdict_note: str | None       # why the checks are missing, if they are
+
+    @property
+    def failed(self) -> int:
+        return sum(1 for c in self.checks if c.outcome == "fail")
 
 
 def _checks(verdict_json: str | None) -> tuple[tuple[Check, ...], str | None, str | None]:
@@ -76,6 +80,8 @@ def _checks(verdict_json: str | None) -> tuple[tuple[Check, ...], str | None, st
                              None if c.get("expected") is None else str(c["expected"]),
                              None if c.get("actual") is None else str(c["actual"])))
     pid = doc.get("policy_id")
+    rank = {"fail": 0, "warn": 1}
+    out.sort(key=lambda c: rank.get(c.outcome, 2))  # stable: verdict order within each group
     return tuple(out), (str(pid) if pid else None), None
 
 
