@@ -4,12 +4,19 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo fuzz bench lint clean
+.PHONY: deps test demo fuzz bench lint clean
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
+
+# System packages the tests use (Debian, as root): VMs, PostgreSQL, git, and the console's browser test
+# (chromium driven through chromium-driver by selenium).
+deps:
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-venv make git qemu-system-x86 ovmf \
+		postgresql chromium chromium-driver >/dev/null
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2

@@ -69,7 +69,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"--policies {args.policies}: no such directory")
     app = create_app(cfg)
     print(f"firmgate broker on http://{args.host}:{args.port} (development server; production: "
-          "gunicorn 'broker:create_app()')", file=sys.stderr)
+          "gunicorn -c python:broker.gunicorn_conf 'broker:create_app()')", file=sys.stderr)
     from werkzeug.serving import run_simple
     run_simple(args.host, args.port, app, threaded=True, use_reloader=False)
     return 0

@@ -18,7 +18,15 @@ from typing import Any
 
 import pytest
 from test_broker_e2e import FW_ACME, Env
-from test_broker_support import Guest, LiveServer, Reply, admin, db, http, random_master_key  # noqa: F401
+from test_broker_support import (  # noqa: F401
+    Guest,
+    LiveServer,
+    Reply,
+    admin,
+    db,
+    http,
+    random_master_key,
+)
 
 from broker import audit, create_app
 from tests.conftest import FIRMWARE_DIR
@@ -324,7 +332,7 @@ def test_console_in_a_real_browser(world: World, browser: Any, tmp_path: Path) -
         "console-secrets.png", "console-sign-in.png"]
 
 
-def test_console_queries_on_each_database(db: Any) -> None:
+def test_console_queries_on_each_database(db: Any) -> None:  # noqa: F811 - the fixture
     """The hourly counts (integer division in SQL), last releases and the tenant filter, on SQLite and PostgreSQL."""
     from sqlalchemy.orm import sessionmaker
 
@@ -358,3 +366,13 @@ def test_console_queries_on_each_database(db: Any) -> None:
         assert {r.reason for r in data.activity(orm, "acme", since="all", now_ms=now)} == {"r", "d", "a", "old"}
         assert {r.reason for r in data.activity(orm, "acme", since="24h", outcome="denied", now_ms=now)} == {"d", "a"}
     engine.dispose()
+
+
+def test_policy_loads_of_the_real_flow_show_in_metrics(world: World) -> None:
+    """The broker's policy store measured acme's firmware and loaded both policies: /metrics says so."""
+    from test_metrics import value
+    scrape = http("GET", world.srv.url + "/metrics").body.decode()
+    assert value(scrape, "firmgate_measurement_table_build_seconds_count") >= 1
+    assert value(scrape, "firmgate_policy_reloads_total", tenant="acme", result="loaded") >= 1
+    assert value(scrape, "firmgate_releases_total", tenant="acme") >= 1
+    assert value(scrape, "firmgate_denials_total", tenant="acme", event="deny", reason_class="PolicyDeny") >= 1

@@ -25,7 +25,7 @@ def _problem(desc: str) -> dict[str, Any]:
         "schema": {"$ref": "#/components/schemas/Error"}}}}
 
 
-_COOKIE = [{"consoleSession": []}]
+_COOKIE: list[dict[str, list[str]]] = [{"consoleSession": []}]
 
 
 def openapi_paths() -> dict[str, Any]:

@@ -15,17 +15,16 @@ site cannot sign a visitor into an account of its choosing.
 """
 from __future__ import annotations
 
-import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
 
 from flask import current_app, request
-from flask.wrappers import Response
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session as OrmSession
+from werkzeug.wrappers import Response
 
 from ..db import ApiToken, KeyMaterial, now_ms
 from ..state import get_orm, state

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from .data import HourCount
 
@@ -57,14 +57,14 @@ def hourly_chart(hours: list[HourCount]) -> Chart:
     xl: list[Label] = []
     for i, h in enumerate(hours):
         x0 = LEFT + i * slot + slot * 0.1
-        hour = datetime.fromtimestamp(h.start_ms / 1000, timezone.utc).strftime("%Y-%m-%d %H:00")
+        hour = datetime.fromtimestamp(h.start_ms / 1000, UTC).strftime("%Y-%m-%d %H:00")
         for j, (n, kind, word) in enumerate(((h.releases, "release", "releases"), (h.denials, "denial", "denials"))):
             bh = plot_h * n / top
             bars.append(Bar(round(x0 + j * bar_w, 2), round(base - bh, 2), round(bar_w, 2), round(bh, 2), kind,
                             f"{hour} UTC: {n} {word}"))
         if i % 6 == 0:
             xl.append(Label(round(LEFT + i * slot, 2), HEIGHT - 6,
-                            datetime.fromtimestamp(h.start_ms / 1000, timezone.utc).strftime("%H:00")))
+                            datetime.fromtimestamp(h.start_ms / 1000, UTC).strftime("%H:00")))
     yl = tuple(Label(LEFT - 4, round(base - plot_h * k / 4, 2) + 4, str(top * k // 4)) for k in range(5))
     return Chart(WIDTH, HEIGHT, tuple(bars), tuple(xl), yl, base,
                  sum(h.releases for h in hours), sum(h.denials for h in hours))

@@ -7,10 +7,19 @@ a policy file or a requester is text, never markup.
 """
 from __future__ import annotations
 
+from collections.abc import Collection
 from importlib import resources
+from typing import Any
 
-from flask import Response, current_app, make_response, redirect, render_template, request
+from flask import (
+    Response,
+    make_response,
+    redirect,
+    render_template,
+    request,
+)
 from sqlalchemy import text
+from werkzeug.wrappers import Response as BaseResponse
 
 from ..db import SCHEMA_VERSION
 from ..state import get_orm, state
@@ -47,12 +56,12 @@ def _bad(why: str) -> Response:
     return _page("console/error.html", 400, message=why, viewer=None)
 
 
-def _choice(name: str, choices: tuple[str, ...] | dict[str, object], default: str) -> str | None:
+def _choice(name: str, choices: Collection[str], default: str) -> str | None:
     value = request.args.get(name, default)
     return value if value in choices else None
 
 
-def _appraiser() -> object | None:
+def _appraiser() -> Any:
     return state().appraiser
 
 
@@ -65,7 +74,7 @@ def style() -> Response:
 
 
 @bp.post("/login")
-def login() -> Response:
+def login() -> BaseResponse:
     if auth.cross_site_post():
         return _page("console/error.html", 403, message="sign-in from another site refused", viewer=None)
     token = request.form.get("token", "")
@@ -78,7 +87,7 @@ def login() -> Response:
 
 
 @bp.post("/logout")
-def logout() -> Response:
+def logout() -> BaseResponse:
     if auth.cross_site_post():
         return _page("console/error.html", 403, message="sign-out from another site refused", viewer=None)
     resp = redirect("/console/", code=303)
@@ -103,7 +112,7 @@ def overview() -> Response:
                  secrets=len(data.secrets_of(orm, tenant)))
 
 
-def _policy_of(tenant: str) -> tuple[object | None, list[str]]:
+def _policy_of(tenant: str) -> tuple[Any, list[str]]:
     getter = getattr(_appraiser(), "loaded_policy", None)
     if getter is None:
         return None, []
@@ -126,7 +135,8 @@ def _operator(viewer: auth.Viewer) -> Response:
                  appraiser="ok" if st.appraiser is not None else (st.appraiser_error or "unavailable"),
                  tenants=data.tenant_list(orm, status) if db_ok else [],
                  metrics_mode="multiprocess (gunicorn)" if multiprocess_dir() else "single process",
-                 policies_dir=str(current_app.config.get("POLICIES_DIR")))
+                 loaded=sum(1 for v in status.values() if v.get("policy_id")),
+                 refused=sum(1 for v in status.values() if v.get("refused")))
 
 
 def _tenant_viewer() -> auth.Viewer | Response:
