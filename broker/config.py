@@ -14,6 +14,7 @@ DEFAULTS: dict[str, Any] = {
     "MASTER_KEY": None,              # 32 bytes; or MASTER_KEY_FILE; or FIRMGATE_MASTER_KEY
     "MASTER_KEY_FILE": None,
     "OPERATOR_TOKEN": None,          # bearer token for tenant creation over the admin API
+    "METRICS_TOKEN": None,           # bearer token for /metrics; None: the operator token; neither: open
     "SESSION_TTL": 300,              # seconds a session (its nonce, its cookie) lives: Trustee's 5 min
     "TOKEN_TTL": 300,                # EAR token lifetime
     "AUDIT_RETENTION_DAYS": 90,      # audit rows are deleted after this many days ...
@@ -37,6 +38,7 @@ ENV: dict[str, tuple[str, Any]] = {
     "FIRMGATE_KDS_OFFLINE": ("KDS_OFFLINE", lambda v: v.lower() not in ("0", "false", "no")),
     "FIRMGATE_MASTER_KEY_FILE": ("MASTER_KEY_FILE", str),
     "FIRMGATE_OPERATOR_TOKEN": ("OPERATOR_TOKEN", str),
+    "FIRMGATE_METRICS_TOKEN": ("METRICS_TOKEN", str),
     "FIRMGATE_SESSION_TTL": ("SESSION_TTL", int),
     "FIRMGATE_TOKEN_TTL": ("TOKEN_TTL", int),
     "FIRMGATE_AUDIT_RETENTION_DAYS": ("AUDIT_RETENTION_DAYS", int),

@@ -15,6 +15,8 @@ guest made up is counted as ""). Nothing here affects a decision.
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import os
 import re
@@ -34,7 +36,12 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from verifier import observe
 from verifier.verdict import Verdict
 
+from .errors import ApiError
+
 log = logging.getLogger(__name__)
+
+# Every other method is counted as "other": a requester must not mint label values.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # Latency histogram buckets in seconds (unchanged from the hand-written exposition).
@@ -145,11 +152,26 @@ def init_app(app: Flask) -> None:
     def _stop(resp: Response) -> Response:
         rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
         dt = time.perf_counter() - g.get("fg_t0", time.perf_counter())
-        HTTP_REQUESTS.labels(request.method, rule, str(resp.status_code)).inc()
+        method = request.method if request.method in _METHODS else "other"
+        HTTP_REQUESTS.labels(method, rule, str(resp.status_code)).inc()
         HTTP_DURATION.labels(rule).observe(dt)
         if request.endpoint == "kbs.attest":
             ATTEST_DURATION.labels(g.get("fg_attest_status", "denied")).observe(dt)
         return resp
+
+
+def check_scrape_token() -> None:
+    """/metrics names tenants and their activity: with METRICS_TOKEN (else OPERATOR_TOKEN) configured,
+    a scrape must bring it as a bearer token. With neither (development), /metrics is open."""
+    cfg = current_app.config
+    want = cfg.get("METRICS_TOKEN") or cfg.get("OPERATOR_TOKEN")
+    if not want:
+        return
+    h = request.headers.get("Authorization", "")
+    got = h[7:].strip() if h[:7].lower() == "bearer " else ""
+    # Hash both sides so the comparison is constant time whatever the lengths.
+    if not hmac.compare_digest(hashlib.sha256(got.encode()).digest(), hashlib.sha256(str(want).encode()).digest()):
+        raise ApiError("Unauthorized", "/metrics needs the metrics token (Authorization: Bearer ...)", 401)
 
 
 def render() -> bytes:

@@ -24,6 +24,7 @@ def healthz() -> Response:
 
 @bp.get("/metrics")
 def prometheus() -> Response:
+    metrics.check_scrape_token()
     return Response(metrics.render(), content_type=metrics.content_type())
 
 

@@ -371,7 +371,7 @@ def test_console_queries_on_each_database(db: Any) -> None:  # noqa: F811 - the 
 def test_policy_loads_of_the_real_flow_show_in_metrics(world: World) -> None:
     """The broker's policy store measured acme's firmware and loaded both policies: /metrics says so."""
     from test_metrics import value
-    scrape = http("GET", world.srv.url + "/metrics").body.decode()
+    scrape = http("GET", world.srv.url + "/metrics", headers={"Authorization": f"Bearer {OP}"}).body.decode()
     assert value(scrape, "firmgate_measurement_table_build_seconds_count") >= 1
     assert value(scrape, "firmgate_policy_reloads_total", tenant="acme", result="loaded") >= 1
     assert value(scrape, "firmgate_releases_total", tenant="acme") >= 1

@@ -16,6 +16,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +32,8 @@ from verifier import observe
 
 REPO = Path(__file__).resolve().parent.parent
 AUTH = {"version": "0.4.0", "tee": "snp", "extra-params": {}}
+SCRAPE = {"Authorization": f"Bearer {OP}"}
+METRICS_TOKEN = "scrape-only-token"
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -62,7 +66,7 @@ def served(tmp_path: Path) -> Iterator[LiveServer]:
 
 
 def test_plain_registry_counts_releases_denials_and_checks_by_tenant(served: LiveServer) -> None:
-    before = http("GET", served.url + "/metrics").body.decode()
+    before = http("GET", served.url + "/metrics", headers=SCRAPE).body.decode()
     good = Guest(served.url, fake_evidence("a" * 96), tenant_hint="acme")
     good.auth()
     assert good.attest().status == 200
@@ -75,7 +79,12 @@ def test_plain_registry_counts_releases_denials_and_checks_by_tenant(served: Liv
     stranger = Guest(served.url, fake_evidence("a" * 96), tenant_hint="made-up-" + "x" * 20)
     stranger.auth()
     assert stranger.resource("made-up-xxxxxxxxxxxxxxxxxxxx/key/disk").status == 401
-    r = http("GET", served.url + "/metrics")
+    # A method nobody uses is counted as "other", not as a new label value.
+    req = urllib.request.Request(served.url + "/healthz", method="MADEUPMETHOD")
+    with pytest.raises(urllib.error.HTTPError):
+        urllib.request.urlopen(req, timeout=10)
+    assert http("GET", served.url + "/metrics").status == 401         # tenants' names and counts: not public
+    r = http("GET", served.url + "/metrics", headers=SCRAPE)
     assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
     after = r.body.decode()
 
@@ -90,7 +99,8 @@ def test_plain_registry_counts_releases_denials_and_checks_by_tenant(served: Liv
     assert delta("firmgate_attestation_duration_seconds_count", outcome="affirming") == 1
     assert delta("firmgate_attestation_duration_seconds_count", outcome="contraindicated") == 1
     assert delta("firmgate_http_requests_total", method="POST", route="/kbs/v0/auth", status="200") == 3
-    assert "made-up" not in after
+    assert "made-up" not in after and "MADEUPMETHOD" not in after
+    assert delta("firmgate_http_requests_total", method="other", route="unmatched", status="405") == 1
 
 
 def test_verifier_events_reach_the_counters(tmp_path: Path) -> None:
@@ -183,7 +193,7 @@ def test_gunicorn_two_workers_one_scrape_shows_the_sum(tmp_path: Path) -> None:
     port = _free_port()
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(prom), "FIRMGATE_DB": f"sqlite:///{tmp_path / 'b.db'}",
            "FIRMGATE_POLICIES": str(policies), "FIRMGATE_MASTER_KEY": random_master_key().hex(),
-           "FIRMGATE_OPERATOR_TOKEN": OP, "PYTHONPATH": str(REPO)}
+           "FIRMGATE_OPERATOR_TOKEN": OP, "FIRMGATE_METRICS_TOKEN": METRICS_TOKEN, "PYTHONPATH": str(REPO)}
     log = (tmp_path / "gunicorn.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "python:broker.gunicorn_conf", "-w", "2",
                              "-b", f"127.0.0.1:{port}", "--graceful-timeout", "2", "broker:create_app()"],
@@ -225,7 +235,10 @@ def test_gunicorn_two_workers_one_scrape_shows_the_sum(tmp_path: Path) -> None:
         assert len([v for v in per_worker.values() if v > 0]) == 2, per_worker
         assert sum(per_worker.values()) == sent
 
-        scrape = http("GET", base + "/metrics").body.decode()        # ONE scrape, whichever worker answers
+        # With a metrics token set, only it opens /metrics (not the operator's token).
+        assert http("GET", base + "/metrics", headers=SCRAPE).status == 401
+        scrape_auth = {"Authorization": f"Bearer {METRICS_TOKEN}"}
+        scrape = http("GET", base + "/metrics", headers=scrape_auth).body.decode()   # ONE scrape, any worker
         assert value(scrape, "firmgate_events_total", event="auth", outcome="ok") == sent
         assert value(scrape, "firmgate_http_requests_total", method="POST", route="/kbs/v0/auth",
                      status="200") == sent
@@ -242,7 +255,7 @@ def test_gunicorn_two_workers_one_scrape_shows_the_sum(tmp_path: Path) -> None:
             except (OSError, AssertionError):
                 assert time.monotonic() < deadline
                 time.sleep(0.2)
-        scrape = http("GET", base + "/metrics").body.decode()
+        scrape = http("GET", base + "/metrics", headers=scrape_auth).body.decode()
         assert value(scrape, "firmgate_events_total", event="auth", outcome="ok") == sent
     finally:
         proc.send_signal(signal.SIGTERM)
