@@ -10,7 +10,9 @@ operator set one), wipes values left by an earlier run when the server starts
 (else counters would resume from a dead server's values), and tells
 prometheus_client when a worker exits (its live gauges are dropped; its
 counters stay in the sum, so a restarted worker does not make counts go back).
-Other gunicorn settings come from the command line or GUNICORN_CMD_ARGS as usual.
+Give each gunicorn server its own directory (a second server wiping a shared
+one would reset the first one's counts). Other gunicorn settings come from the
+command line or GUNICORN_CMD_ARGS as usual.
 """
 from __future__ import annotations
 
