@@ -270,15 +270,15 @@ def test_gunicorn_two_workers_one_scrape_shows_the_sum(tmp_path: Path) -> None:
 def test_gunicorn_conf_makes_a_private_directory_and_wipes_only_value_files(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     env["PYTHONPATH"] = str(REPO)
-    code = ("import os, broker.gunicorn_conf as c; d = os.environ['PROMETHEUS_MULTIPROC_DIR']; "
-            "print(oct(os.stat(d).st_mode & 0o777)); c.on_exit(None); print(os.path.exists(d))")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["0o700", "False"]        # private while it runs, removed at exit
-
-    from broker.gunicorn_conf import wipe
     for name in ("counter_12.db", "histogram_12.db", "gauge_livesum_12.db", "notes.db", "counter_x.db"):
         (tmp_path / name).write_bytes(b"x")
     (tmp_path / "elsewhere").write_bytes(b"keep")
     (tmp_path / "counter_13.db").symlink_to(tmp_path / "elsewhere")
-    assert wipe(str(tmp_path)) == 3
+    # In a child: importing the module sets PROMETHEUS_MULTIPROC_DIR, which this process must not get.
+    code = ("import os, sys, broker.gunicorn_conf as c; d = os.environ['PROMETHEUS_MULTIPROC_DIR']; "
+            "print(oct(os.stat(d).st_mode & 0o777)); c.on_exit(None); print(os.path.exists(d)); "
+            "print(c.wipe(sys.argv[1]))")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.split() == ["0o700", "False", "3"]   # private while it runs, removed at exit; 3 wiped
     assert sorted(p.name for p in tmp_path.iterdir()) == ["counter_13.db", "counter_x.db", "elsewhere", "notes.db"]
