@@ -34,6 +34,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(kbs.bp)
     app.register_blueprint(admin.bp)
     app.register_blueprint(ops.bp)
-    from . import console
-    app.register_blueprint(console.bp)
+    if app.config.get("CONSOLE_ENABLED", True):
+        from . import console
+        app.register_blueprint(console.bp)
     return app

@@ -24,6 +24,7 @@ DEFAULTS: dict[str, Any] = {
     "UPLOAD_MAX_BYTES": 16 * 1024 * 1024,  # firmware upload over the admin API
     "SECRET_MAX_BYTES": 1024 * 1024,
     "APPRAISER": None,               # an appraisal.Appraiser; None: the real verifier over POLICIES_DIR
+    "CONSOLE_ENABLED": True,         # the read-only web console at /console/ (docs/console.md)
     "CONSOLE_SESSION_TTL": 8 * 3600,  # seconds a console sign-in lasts
     "CONSOLE_COOKIE_SECURE": None,   # None: Secure when the request came over TLS; True behind a TLS proxy
 }
@@ -43,6 +44,7 @@ ENV: dict[str, tuple[str, Any]] = {
     "FIRMGATE_TOKEN_TTL": ("TOKEN_TTL", int),
     "FIRMGATE_AUDIT_RETENTION_DAYS": ("AUDIT_RETENTION_DAYS", int),
     "FIRMGATE_AUTH_AUDIT_RETENTION_HOURS": ("AUTH_AUDIT_RETENTION_HOURS", int),
+    "FIRMGATE_CONSOLE": ("CONSOLE_ENABLED", lambda v: v.lower() not in ("0", "false", "no")),
     "FIRMGATE_CONSOLE_SESSION_TTL": ("CONSOLE_SESSION_TTL", int),
     "FIRMGATE_CONSOLE_COOKIE_SECURE": ("CONSOLE_COOKIE_SECURE", lambda v: v.lower() not in ("0", "false", "no")),
 }

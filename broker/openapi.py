@@ -26,12 +26,14 @@ _RES_PARAMS = [{"name": n, "in": "path", "required": True,
                for n in ("repository", "type", "tag")]
 
 
-def openapi_document() -> dict[str, Any]:
-    from .console import openapi_paths as console_paths
+def openapi_document(console: bool = True) -> dict[str, Any]:
+    """The document; `console`: the app serves the web console (CONSOLE_ENABLED)."""
     doc = _document()
-    doc["paths"].update(console_paths())
-    doc["components"]["securitySchemes"]["consoleSession"] = {"type": "apiKey", "in": "cookie",
-                                                              "name": "firmgate-console"}
+    if console:
+        from .console import openapi_paths as console_paths
+        doc["paths"].update(console_paths())
+        doc["components"]["securitySchemes"]["consoleSession"] = {"type": "apiKey", "in": "cookie",
+                                                                  "name": "firmgate-console"}
     return doc
 
 

@@ -1,7 +1,7 @@
 """Operations routes: health, Prometheus metrics, the OpenAPI document, the token JWKS."""
 from __future__ import annotations
 
-from flask import Blueprint, Response, jsonify
+from flask import Blueprint, Response, current_app, jsonify
 from sqlalchemy import text
 
 from . import metrics
@@ -30,7 +30,7 @@ def prometheus() -> Response:
 
 @bp.get("/openapi.json")
 def openapi() -> Response:
-    return jsonify(openapi_document())
+    return jsonify(openapi_document(console="console" in current_app.blueprints))
 
 
 @bp.get("/.well-known/jwks.json")

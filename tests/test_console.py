@@ -376,3 +376,14 @@ def test_policy_loads_of_the_real_flow_show_in_metrics(world: World) -> None:
     assert value(scrape, "firmgate_policy_reloads_total", tenant="acme", result="loaded") >= 1
     assert value(scrape, "firmgate_releases_total", tenant="acme") >= 1
     assert value(scrape, "firmgate_denials_total", tenant="acme", event="deny", reason_class="PolicyDeny") >= 1
+
+
+def test_the_console_can_be_turned_off(tmp_path: Path) -> None:
+    (tmp_path / "p").mkdir()
+    app = create_app({"DATABASE_URL": f"sqlite:///{tmp_path / 'b.db'}", "MASTER_KEY": random_master_key(),
+                      "POLICIES_DIR": str(tmp_path / "p"), "OPERATOR_TOKEN": OP, "CONSOLE_ENABLED": False})
+    client = app.test_client()
+    assert client.get("/console/").status_code == 404
+    assert client.post("/console/login", data={"token": OP}).status_code == 404
+    assert not any(p.startswith("/console") for p in client.get("/openapi.json").get_json()["paths"])
+    app.extensions["firmgate"].engine.dispose()
