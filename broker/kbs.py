@@ -143,7 +143,6 @@ def _appraisal(st: BrokerState, attested: Attested, session_id: str, tenant: str
     """Appraise for `tenant`: the verdict, its JSON, and its row for the session's verdict cache."""
     assert st.appraiser is not None
     verdict = st.appraiser.appraise(attested, tenant, expected, host)
-    metrics.appraised(tenant, verdict)
     text = audit.verdict_json(verdict)
     return verdict, text, {"session_id": session_id, "tenant": tenant, "policy_id": policy_id,
                            "accepted": verdict.accepted, "verdict_json": text, "created_at": now_ms()}
@@ -233,6 +232,7 @@ def attest() -> Response:
         verdict_rows.append(vrow)
         if verdict.accepted or tenant == hint:
             # A tenant sees attestations its policy accepted, or that named it; not other VMs' noise.
+            metrics.appraised(tenant, verdict)
             audit_rows.append(audit.row(
                 event="attest", outcome="ok" if verdict.accepted else "denied",
                 reason="accepted by policy" if verdict.accepted else summarize_failures(verdict),
@@ -359,6 +359,8 @@ def resource(repo: str, rtype: str, tag: str) -> Response:
     # Audit rows of a tenant-less denial go to the operator only: no tenant learns of other tenants' probes.
     audit_tenant = tenant if policy_id is not None else None
     if not decision.allowed:
+        if verdict is not None and audit_tenant is not None:
+            metrics.appraised(audit_tenant, verdict)
         err = _deny(db, decision.variant, decision.reason, event="deny", tenant=audit_tenant,
                     session_id=row.id, resource=path, verdict=verdict, verdict_text=text,
                     measurement=row.measurement)

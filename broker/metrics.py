@@ -65,7 +65,9 @@ RELEASES = Counter("firmgate_releases", "Secrets released, by tenant.", ("tenant
 DENIALS = Counter("firmgate_denials", "Requests denied, by tenant (\"\" = none or unknown), protocol step and "
                   "reason class (the KBS error variant the guest received).",
                   ("tenant", "event", "reason_class"), registry=REGISTRY)
-FAILED_CHECKS = Counter("firmgate_appraisal_failed_checks", "Failed checks in tenants' appraisals, by check name.",
+FAILED_CHECKS = Counter("firmgate_appraisal_failed_checks",
+                        "Failed checks, by check name, of appraisals a tenant's audit records: /attest naming the "
+                        "tenant, and /resource denials of its resources (one count per decision).",
                         ("tenant", "check"), registry=REGISTRY)
 ATTEST_DURATION = Histogram("firmgate_attestation_duration_seconds",
                             "Server time of /kbs/v0/attest (verify + appraise + token), by outcome "
@@ -137,7 +139,8 @@ def released(tenant: str) -> None:
 
 
 def appraised(tenant: str, verdict: Verdict) -> None:
-    """Count the failed checks of a tenant's appraisal (the tenant has a policy: it was appraised)."""
+    """Count the failed checks of an appraisal under `tenant`'s policy (so the tenant has one). Called
+    where the tenant's audit gets the decision, not for other tenants' policies tried on a VM."""
     for c in verdict.failures:
         FAILED_CHECKS.labels(tenant, c.name if _CHECK_NAME.match(c.name) else "other").inc()
 
