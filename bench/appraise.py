@@ -65,7 +65,7 @@ def main() -> None:
             "version = 1\n[firmware]\nmin_svn = 1\n" + entries +
             '[[shapes]]\nvcpus = [1, 2, 4, 8, 16, 32, 64, 128]\nvcpu_types = ["EPYC-v4", "EPYC-Milan", "EPYC-Genoa"]\n'
             "[platform]\nallow_simulated_platform = true\n"
-            '[[secrets]]\npath = "acme/key/disk"\nmin_svn = 2\n')
+            '[[secrets]]\npath = "acme/key/disk"\nmin_svn = 2\nunsafe_unbound = true\n')
         cache = Path(tmp) / "cache"
         rows: list[tuple[str, str]] = []
         cold = once(lambda: PolicyStore(d, cache_dir=cache))

@@ -25,6 +25,8 @@ def main(argv: list[str]) -> None:
         import verifier.abi.certtable, verifier.abi.report, verifier.certs, verifier.evidence  # noqa: E401,F401
         import verifier.kds, verifier.firmware.addon, verifier.firmware.image  # noqa: E401,F401
         import verifier.appraise.policy  # noqa: F401
+        if name == "igvm":
+            import verifier.firmware.igvm, verifier.firmware.igvm_build, verifier.measure.igvm  # noqa: E401,F401
         if name == "channel":
             import host_install.channel  # noqa: F401
         if name == "broker":

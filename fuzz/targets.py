@@ -231,6 +231,39 @@ def seeds_ovmf() -> list[bytes]:
     return [raw[-4096:] for raw in _shared_files("firmware", "*.fd")] or [b"\0" * 4096]
 
 
+# -- IGVM reader and SNP launch digest -----------------------------------------------------------
+def run_igvm(data: bytes) -> None:
+    """First byte: 0 reads the rest as is; otherwise its CRC-32 is fixed first, so that mutations
+    reach the header parser and the measurement instead of stopping at the checksum."""
+    from verifier.firmware.igvm_build import fix_checksum
+    from verifier.measure.igvm import measure_igvm
+    if not data:
+        return
+    body = data[1:] if data[0] == 0 else fix_checksum(data[1:])
+    for rule in ("qemu", "native-zero"):
+        try:
+            measure_igvm(body, rule)
+        except FirmgateError:
+            return
+
+
+def seeds_igvm() -> list[bytes]:
+    from sevsnpmeasure.sev_mode import SevMode
+    from sevsnpmeasure.vmm_types import VMMType
+    from sevsnpmeasure.vmsa import VMSA
+
+    from verifier.firmware import igvm as ig
+    from verifier.firmware.igvm_build import IgvmWriter
+    vmsa = bytes(VMSA(SevMode.SEV_SNP, 0xFFFFF000, 0x800F12, 0x1, VMMType.QEMU).bsp_save_area)
+    small = (IgvmWriter().platform().guest_policy().page(0xFFFFF000, b"\x90" * 4096).page(0x1000)
+             .page(0x2000, data_type=ig.PAGE_SECRETS).page(0x3000, data_type=ig.PAGE_CPUID_DATA)
+             .parameter_area(0, 0x1000).parameter(ig.VHT_MEMORY_MAP, 0, 0).parameter_insert(0x10000, 0)
+             .required_memory(0x20000, 0x2000).id_block(bytes(48)).vp_context(vmsa, 0).vp_context(vmsa, 1))
+    two = (IgvmWriter().platform(mask=1).platform(mask=2, platform_type=ig.PLATFORM_TDX).guest_policy(mask=3)
+           .page(0x4000, mask=2).page(0x5000, bytes(4096), mask=3).vp_context(vmsa))
+    return [b"\x00" + small.to_bytes(), b"\x01" + small.to_bytes(), b"\x01" + two.to_bytes()]
+
+
 # -- policy loader ---------------------------------------------------------------------------
 def run_policy(data: bytes) -> None:
     from verifier.appraise.policy import parse_policy
@@ -365,6 +398,7 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("chain", run_chain, seeds_chain, "verifier.verify: chain, signature, CRL, TCB checks on hostile input"),
     Target("addon", run_addon, seeds_addon, "verifier.firmware.addon: UKI add-on PE, .efifw/.hwids"),
     Target("ovmf", run_ovmf, seeds_ovmf, "verifier.firmware.image: OVMF footer table, SEV metadata"),
+    Target("igvm", run_igvm, seeds_igvm, "verifier.firmware.igvm + measure.igvm: IGVM file, SNP launch digest"),
     Target("policy", run_policy, seeds_policy, "verifier.appraise.policy: tenant TOML policy"),
     Target("channel", run_channel, seeds_channel, "host_install.channel.read_frame: guest -> host update frames"),
     Target("broker", run_broker, seeds_broker, "broker: KBS and admin JSON endpoints (no 500, JSON errors)"),

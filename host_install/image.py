@@ -59,15 +59,19 @@ def check_image(vm: VmDir, fwid: str, payload: bytes, addon_sha384: str = "") ->
     if info.kind != cfg.firmware_format:
         raise ImageRejected(f"firmware {fwid!r} is {info.kind}, but this VM launches {cfg.firmware_format} images",
                             "set firmware_format in vm.toml to match how QEMU launches this VM")
-    if cfg.snp and info.kind == "ovmf":  # an IGVM file carries its own SNP launch directives
+    if cfg.snp:  # an IGVM file must select SEV-SNP and pass the strict reader (verifier/firmware/igvm.py)
         try:
             require_snp_firmware(payload)
         except FirmwareError as exc:
-            raise ImageRejected(f"firmware {fwid!r} cannot launch an SNP guest: {exc.diagnostics()}",
-                                "use an OVMF build with SEV metadata (e.g. OVMF.amdsev.fd)") from exc
+            hint = ("use an OVMF build with SEV metadata (e.g. OVMF.amdsev.fd)" if info.kind == "ovmf" else
+                    "use an IGVM file with a SEV_SNP platform, its guest policy and one VP context per vCPU")
+            raise ImageRejected(f"firmware {fwid!r} cannot launch an SNP guest: {exc.diagnostics()}", hint) from exc
     if info.kind == "ovmf" and (size == 0 or size % ROM_ALIGN):
         raise ImageRejected(f"OVMF image {fwid!r} is {size} bytes, not a multiple of 64 KiB",
                             "a raw OVMF ROM (OVMF.fd / OVMF.amdsev.fd) is always 64 KiB-aligned; rebuild it")
+    if cfg.snp and info.kind == "ovmf":
+        from .idblocks import select
+        select(vm, payload)   # require_id_block: refuse firmware the owner signed no ID block for (exit 2)
     return CandidateImage(fwid=fwid, payload=payload, digest=sha384(payload), kind=info.kind,
                           addon_sha384=addon_sha384)
 

@@ -204,6 +204,8 @@ def plan(vm_dir: VmDir | str | os.PathLike[str], addon_bytes: bytes, fwid: str |
 
 
 def install_image(vm: VmDir, candidate: CandidateImage, *, launch: bool = True) -> InstallResult:
+    if launch:
+        qemu.require_igvm(vm)  # before anything changes: the running VM keeps running
     with vm_lock(vm):
         _recover_locked(vm, relaunch=launch)
         journal = Journal(vm.journal_path)

@@ -17,7 +17,7 @@ from typing import Any
 
 from qemu.qmp import QMPClient
 
-from .errors import InstallFailed
+from .errors import InstallError, InstallFailed
 from .vm import VmDir
 
 UPDATE_PORT_NAME = "org.firmgate.update"  # the guest sees /dev/virtio-ports/org.firmgate.update
@@ -38,10 +38,41 @@ def kvm_usable() -> bool:
     return True
 
 
+def supports_igvm(qemu_bin: str) -> bool:
+    """Whether this QEMU can launch IGVM firmware: its `-object help` lists `igvm-cfg` (QEMU >= 10.0
+    built with libigvm, docs/system/igvm.rst). Debian 12's QEMU 7.2 does not."""
+    try:
+        proc = subprocess.run([qemu_bin, "-object", "help"], stdin=subprocess.DEVNULL, capture_output=True,
+                              timeout=QMP_TIMEOUT * 2, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return proc.returncode == 0 and any(line.strip() == b"igvm-cfg" for line in proc.stdout.splitlines())
+
+
+def require_igvm(vm: VmDir) -> None:
+    """Refuse, before the running VM is touched, to relaunch IGVM firmware on a QEMU without igvm-cfg."""
+    if vm.config.firmware_format == "igvm" and not supports_igvm(vm.config.qemu):
+        raise InstallFailed(f"QEMU {vm.config.qemu!r} has no igvm-cfg object: it cannot launch IGVM firmware",
+                            "use QEMU >= 10.0 built with IGVM support, or install with --no-launch")
+
+
 def resolve_accel(accel: str) -> str:
     if accel == "auto":
         return "kvm" if kvm_usable() else "tcg"
     return accel
+
+
+def _id_block_properties(vm: VmDir) -> str:
+    """id-block/id-auth/author-key-enabled/policy for the firmware in force (host_install/idblocks.py)."""
+    if not vm.config.id_blocks or not vm.firmware_link.exists():
+        return ""
+    from .idblocks import qemu_properties, select
+    with vm.firmware_link.open("rb") as fh:
+        rom = fh.read(vm.config.rom_max_bytes + 1)
+    try:
+        return qemu_properties(select(vm, rom))
+    except InstallError as exc:  # the owner's set changed since install: a failed launch, rolled back
+        raise InstallFailed(str(exc), exc.hint) from exc
 
 
 def build_command(vm: VmDir, accel: str | None = None) -> list[str]:
@@ -59,7 +90,7 @@ def build_command(vm: VmDir, accel: str | None = None) -> list[str]:
         machine += ["confidential-guest-support=sev0", "memory-backend=ram0"]
         objects += ["-object", f"memory-backend-memfd,id=ram0,size={cfg.memory_mib}M,share=true",
                     "-object", f"sev-snp-guest,id=sev0,cbitpos={cfg.cbitpos},"
-                               f"reduced-phys-bits={cfg.reduced_phys_bits}"]
+                               f"reduced-phys-bits={cfg.reduced_phys_bits}" + _id_block_properties(vm)]
     if cfg.firmware_format == "igvm":
         # IGVM replaces -bios (QEMU >= 10.0, docs/system/igvm.rst)
         objects += ["-object", f"igvm-cfg,id=igvm0,file={vm.firmware_link}"]

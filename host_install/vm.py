@@ -53,6 +53,8 @@ class VmConfig:
     launch_mode: str | None = None   # "snp" (sev-snp-guest object) or "plain"; default follows `snp`
     firmware_format: str = "ovmf"    # "igvm" only for a VM launched with IGVM
     rom_max_bytes: int = _DEFAULT_ROM_MAX
+    id_blocks: str | None = None     # the owner's firmgate-idblocks/1 set (host_install/idblocks.py)
+    require_id_block: bool = False   # refuse firmware the owner signed no ID block for (exit 2)
     cbitpos: int = 51                # sev-snp-guest parameters (EPYC Milan/Genoa values)
     reduced_phys_bits: int = 1
     qmp_socket: str = "qmp.sock"
@@ -120,6 +122,10 @@ def parse_config(text: str, path: str = CONFIG_NAME) -> VmConfig:
         raise bad("launch_mode", f"launch_mode must be one of {_LAUNCH_MODES}, not {cfg.launch_mode!r}")
     if cfg.launch_mode == "snp" and not cfg.snp:
         raise bad("launch_mode", 'launch_mode = "snp" needs snp = true')
+    if cfg.require_id_block and not (cfg.snp and cfg.id_blocks):
+        raise bad("require_id_block", "require_id_block needs snp = true and id_blocks (the owner's ID-block set)")
+    if cfg.id_blocks is not None and (not cfg.id_blocks or "\0" in cfg.id_blocks):
+        raise bad("id_blocks", "id_blocks must be a path (relative to the VM directory)")
     if not 16 <= cfg.memory_mib <= 16 * 1024 * 1024:
         raise bad("memory_mib", f"memory_mib {cfg.memory_mib} is out of range 16..16777216")
     if not 1 <= cfg.vcpus <= 512:

@@ -11,7 +11,11 @@ The story (docs/demo.md explains each step):
   1 guest's v1 add-on -> host-install    2 attest -> secret released
   3 an unlisted firmware -> denied       4 a replayed nonce -> denied
   5 owner commits v2 + min_svn 2         6 guest asks for v2 -> released
-  7 guest asks for v1 again -> denied (svn below the minimum)
+  7 a second tenant's VM, same v2 firmware and shape, asks for the key -> denied by name
+    (id_block.trusted_key), and the owner's own signed launch -> released
+  8 guest asks for v1 again -> denied (svn below the minimum)
+Every launch of the owner's VM carries the owner's ID block (`firmgate idblock sign`, picked by
+host-install, checked by the simulated PSP): the policy releases only to the owner's own launch.
 Exit 0 only if every step did what it should.
 """
 from __future__ import annotations
@@ -34,6 +38,7 @@ from typing import Any, Callable, Iterator
 from verifier.errors import FirmgateError, UsageError
 
 TENANT = "demo"
+OTHER = "neighbour"         # a second tenant on the same host, running the same firmware
 RESOURCE = f"{TENANT}/key/disk"
 SECRET = b"demo disk key: 3f1c9a (released only to firmware the owner allows)\n"
 FIRMWARE_CANDIDATES = ("/usr/share/ovmf/OVMF.fd", "/usr/share/qemu/OVMF.fd", "/usr/share/edk2/ovmf/OVMF.fd",
@@ -171,25 +176,35 @@ def _git(repo: Path, *args: str) -> str:
     return r.stdout.strip()
 
 
-def policy_text(v1: tuple[str, str], v2: tuple[str, str] | None, vcpus: int, vcpu_type: str) -> str:
-    """The owner's policy: v1 (bytes in the repo); with v2, v2 (bytes from the guest's add-on) + min_svn 2."""
+# The demo VM boots its firmware and no disk; a real owner writes why ITS build pins what it boots.
+DEMO_BOOT_CHAIN = "demo: stands for an owner build that boots only the owner's signed code"
+
+
+def policy_text(v1: tuple[str, str], v2: tuple[str, str] | None, vcpus: int, vcpu_type: str,
+                author_key: str = "", *, tenant: str = TENANT, v2_bytes: str = "uploaded") -> str:
+    """The owner's policy: v1 (bytes in the repo); with v2, v2 (bytes from the guest's add-on) + min_svn 2.
+    Bound form (docs/policy.md, "Release binding"): the firmware pins its boot chain, and only launches
+    signed with the owner's author key (`author_key`: its SHA-384 digest) name this owner."""
     fw = [f'''[[firmware.allowed]]
 id = "{v1[0]}"
 sha384 = "{v1[1]}"
 svn = 1
 bytes = "firmware/v1.efi"          # the add-on the owner committed beside this file
+enforces_boot_chain = "{DEMO_BOOT_CHAIN}"
 ''']
     if v2 is not None:
         fw.append(f'''[[firmware.allowed]]
 id = "{v2[0]}"
 sha384 = "{v2[1]}"
 svn = 2
-bytes = "uploaded"                 # the owner lists the digest; the guest brings the bytes in its add-on
+bytes = "{v2_bytes}"                 # "uploaded": the owner lists the digest; the guest brings the bytes
+enforces_boot_chain = "{DEMO_BOOT_CHAIN}"
 ''')
-    return f'''# Tenant "{TENANT}" for `firmgate demo`. It trusts a SIMULATED SEV-SNP platform
+    secret = RESOURCE if tenant == TENANT else f"{tenant}/key/disk"
+    return f'''# Tenant "{tenant}" for `firmgate demo`. It trusts a SIMULATED SEV-SNP platform
 # (--trust-root, not AMD): the flow is real, the hardware is not.
 version = 1
-description = "firmgate demo tenant"
+description = "firmgate demo tenant {tenant}"
 
 [firmware]
 min_svn = {2 if v2 else 1}
@@ -210,8 +225,11 @@ allow_simulated_platform = true
 [guest]
 unsafe_allow_debug = false
 
+[id_block]                         # the launch names its owner: the owner's author key signed its ID block
+trusted_author_keys = ["{author_key}"]
+
 [[secrets]]
-path = "{RESOURCE}"
+path = "{secret}"
 '''
 
 
@@ -276,13 +294,22 @@ def run_demo(firmware: str | None = None, workdir: str | None = None, *, quiet: 
         _git(repo, "init", "-q", "-b", "main")
         (repo / "firmware" / "v1.efi").write_bytes(addons["v1"])
         vm_vcpus, vcpu_type = 1, "EPYC-v4"
+        # Each tenant's owner keeps its ID and author keys (P-384) outside the policy repo.
+        owners = {t: _owner_keys(ws / "owner-keys" / t, t) for t in (TENANT, OTHER)}
         pol = repo / f"{TENANT}.toml"
-        pol.write_text(policy_text((fwids["v1"], digests["v1"]), None, vm_vcpus, vcpu_type))
-        code, out = _cli(["policy", "check", str(pol)])
+        pol.write_text(policy_text((fwids["v1"], digests["v1"]), None, vm_vcpus, vcpu_type, owners[TENANT][2]))
+        # A second tenant runs the very same firmware builds in the same shape, with its own key.
+        (repo / "firmware" / "other-v2.efi").write_bytes(addons["v2"])
+        (repo / f"{OTHER}.toml").write_text(policy_text(
+            (fwids["v1"], digests["v1"]), (fwids["v2"], digests["v2"]), vm_vcpus, vcpu_type, owners[OTHER][2],
+            tenant=OTHER, v2_bytes="firmware/other-v2.efi"))
+        code, out = _cli(["policy", "check", str(repo)])
         if code != 0:
-            raise UsageError(f"the demo's own policy does not pass `firmgate policy check`: {out}")
+            raise UsageError(f"the demo's own policies do not pass `firmgate policy check`: {out}")
+        for t in (TENANT, OTHER):   # each owner signs an ID block per (firmware x shape) of its table
+            _sign_id_blocks(repo / f"{t}.toml", owners[t])
         _git(repo, "add", "-A")
-        _git(repo, "commit", "-q", "-m", "demo: allow v1")
+        _git(repo, "commit", "-q", "-m", "demo: allow v1; signed ID blocks")
         story.say(f"policy repo    {repo} (git, commit {_git(repo, 'rev-parse', '--short', 'HEAD')}; "
                   "`firmgate policy check` passed)")
 
@@ -292,7 +319,8 @@ def run_demo(firmware: str | None = None, workdir: str | None = None, *, quiet: 
         fd = os.open(mkey, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as fh:
             fh.write(os.urandom(32).hex())
-        for argv in (["tenant", "add", TENANT], ["secret", "put", RESOURCE, "--value", SECRET.decode()]):
+        for argv in (["tenant", "add", TENANT], ["secret", "put", RESOURCE, "--value", SECRET.decode()],
+                     ["tenant", "add", OTHER], ["secret", "put", f"{OTHER}/key/disk", "--value", "other's key"]):
             code, out = _cli([*argv, "--db", db, "--master-key-file", str(mkey)])
             if code != 0:
                 raise UsageError(f"`firmgate {' '.join(argv[:2])}` failed: {out}")
@@ -306,8 +334,18 @@ def run_demo(firmware: str | None = None, workdir: str | None = None, *, quiet: 
         else:
             story.say(f"vm             {ws / 'vm'} (no {QEMU}: installs run WITHOUT booting; QEMU steps skipped)")
             story.note(f"{QEMU} not found: firmware boots were skipped")
+        # host-install hands the owner's signed ID block for the firmware in force to the launch
+        vm_cfg.update(id_blocks="owner.idblocks.json")
         vm = VmDir.create(ws / "vm", **vm_cfg)
+        shutil.copyfile(repo / f"{TENANT}.idblocks.json", vm.rel("owner.idblocks.json"))
         host = SimSnpHost(vm, platform, vcpu_type=vcpu_type)
+        # The second tenant's VM on the same host: same v2 firmware, same shape, its owner's ID block.
+        other_vm = VmDir.create(ws / "vm-other", snp=True, launch_mode="plain", vcpus=vm_vcpus, memory_mib=128,
+                                id_blocks="owner.idblocks.json")
+        shutil.copyfile(repo / f"{OTHER}.idblocks.json", other_vm.rel("owner.idblocks.json"))
+        from host_install.install import install as _install
+        _install(other_vm, addons["v2"], launch=False)
+        other_host = SimSnpHost(other_vm, platform, vcpu_type=vcpu_type)
 
         broker_cfg = {"POLICIES_DIR": str(repo), "DATABASE_URL": db, "TRUST_ROOT_PEM": str(root),
                       "MASTER_KEY_FILE": str(mkey), "MEASURE_CACHE": str(ws / "measure-cache")}
@@ -317,14 +355,14 @@ def run_demo(firmware: str | None = None, workdir: str | None = None, *, quiet: 
                 with UpdateChannel(vm, launch=have_qemu) as channel:
                     story.say(f"update channel {channel.path} (host-install listen; the guest's requests arrive here)")
                     _story(story, broker.url, vm, host, addons, digests, fwids, repo, pol, have_qemu,
-                           vm_vcpus, vcpu_type)
+                           vm_vcpus, vcpu_type, owners[TENANT], other_host, ws)
         finally:
             if have_qemu:
                 with contextlib.suppress(Exception):
                     qemu.stop(vm, timeout=1.0)
         elapsed = time.monotonic() - t_start
         result = {
-            "ok": all(s.ok for s in story.steps) and len(story.steps) == 7,
+            "ok": all(s.ok for s in story.steps) and len(story.steps) == 8,
             "seconds": round(elapsed, 1),
             "firmware": str(fw_path),
             "qemu": have_qemu,
@@ -361,8 +399,36 @@ class UpdateChannel:
         self.thread.join(5)
 
 
+def _owner_keys(d: Path, label: str) -> tuple[Path, Path, str]:
+    """(ID key PEM, author key PEM, author key digest hex) of a tenant's owner, written 0600."""
+    from .owner import Owner
+    o = Owner(f"demo-{label}")
+    d.mkdir(parents=True)
+    paths = []
+    for which in ("id", "author"):
+        path = d / f"{which}.pem"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(o.pem(which))
+        paths.append(path)
+    return paths[0], paths[1], o.author_digest.hex()
+
+
+def _sign_id_blocks(policy: Path, keys: tuple[Path, Path, str], *firmware: Path) -> Path:
+    """`firmgate idblock sign`, as the owner runs it: one signed ID block per (firmware x shape)."""
+    argv = ["idblock", "sign", "--policy", str(policy), "--id-key", str(keys[0]), "--author-key", str(keys[1]),
+            "--guest-svn", "1"]
+    for f in firmware:
+        argv += ["--firmware", str(f)]
+    code, out = _cli(argv)
+    if code != 0:
+        raise UsageError(f"`firmgate idblock sign` failed for {policy.name}: {out}")
+    return policy.with_name(policy.stem + ".idblocks.json")
+
+
 def _story(story: Story, url: str, vm: Any, host: Any, addons: dict[str, bytes], digests: dict[str, str],
-           fwids: dict[str, str], repo: Path, pol: Path, have_qemu: bool, vcpus: int, vcpu_type: str) -> None:
+           fwids: dict[str, str], repo: Path, pol: Path, have_qemu: bool, vcpus: int, vcpu_type: str,
+           owner: tuple[Path, Path, str], other_host: Any, ws: Path) -> None:
     from guest import BrokerDenied, KbsSession, TeeKey, attest, fetch_resource
     from guest.evidence import TsmSource
     from guest.update import request_update
@@ -395,12 +461,12 @@ def _story(story: Story, url: str, vm: Any, host: Any, addons: dict[str, bytes],
                          f"{launch.measurement.hex()[:24]}…")
         return run
 
-    def do_attest(which: str, *, send_addon: bool = False) -> Callable[[Step], None]:
+    def do_attest(which: str, *, send_addon: bool = False, on: Any = None) -> Callable[[Step], None]:
         def run(st: Step) -> None:
             key = TeeKey.generate("p256")
             s = KbsSession(url)
             try:
-                att = attest(s, TsmSource(host.tsm()), key, addon=addons[which] if send_addon else None)
+                att = attest(s, TsmSource((on or host).tsm()), key, addon=addons[which] if send_addon else None)
                 last["attestation"], last["session"] = att, s
                 st.facts.update(token_status=att.status, nonce=att.nonce)
                 secret = fetch_resource(s, RESOURCE, key)
@@ -441,17 +507,24 @@ def _story(story: Story, url: str, vm: Any, host: Any, addons: dict[str, bytes],
         st.facts.update(reasons=denials)
 
     def owner_commits_v2(st: Step) -> None:
-        pol.write_text(policy_text((fwids["v1"], digests["v1"]), (fwids["v2"], digests["v2"]), vcpus, vcpu_type))
+        pol.write_text(policy_text((fwids["v1"], digests["v1"]), (fwids["v2"], digests["v2"]), vcpus, vcpu_type,
+                                   owner[2]))
         code, out = _cli(["policy", "check", str(pol)])
         if code != 0:
             st.outcome, st.detail = "policy check failed", out
             return
-        _git(repo, "commit", "-q", "-am", "demo: allow v2 (svn 2), min_svn 2")
+        # The owner signs ID blocks for the new table (v2's bytes: the add-on it ships) and hands them
+        # to the host with the add-on.
+        signed = _sign_id_blocks(pol, owner, ws / f"{fwids['v2']}.efi")
+        shutil.copyfile(signed, vm.rel("owner.idblocks.json"))
+        _git(repo, "add", "-A")
+        _git(repo, "commit", "-q", "-m", "demo: allow v2 (svn 2), min_svn 2; signed ID blocks")
         commit = _git(repo, "rev-parse", "--short", "HEAD")
         time.sleep(1.1)  # the broker's policy store re-reads changed files at most once a second
         st.outcome = "committed"
         st.detail = (f"commit {commit}: v2 listed by digest (svn 2, bytes to come from the guest), "
-                     "firmware.min_svn = 2; `firmgate policy check` passed")
+                     "firmware.min_svn = 2; `firmgate policy check` passed; the owner signed ID blocks for v2 "
+                     "(`firmgate idblock sign`) and handed them to the host")
         st.facts.update(commit=commit)
 
     story.step("guest asks host-install for its v1 add-on", "installed", do_install("v1", by="guest"))
@@ -460,10 +533,26 @@ def _story(story: Story, url: str, vm: Any, host: Any, addons: dict[str, bytes],
     story.step("host swaps in an unlisted firmware; guest attests", "denied",
                lambda st: (do_install("bad", by="host")(st), st.outcome == "installed" and do_attest("bad")(st)))
     story.step("replay the step-2 attestation (same and new session)", "denied", replay)
+    def look_alike(st: Step) -> None:
+        do_attest("v2", on=other_host)(st)
+        reason = str(st.facts.get("reason", ""))
+        if st.outcome != "denied" or "id_block.trusted_key" not in reason:
+            st.outcome = "released" if st.outcome == "released" else f"{st.outcome} (not by name)"
+            return
+        other_detail = st.detail
+        own = Step(0, "", "released")
+        do_attest("v2")(own)
+        st.facts.update(owner_outcome=own.outcome, owner_detail=own.detail)
+        if own.outcome != "released":
+            st.outcome, st.detail = "owner denied", own.detail
+            return
+        st.detail = f"{other_detail}; the owner's own signed launch of the same firmware: released"
+
     story.step("owner commits v2 and min_svn 2 to the policy repo", "committed", owner_commits_v2)
     story.step("guest asks for v2, attests sending the v2 add-on", "released",
                lambda st: (do_install("v2", by="guest")(st),
                            st.outcome == "installed" and do_attest("v2", send_addon=True)(st)))
+    story.step("another tenant's VM (same v2, same shape) asks for this key", "denied", look_alike)
     story.step("guest asks for v1 again (a downgrade), attests", "denied",
                lambda st: (do_install("v1", by="guest")(st), st.outcome == "installed" and do_attest("v1")(st)))
 

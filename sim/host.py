@@ -14,6 +14,11 @@ What a real SNP host does at launch, done honestly in software:
   one that runs in a real guest. Like the kernel, the report is generated
   when outblob is read, for the inblob written last, by the firmware in force
   at that moment (the measurement is cached per firmware digest and shape).
+- when vm.toml names the owner's ID-block set (`id_blocks`), the host passes the
+  block host-install selects for the firmware in force (host_install.idblocks, the
+  same choice that goes to QEMU) to the simulated PSP (sim.psp), which checks it
+  and fills ID_KEY_DIGEST, AUTHOR_KEY_DIGEST, AUTHOR_KEY_EN, FAMILY_ID, IMAGE_ID
+  and GUEST_SVN, or refuses the launch (sim.psp.LaunchRefused).
 
 Not simulated: the hardware itself. Nothing here is evidence of a real chip.
 """
@@ -24,6 +29,7 @@ import hashlib
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from host_install.install import current_firmware
 from host_install.vm import VmDir
@@ -43,6 +49,8 @@ class Launch:
     fwid: str | None
     shape: Shape
     measurement: bytes
+    # report fields the PSP set from the owner's ID block (empty: launched without one)
+    id_fields: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
 class SimSnpHost:
@@ -61,7 +69,7 @@ class SimSnpHost:
         self.host_data = host_data
         self.guest_policy = guest_policy
         self.guest_svn = guest_svn
-        self._measured: dict[tuple[str, str], bytes] = {}
+        self._measured: dict[tuple[str, str], tuple[bytes, dict[str, Any]]] = {}
         self._lock = threading.Lock()
         self.reports_signed = 0
 
@@ -70,10 +78,23 @@ class SimSnpHost:
         fw = current_firmware(self.vm)
         key = (fw.digest, self.shape.key())
         with self._lock:
-            m = self._measured.get(key)
-            if m is None:
-                m = self._measured[key] = expected_measurement(fw.data, self.shape)
-        return Launch(fw.digest, fw.fwid, self.shape, m)
+            got = self._measured.get(key)
+            if got is None:
+                m = expected_measurement(fw.data, self.shape)
+                got = self._measured[key] = (m, self._id_fields(fw.data, m))
+        return Launch(fw.digest, fw.fwid, self.shape, got[0], got[1])
+
+    def _id_fields(self, firmware: bytes, measurement: bytes) -> dict[str, Any]:
+        """What the PSP reports for the owner's ID block that host-install passes with this firmware."""
+        from host_install.idblocks import select
+
+        from .psp import launch_fields
+        sel = select(self.vm, firmware)
+        if sel is None or sel.block is None:
+            return {}
+        b = sel.block
+        return launch_fields(self.platform, measurement, guest_policy=b.verified.block.policy, id_block=b.id_block,
+                             id_auth=b.id_auth, author_key_enabled=b.author_key_enabled)
 
     def report(self, report_data: bytes, *, vmpl: int = 0) -> bytes:
         """A signed 1184-byte report for the launch in force, carrying `report_data`."""
@@ -83,10 +104,10 @@ class SimSnpHost:
         rid = hashlib.sha256(b"sim-report-id" + bytes.fromhex(launch.firmware_digest)).digest()
         with self._lock:
             self.reports_signed += 1
-        return self.platform.sign_report(report_data=report_data.ljust(INBLOB_SIZE, b"\0"),
-                                         measurement=launch.measurement, host_data=self.host_data,
-                                         vmpl=vmpl, policy=self.guest_policy, guest_svn=self.guest_svn,
-                                         report_id=rid)
+        fields: dict[str, Any] = {"measurement": launch.measurement, "host_data": self.host_data, "vmpl": vmpl,
+                                  "policy": self.guest_policy, "guest_svn": self.guest_svn, "report_id": rid}
+        fields.update(launch.id_fields)
+        return self.platform.sign_report(report_data=report_data.ljust(INBLOB_SIZE, b"\0"), **fields)
 
     def cert_table(self) -> bytes:
         """The auxblob: the GUID certificate table, PEM entries as the kernel passes the host's blob."""

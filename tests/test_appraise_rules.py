@@ -45,14 +45,14 @@ _counter = [0]
 
 
 def make_policy(work: Path, *, firmware: str = "", platform: str = "", guest: str = "", tenant: str = "acme",
-                secrets: str = "", bytes_at: str = "fw.fd") -> LoadedPolicy:
+                secrets: str = "", bytes_at: str = "fw.fd", fw_entry: str = "") -> LoadedPolicy:
     _counter[0] += 1
     d = work / f"p{_counter[0]}"
     d.mkdir()
     if bytes_at != "uploaded":
         (d / "fw.fd").symlink_to(FW)
     text = (f"version = 1\n[firmware]\n{firmware}\n[[firmware.allowed]]\nid = \"v2\"\nsha384 = \"{FW_DIGEST}\"\n"
-            f"svn = 2\nbytes = \"{bytes_at}\"\n[[shapes]]\nvcpus = [1, 2]\nvcpu_types = [\"EPYC-v4\", \"EPYC-Milan\"]\n"
+            f"svn = 2\nbytes = \"{bytes_at}\"\n{fw_entry}\n[[shapes]]\nvcpus = [1, 2]\nvcpu_types = [\"EPYC-v4\", \"EPYC-Milan\"]\n"
             f"[platform]\nallow_simulated_platform = true\n{platform}\n[guest]\n{guest}\n{secrets}")
     path = d / f"{tenant}.toml"
     path.write_text(text)
@@ -97,7 +97,8 @@ def test_every_rule_runs_and_a_clean_report_is_accepted(work: Path, good_measure
     names = [c.name for c in v.checks]
     assert names[:len(rep.checks)] == [c.name for c in rep.checks]  # the verification's checks come first
     policy_names = names[len(rep.checks):]
-    assert len(policy_names) == len(checks_mod.RULES) == len(set(policy_names)) == 18
+    from verifier.appraise.report_rules import RULES as REPORT_RULES
+    assert len(policy_names) == len(checks_mod.RULES) + len(REPORT_RULES) == len(set(policy_names)) == 32
     assert v.accepted and v.facts["status"] == "warning"  # warning only because the platform is simulated
     assert [c.name for c in v.warnings] == ["trust.simulated", "platform.simulated"]
     assert v.facts["firmware"]["id"] == "v2" and v.facts["shape"].startswith("vcpus=2,vcpu_type=EPYC-Milan")
@@ -308,20 +309,26 @@ def test_host_data_bound_to_init_data(work: Path, good_measurement: bytes) -> No
 
 # -- release ------------------------------------------------------------------------------------
 def test_release_allowed_rules(work: Path, good_measurement: bytes) -> None:
-    secrets = ('[[secrets]]\npath = "acme/key/a"\nfirmware = ["v2"]\n'
+    from sim.owner import BOOT_CHAIN_REASON, Owner
+    owner = Owner("acme")
+    secrets = (owner.id_block_toml() + '[[secrets]]\npath = "acme/key/a"\nfirmware = ["v2"]\n'
                '[[secrets]]\npath = "acme/key/b"\nmin_svn = 3\n'
                '[[secrets]]\npath = "acme/key/c"\n')
-    lp = make_policy(work, secrets=secrets)
-    ok = appraise(verified(good_measurement), lp)
+    bound = f'enforces_boot_chain = "{BOOT_CHAIN_REASON}"'
+    lp = make_policy(work, secrets=secrets, fw_entry=bound)
+    launch = owner.launch_fields(sim(), good_measurement, BASE_POLICY)
+    launch.pop("measurement")
+    ok = appraise(verified(good_measurement, **launch), lp)
+    assert check(ok, "binding.owner_launch").outcome is Outcome.PASS
     assert release_allowed(lp, ok, "acme/key/a") == (True, "firmware v2 (svn 2) may receive acme/key/a")
     assert release_allowed(lp, ok, "acme/key/c")[0] is True
     assert release_allowed(lp, ok, "acme/key/b") == (False, "firmware svn 2 below minimum 3 for acme/key/b")
     assert release_allowed(lp, ok, "acme/key/zzz") == (False, "the policy of tenant acme lists no secret acme/key/zzz")
-    rejected = appraise(verified(good_measurement, policy=BASE_POLICY | POLICY_DEBUG_BIT), lp)
+    rejected = appraise(verified(good_measurement, **{**launch, "policy": BASE_POLICY | POLICY_DEBUG_BIT}), lp)
     assert release_allowed(lp, rejected, "acme/key/a") == (False, "the attestation was not accepted")
-    other = make_policy(work, tenant="globex", secrets=secrets.replace("acme/", "globex/"))
+    other = make_policy(work, tenant="globex", secrets=secrets.replace("acme/", "globex/"), fw_entry=bound)
     assert release_allowed(other, ok, "globex/key/a") == (False, "the attestation was appraised for another tenant")
-    revoked_now = make_policy(work, firmware='revoked = ["v2"]', secrets=secrets)
+    revoked_now = make_policy(work, firmware='revoked = ["v2"]', secrets=secrets, fw_entry=bound)
     assert release_allowed(revoked_now, ok, "acme/key/a") == (False, "firmware v2 is revoked")
 
 

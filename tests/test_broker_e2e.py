@@ -28,6 +28,8 @@ FW_GLOBEX = "edk2-2022.11-OVMF.fd"
 
 
 def _policy(tenant: str, fwid: str, digest: str, location: str, revoked: bool = False, note: str = "") -> str:
+    """The bound form (sim.owner): the firmware enforces its boot chain, the tenant's author key is trusted."""
+    from sim.owner import BOOT_CHAIN_REASON, Owner
     rev = f'revoked = ["{fwid}"]\n' if revoked else ""
     return f'''version = 1
 description = "e2e test policy of {tenant}{note}"
@@ -37,6 +39,7 @@ id = "{fwid}"
 sha384 = "{digest}"
 svn = 3
 bytes = "{location}"
+enforces_boot_chain = "{BOOT_CHAIN_REASON}"
 
 [[shapes]]
 vmm = "qemu"
@@ -49,6 +52,7 @@ allow_provisional_firmware = true
 
 [guest]
 
+{Owner("e2e-" + tenant).id_block_toml()}
 [[secrets]]
 path = "{tenant}/key/disk"
 firmware = ["{fwid}"]
@@ -82,11 +86,14 @@ class Env:
         st = path.stat()  # the store notices changes by stat: make sure this one is visible
         os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))
 
-    def evidence(self, measurement: bytes | None = None, shape: str = "trustee") -> Any:
+    def evidence(self, measurement: bytes | None = None, shape: str = "trustee", owner: str = "acme") -> Any:
+        """Evidence of `owner`'s signed launch (its ID block went through the simulated PSP)."""
+        from sim.owner import Owner
         meas = measurement or self.acme_measurement
+        launch = Owner("e2e-" + owner).launch_fields(self.sim, meas)
 
         def make(rd: bytes) -> Any:
-            report = self.sim.sign_report(report_data=rd, measurement=meas)
+            report = self.sim.sign_report(report_data=rd, **launch)
             if shape == "trustee":
                 return self.sim.trustee_json(report, include=("ARK", "ASK", "LEAF"))
             return self.sim.firmgate_json(report)
@@ -243,7 +250,7 @@ def test_uploaded_firmware(broker: Any, env: Env) -> None:
     store = PolicyStore(env.policies, cache_dir=env.cache)
     store.add_firmware(env.globex_bytes)
     meas = store.get("globex").table.entries()[0][0]
-    g = Guest(srv.url, env.evidence(measurement=meas))
+    g = Guest(srv.url, env.evidence(measurement=meas, owner="globex"))
     g.auth()
     assert g.attest().status == 200
     assert g.fetch("globex/key/disk") == b"globex-luks-key"
@@ -267,9 +274,12 @@ def test_init_data_bound_through_host_data(broker: Any, env: Env) -> None:
     init = {"format": "toml", "body": body}
     host = hashlib.sha384(body.encode()).digest()[:32]
 
+    from sim.owner import Owner
+    launch = Owner("e2e-acme").launch_fields(env.sim, env.acme_measurement)
+
     def evidence(host_data: bytes) -> Any:
         def make(rd: bytes) -> Any:
-            report = env.sim.sign_report(report_data=rd, measurement=env.acme_measurement, host_data=host_data)
+            report = env.sim.sign_report(report_data=rd, host_data=host_data, **launch)
             return env.sim.trustee_json(report, include=("ARK", "ASK", "LEAF"))
         return make
     g = Guest(srv.url, evidence(host))

@@ -101,10 +101,21 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str], argv: list[str]
 
 
 def test_kds_unreachable_offline_exits_3(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    code, _, err = run(capsys, "verify", str(SNP_VECTORS / "virtee-milan-v2" / "report.bin"),
+    # Only the report: its VCEK must come from KDS, which --offline forbids and the cache lacks.
+    # (A fresh process, as the CLI is: nothing fetched by an earlier test is remembered.)
+    from verifier.verify import clear_caches
+    clear_caches()
+    code, _, err = run(capsys, "verify", str(SNP_VECTORS / "virtee-milan-v2" / "report.bin"), "--product", "Milan",
+                       "--offline", "--kds-cache", str(tmp_path))
+    assert code == 3 and "offline" in err and len(err.strip().splitlines()) == 1
+
+
+def test_report_and_vcek_verify_offline_with_shipped_roots(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    # No --certs for AMD's ARK/ASK and an empty KDS cache: the package's roots suffice.
+    code, out, _ = run(capsys, "verify", str(SNP_VECTORS / "virtee-milan-v2" / "report.bin"),
                        "--certs", str(SNP_VECTORS / "virtee-milan-v2" / "vcek.der"), "--offline",
                        "--kds-cache", str(tmp_path))
-    assert code == 3 and "offline" in err
+    assert code == 0 and "ARK-Milan" in out and not any(tmp_path.iterdir())
 
 
 def test_simulated_root(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

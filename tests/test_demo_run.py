@@ -15,7 +15,7 @@ from sim.demo import run_demo
 from verifier.errors import UsageError
 
 FW = "edk2-2022.11-OVMF.fd"   # the image Debian bookworm installs as /usr/share/ovmf/OVMF.fd
-EXPECTED = ["installed", "released", "denied", "denied", "committed", "released", "denied"]
+EXPECTED = ["installed", "released", "denied", "denied", "committed", "released", "denied", "denied"]
 
 
 def _check_story(result: dict[str, Any]) -> None:
@@ -23,11 +23,11 @@ def _check_story(result: dict[str, Any]) -> None:
     assert [s["outcome"] for s in steps] == EXPECTED, [(s["outcome"], s["detail"]) for s in steps]
     assert all(s["ok"] for s in steps) and result["ok"] is True
     assert result["simulated_platform"] is True
-    # 1, 3, 6, 7 installed a firmware; the simulated host measured what was in force each time.
+    # 1, 3, 6, 8 installed a firmware; the simulated host measured what was in force each time.
     m1 = steps[0]["facts"]["measurement"]
-    assert steps[6]["facts"]["measurement"] == m1                 # v1 again: same bytes, same MEASUREMENT
+    assert steps[7]["facts"]["measurement"] == m1                 # v1 again: same bytes, same MEASUREMENT
     assert len({m1, steps[2]["facts"]["measurement"], steps[5]["facts"]["measurement"]}) == 3
-    assert [steps[i]["facts"]["by"] for i in (0, 2, 5, 6)] == ["guest", "host", "guest", "guest"]
+    assert [steps[i]["facts"]["by"] for i in (0, 2, 5, 7)] == ["guest", "host", "guest", "guest"]
     assert steps[1]["facts"]["token_status"] in ("affirming", "warning")
     assert steps[2]["facts"]["variant"] == "PolicyDeny"
     assert "firmware.measurement" in steps[2]["facts"]["reason"]     # the failed check, by name
@@ -36,7 +36,11 @@ def _check_story(result: dict[str, Any]) -> None:
     assert steps[3]["facts"]["old_nonce"] != steps[3]["facts"]["new_nonce"]
     assert steps[4]["facts"]["commit"]
     assert steps[5]["facts"]["sent_addon"] is True and steps[1]["facts"]["sent_addon"] is False
-    assert steps[6]["facts"]["variant"] == "PolicyDeny" and "firmware.min_svn" in steps[6]["facts"]["reason"]
+    # 7: the neighbour's look-alike VM is denied by name; the owner's own signed launch is released
+    assert steps[6]["facts"]["variant"] == "PolicyDeny" and "id_block.trusted_key" in steps[6]["facts"]["reason"]
+    assert "firmware.measurement" not in steps[6]["facts"]["reason"]     # same firmware, same shape
+    assert steps[6]["facts"]["owner_outcome"] == "released"
+    assert steps[7]["facts"]["variant"] == "PolicyDeny" and "firmware.min_svn" in steps[7]["facts"]["reason"]
 
 
 def test_demo_without_qemu(firmware_dir: Path, tmp_path: Path) -> None:

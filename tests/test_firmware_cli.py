@@ -176,18 +176,36 @@ def test_console_script_exit_code(tmp_path, firmware_dir):
     assert proc.stderr.startswith("error:") and "Traceback" not in proc.stderr
 
 
-def test_igvm_can_be_packed_but_not_measured(tmp_path, capsys):
+def test_igvm_is_packed_checked_and_measured(tmp_path, capsys, firmware_dir):
+    from verifier.measure.igvm import measure_igvm
     igvm = tmp_path / "fw.igvm"
-    igvm.write_bytes(b"IGVM" + (1).to_bytes(4, "little") + bytes(8192 - 8))
+    rc, _, _ = run(capsys, "igvm-from-ovmf", firmware_dir / "edk2-2025.02-OVMF.fd", "--vcpus", "2",
+                   "--vcpu-type", "EPYC-Milan", "-o", igvm)
+    assert rc == 0
     out = tmp_path / "igvm.efi"
     rc, _, _ = run(capsys, "addon", "build", "--firmware", igvm, "--fwid", "coconut-1", "-o", out)
     assert rc == 0
     rc, stdout, _ = run(capsys, "addon", "inspect", out, "--json")
     entry = json.loads(stdout)["efifw"][0]
-    assert entry["image"]["kind"] == "igvm"
-    assert "measurement of IGVM not supported yet" in entry["snp"]
-    rc, _, err = run(capsys, "measure", out)
-    assert rc == 2 and "measurement of IGVM not supported yet" in err
+    assert entry["image"]["kind"] == "igvm" and entry["snp"] == "ok"
+    rc, stdout, _ = run(capsys, "measure", out, "--vcpus", "1-4", "--vcpu-type", "EPYC-v4,EPYC-Milan", "--json")
+    doc = json.loads(stdout)
+    expected = measure_igvm(igvm.read_bytes()).digest.hex()
+    assert rc == 0 and doc["igvm"]["measurement"] == expected and doc["igvm"]["zero_page_rule"] == "qemu"
+    assert doc["measurements"] == [{"shape": "vcpus=2,vcpu_type=EPYC-Milan,vmm=qemu,guest_features=0x1",
+                                    "measurement": expected}]
+    rc, stdout, _ = run(capsys, "measure", igvm, "--zero-page-rule", "native-zero")
+    assert rc == 0 and "measurement (zero-page rule native-zero)" in stdout
+    assert "requested shapes it launches as: none" in stdout   # the default shape has 1 vCPU, the file 2
+
+
+def test_bad_igvm_is_refused_by_build_and_measure(tmp_path, capsys):
+    igvm = tmp_path / "fw.igvm"
+    igvm.write_bytes(b"IGVM" + (1).to_bytes(4, "little") + bytes(8192 - 8))
+    rc, _, err = run(capsys, "addon", "build", "--firmware", igvm, "--fwid", "x", "-o", tmp_path / "o.efi")
+    assert rc == 2 and "IGVM fixed header" in err
+    rc, _, err = run(capsys, "measure", igvm)
+    assert rc == 2 and err.count("\n") == 1 and "IGVM fixed header: total_file_size" in err
 
 
 def test_inspect_lists_hwids(tmp_path, capsys):

@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 # FIRMGATE_FUZZ_ENGINE=hypothesis forces the fallback (what a machine without atheris runs).
 HAVE_ATHERIS = (importlib.util.find_spec("atheris") is not None
                 and os.environ.get("FIRMGATE_FUZZ_ENGINE", "atheris") != "hypothesis")
-# Seconds of fuzzing per target in `make test` (10 targets, about a minute in all).
+# Seconds of fuzzing per target in `make test` (11 targets, about a minute in all).
 SECONDS = int(os.environ.get("FIRMGATE_FUZZ_SECONDS", "4"))
 NAMES = sorted(TARGETS)
 

@@ -18,16 +18,20 @@ from host_install.install import install
 from host_install.vm import VmDir
 from sim.demo import LoopbackBroker, _cli, derive
 from sim.host import SimSnpHost
+from sim.owner import BOOT_CHAIN_REASON, Owner
 from sim.platform import SimPlatform
 from verifier.firmware.addon import build_addon
+from verifier.measure.launch import Shape
 
 FW = "edk2-2022.11-OVMF.fd"     # 2 MiB, SEV metadata: the quickest real image to measure
 SECRET = b"acme disk key"
 
 
 def _policy(tenant: str, allowed: list[tuple[str, str, int, str]], secrets: str) -> str:
-    fw = "".join(f'[[firmware.allowed]]\nid = "{i}"\nsha384 = "{d}"\nsvn = {s}\nbytes = "{b}"\n\n'
-                 for i, d, s, b in allowed)
+    """The bound form: each firmware enforces its boot chain, and the tenant's author key is trusted
+    (the VMs launch with the owner's ID blocks, through host-install and the simulated PSP)."""
+    fw = "".join(f'[[firmware.allowed]]\nid = "{i}"\nsha384 = "{d}"\nsvn = {s}\nbytes = "{b}"\n'
+                 f'enforces_boot_chain = "{BOOT_CHAIN_REASON}"\n\n' for i, d, s, b in allowed)
     return f'''version = 1
 [firmware]
 {fw}
@@ -45,6 +49,7 @@ allow_simulated_platform = true
 [guest]
 unsafe_allow_debug = false
 
+{Owner("guest-" + tenant).id_block_toml()}
 {secrets}
 '''
 
@@ -78,10 +83,19 @@ class World:
         self.broker = LoopbackBroker({"POLICIES_DIR": str(pol), "DATABASE_URL": db,
                                       "TRUST_ROOT_PEM": str(root / "ark.pem"), "MASTER_KEY_FILE": str(mkey)})
         self.hosts: dict[str, SimSnpHost] = {}
+        # acme's owner signed ID blocks for its images in the VMs' shape; host-install hands them over.
+        signed = Owner("guest-acme").sign_set("acme", {f"fw-{k}": v for k, v in self.images.items()},
+                                              [Shape(1, "EPYC-v4")])
         for k in self.images:
-            vm = VmDir.create(root / f"vm-{k}", snp=True, launch_mode="plain", memory_mib=128)
+            (root / f"vm-{k}").mkdir()
+            (root / f"vm-{k}" / "owner.idblocks.json").write_text(signed.to_json())
+            vm = VmDir.create(root / f"vm-{k}", snp=True, launch_mode="plain", memory_mib=128,
+                              id_blocks="owner.idblocks.json", require_id_block=True)
             install(vm, self.addons[k], launch=False)
             self.hosts[k] = SimSnpHost(vm, self.platform)
+        unsigned = VmDir.create(root / "vm-unsigned", snp=True, launch_mode="plain", memory_mib=128)
+        install(unsigned, self.addons["v1"], launch=False)
+        self.unsigned_vm = unsigned
         self.root = root
 
     def source(self, which: str = "v1") -> TsmSource:
@@ -187,7 +201,8 @@ def test_untrusted_platform_denied(world: World) -> None:
 
 
 def test_debug_guest_denied(world: World) -> None:
-    debug = SimSnpHost(world.hosts["v1"].vm, world.platform, guest_policy=0x30000 | 1 << 19)
+    # The PSP refuses a signed launch whose policy is not the block's: a debug launch carries no ID block.
+    debug = SimSnpHost(world.unsigned_vm, world.platform, guest_policy=0x30000 | 1 << 19)
     err = _denied(_attest_fetch, world, source=TsmSource(debug.tsm()))
     assert err.variant == "PolicyDeny" and "guest.debug" in err.detail
 

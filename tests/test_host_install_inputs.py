@@ -171,8 +171,16 @@ def test_firmgate_entry_point_runs_the_same_command(vm: VmDir, tmp_path: Path, f
 
 
 def _igvm() -> bytes:
-    # IGVM fixed header magic "IGVM" + format version (IGVM spec); enough for format routing
-    return b"IGVM" + (1).to_bytes(4, "little") + bytes(64 * 1024 - 8)
+    # A small valid SEV-SNP IGVM file (tests/igvm_files.py): platform, policy, one page, one VMSA
+    from tests.igvm_files import minimal_snp_igvm
+    return minimal_snp_igvm()
+
+
+def test_snp_vm_refuses_an_igvm_that_does_not_parse(tmp_path: Path) -> None:
+    igvm_vm = VmDir.create(tmp_path / "igvm", snp=True, firmware_format="igvm")
+    fake = b"IGVM" + (1).to_bytes(4, "little") + bytes(64 * 1024 - 8)
+    with pytest.raises(ImageRejected, match="cannot launch an SNP guest: IGVM fixed header"):
+        install(igvm_vm, build_addon([("igvm-fw", fake)]), launch=False)
 
 
 def test_igvm_only_for_igvm_vms(tmp_path: Path, firmware_dir: Path) -> None:

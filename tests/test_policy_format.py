@@ -40,6 +40,7 @@ id = "new"
 sha384 = "{D2}"
 svn = 2
 bytes = "uploaded"
+enforces_boot_chain = "Secure Boot db with our key built in"
 
 [[shapes]]
 vmm = "qemu"
@@ -72,6 +73,10 @@ allow_smt = false
 min_abi = "1.51"
 min_guest_svn = 1
 
+[id_block]
+trusted_author_keys = ["{'cc' * 48}"]
+require_author_key = true
+
 [[secrets]]
 path = "acme/key/disk"
 firmware = ["new"]
@@ -103,6 +108,10 @@ def test_good_policy_parses_into_typed_values(tmp_path: Path) -> None:
     assert pol.platform.floor("min_launch_tcb", Product.GENOA).microcode == 100
     assert pol.guest.min_abi == (1, 51) and not pol.guest.allow_smt and pol.guest.min_guest_svn == 1
     assert pol.secrets[0].path == "acme/key/disk" and pol.secrets[0].firmware == ("new",)
+    assert pol.firmware[1].enforces_boot_chain == "Secure Boot db with our key built in"
+    assert pol.firmware[0].enforces_boot_chain is None and not pol.secrets[0].unsafe_unbound
+    assert pol.id_block.trusted_author_keys == (bytes.fromhex("cc" * 48),) and pol.id_block.require_author_key
+    assert pol.id_block.trusted_id_keys is None and not pol.id_block.require_id_block
     assert pol.digest == hashlib.sha256(GOOD.encode()).hexdigest()
 
 

@@ -44,7 +44,7 @@ def policy_text(*entries: str, min_svn: int | None = None, extra: str = "") -> s
     head = "version = 1\n[firmware]\n" + (f"min_svn = {min_svn}\n" if min_svn is not None else "")
     return (head + "\n".join(entries) + '\n[[shapes]]\nvcpus = [1, 2]\nvcpu_types = ["EPYC-v4"]\n'
             "[platform]\nallow_simulated_platform = true\n"
-            '[[secrets]]\npath = "acme/key/disk"\nmin_svn = 2\n' + extra)
+            '[[secrets]]\npath = "acme/key/disk"\nmin_svn = 2\nunsafe_unbound = true\n' + extra)
 
 
 def bump(path: Path) -> None:
@@ -121,7 +121,8 @@ def test_firmware_upgrade_story(repo: Path, sim: SimPlatform, tmp_path: Path,
     new = appraise(v2, lp2)
     assert new.accepted and new.facts["firmware"] == {"id": "v2", "svn": 2, "sha384": sha384(FW_V2)}
     assert new.facts["policy"]["commit"] == c2
-    assert release_allowed(lp2, new, "acme/key/disk") == (True, "firmware v2 (svn 2) may receive acme/key/disk")
+    ok, why = release_allowed(lp2, new, "acme/key/disk")   # the secret says unsafe_unbound: released, warned
+    assert ok and why.startswith("WARNING unsafe_unbound:") and why.endswith("firmware v2 (svn 2) may receive acme/key/disk")
 
     # A broken commit: refused, the last good stays in force, the refusal is reported.
     caplog.set_level(logging.WARNING, logger="firmgate.policy")

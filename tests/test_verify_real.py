@@ -18,7 +18,10 @@ from verifier.verdict import Outcome
 
 from conftest import KBS_VECTORS, SNP_VECTORS
 
+from verifier.trust import TrustStore
+
 UTC = dt.timezone.utc
+NO_BUNDLED = TrustStore(bundled=False)   # only the certificates a test passes (no roots from the package)
 INSIDE_VLEK = dt.datetime(2025, 6, 1, tzinfo=UTC)     # the AWS VLEK is valid 2024-12 .. 2025-12-10
 
 CASES = {
@@ -126,11 +129,13 @@ def test_roots_from_a_trust_directory_fetcher() -> None:
                                         ("tav-genoa-v3", Product.TURIN)])
 def test_other_products_roots_fail(case: str, other: Product) -> None:
     leaf = _certs(SNP_VECTORS / case / CASES[case][1])
-    # Only another product's ARK/ASK available: no pinned chain for the leaf's product.
+    # Without the shipped roots and only another product's ARK/ASK: no pinned chain for the leaf's product.
     with pytest.raises(ChainError):
-        verify_to_report(_raw(case), VerifyOptions(certs=leaf + _roots(other)))
+        verify_to_report(_raw(case), VerifyOptions(certs=leaf + _roots(other), trust_store=NO_BUNDLED))
+    # With them, the leaf's own product's chain is found in the package.
+    assert verify_to_report(_raw(case), VerifyOptions(certs=leaf + _roots(other))).accepted
     # Forcing the other product: its pinned ASK did not issue this VCEK.
-    with pytest.raises(ChainError):
+    with pytest.raises(ChainError, match="not signed by AMD's ASK/ARK"):
         verify_to_report(_raw(case), VerifyOptions(certs=leaf + _roots(other) + _roots(CASES[case][2]),
                                                    product=other))
 
@@ -174,10 +179,12 @@ def test_intermediate_must_match_its_pin() -> None:
     case = "virtee-milan-v2"
     leaf = _certs(SNP_VECTORS / case / "vcek.der")
     roots = SNP_VECTORS / "roots" / "milan"
-    # ARK and ASVK but no ASK: a VCEK needs the ASK.
+    # ARK and ASVK but no ASK (and no shipped roots): a VCEK needs the ASK.
     with pytest.raises(ChainError, match="ASK"):
-        verify_to_report(_raw(case), VerifyOptions(certs=leaf + _certs(roots / "ark.pem", roots / "asvk.pem")))
-    # The real ASK, but a store whose ASK pin differs: refused even though the ARK matches.
+        verify_to_report(_raw(case), VerifyOptions(certs=leaf + _certs(roots / "ark.pem", roots / "asvk.pem"),
+                                                   trust_store=NO_BUNDLED))
+    # The real ASK, but a store whose ASK pin differs: refused even though the ARK matches
+    # (the shipped ASK matches AMD's pin, not this store's, so it does not help either).
     pins = dict(AMD_PINS)
     pins[Product.MILAN] = replace(pins[Product.MILAN], ask="00" * 32)
     with pytest.raises(ChainError, match="pins"):
@@ -213,5 +220,6 @@ def test_an_unpinned_ark_in_the_evidence_does_not_matter() -> None:
     case = "tav-genoa-v3"
     leaf = _certs(SNP_VECTORS / case / "vcek.pem")
     assert verify_to_report(_raw(case), VerifyOptions(certs=(rogue,) + leaf + _roots(Product.GENOA))).accepted
+    assert verify_to_report(_raw(case), VerifyOptions(certs=(rogue,) + leaf)).accepted   # shipped roots
     with pytest.raises(ChainError):
-        verify_to_report(_raw(case), VerifyOptions(certs=(rogue,) + leaf))
+        verify_to_report(_raw(case), VerifyOptions(certs=(rogue,) + leaf, trust_store=NO_BUNDLED))

@@ -37,6 +37,11 @@ class FirmwareError(FirmgateError):
     """A UKI add-on or firmware image that is malformed or cannot be an SNP firmware."""
 
 
+class FirmwareFormatError(FirmwareError):
+    """A firmware file whose bytes do not follow its format (IGVM: a length, offset, checksum or
+    header that does not fit); raised by the strict readers before anything is measured."""
+
+
 class UsageError(FirmgateError):
     """Bad command-line input that argparse could not catch (missing file, bad hex...)."""
 

@@ -12,6 +12,7 @@ import functools
 import hmac
 
 from .abi.fields import Product, SigningKey, TcbVersion, product_from_cpuid
+from .abi.flags import GUEST_POLICY, KEY_INFO, PLATFORM_INFO
 from .abi.report import AttestationReport
 from .kds import AmdLeafInfo
 from .options import VerifyOptions
@@ -124,6 +125,21 @@ def check_committed(committed: TcbVersion, current: TcbVersion, allow_provisiona
                        expected=str(current), actual=str(committed))
 
 
+@_memo
+def check_unknown_bits(platform_info: int, guest_policy: int, key_info: int) -> CheckResult:
+    """Flag bits no SNP ABI revision firmgate knows names: a warning here (newer firmware sets
+    new bits; a parse error would refuse the newest hardware), a failure only where a policy
+    forbids them (verifier.appraise.report_rules)."""
+    found = [f"{word.name} bit {bit}" for word, value in
+             ((PLATFORM_INFO, platform_info), (GUEST_POLICY, guest_policy), (KEY_INFO, key_info))
+             for bit in word.unknown(value)]
+    if found:
+        return CheckResult("report.unknown_bits", WARN, "set flag bits that firmgate has no name for: "
+                           + ", ".join(found), expected="no unknown bits", actual=", ".join(found))
+    return CheckResult("report.unknown_bits", PASS, "every set flag bit of PLATFORM_INFO, GUEST_POLICY and KEY_INFO "
+                       "is a known one", expected="no unknown bits", actual="none")
+
+
 def check_report_data(report_data: bytes, expected: bytes | None) -> CheckResult | None:
     if expected is None:
         return None
@@ -161,6 +177,7 @@ def report_checks(report: AttestationReport, tcb: dict[str, TcbVersion], cert_tc
         check_reported_tcb(cert_tcb, tcb["reported"]),
         check_cert_le_current(cert_tcb, tcb["current"]),
         check_committed(tcb["committed"], tcb["current"], options.allow_provisional),
+        check_unknown_bits(report.platform_info.raw, report.policy.raw, report.key_info.raw),
     ]
     rd = check_report_data(report.report_data, options.report_data)
     if rd is not None:

@@ -34,7 +34,7 @@ from .abi.fields import Product, SigningKey, TcbVersion
 from .abi.report import SIGNED_SIZE, AttestationReport
 from .certs import (LAZY_PARSE_ERRORS, Lru, clear_parsed_cache, common_name, load_certificates, load_crl,
                     serial_number)
-from .errors import CertificateFormatError, ChainError, ExpiredError, RevokedError, SignatureError
+from .errors import CertificateFormatError, ChainError, ExpiredError, FetchError, RevokedError, SignatureError
 from .evidence import Evidence
 from .evidence import clear_caches as _clear_evidence_caches
 from .kds import AmdLeafInfo, parse_leaf
@@ -219,21 +219,28 @@ def _pick_leaf(pool: list[x509.Certificate], report: AttestationReport
 
 def _find_chain(pool: list[x509.Certificate], options: VerifyOptions, product: Product, leaf: x509.Certificate,
                 kind: str) -> tuple[x509.Certificate, x509.Certificate, bool] | None:
-    """(intermediate, root, simulated) from the pool: pinned AMD certificates, else a --trust-root chain."""
+    """(intermediate, root, simulated): AMD's pinned ARK + ASK/ASVK (from the pool or shipped in
+    the package), or a --trust-root chain when the leaf was issued inside one. When neither issued
+    the leaf, AMD's chain is returned anyway, so that the caller rejects the leaf by name
+    ("not signed by AMD's ASK/ARK") instead of going to KDS for a chain that cannot help."""
     store = options.trust_store
     role = "ask" if kind == "VCEK" else "asvk"
+    amd: tuple[x509.Certificate, x509.Certificate, bool] | None = None
     if product in store.pins:
         ark_pin, int_pin = store.pin_for(product, "ark"), store.pin_for(product, role)
-        ark = next((c for c in pool if _sha(c) == ark_pin), None)
-        inter = next((c for c in pool if _sha(c) == int_pin), None)
+        candidates = pool + list(store.anchors())
+        ark = next((c for c in candidates if _sha(c) == ark_pin), None)
+        inter = next((c for c in candidates if _sha(c) == int_pin), None)
         if ark is not None and inter is not None:
-            return inter, ark, False
+            amd = (inter, ark, False)
+            if leaf.issuer == inter.subject:
+                return amd
     for root in store.simulated_roots:
         inter = next((c for c in pool if c.issuer == root.subject and c.subject == leaf.issuer
                       and c.subject != root.subject), None)
         if inter is not None:
             return inter, root, True
-    return None
+    return amd
 
 
 def _fetched_certs(options: VerifyOptions, product: Product, kind: str) -> list[x509.Certificate]:
@@ -361,14 +368,30 @@ def _select(evidence: Evidence, options: VerifyOptions) -> _Selected:
     if found is None:
         pool += _fetched_certs(options, product, info.kind)
         found = _find_chain(pool, options, product, leaf, info.kind)
+    elif not found[2] and leaf.issuer != found[0].subject and options.trust_store.simulated_roots:
+        # Not AMD's: a configured simulated platform's chain may still come from its fetcher
+        # (sim.SimFetcher). If that fails, AMD's chain stays and rejects the leaf by name.
+        try:
+            extra = _fetched_certs(options, product, info.kind)
+        except FetchError:
+            extra = []
+        found = _find_chain(pool + extra, options, product, leaf, info.kind) or found
+        pool += extra
     if found is None:
         role = "ASK" if info.kind == "VCEK" else "ASVK"
         raise ChainError(f"no {product} ARK and {role} matching firmgate's pins were given or found "
                          f"(ARK sha256 {options.trust_store.pin_for(product, 'ark')[:16]}...); pass them with "
                          "--certs, allow KDS, or --trust-root for a simulated platform")
     inter, root, simulated = found
-    facts = _validate_chain(leaf, inter, root, info.kind)
     inter_role = "ASK" if info.kind == "VCEK" else "ASVK"
+    try:
+        facts = _validate_chain(leaf, inter, root, info.kind)
+    except ChainError as exc:
+        if simulated:
+            raise
+        # A chain that does not lead to AMD's root is a rejection (exit 1), never "ask KDS" (exit 3).
+        raise ChainError(f"the {info.kind} is not signed by AMD's {inter_role}/ARK for {product}: "
+                         f"{exc.diagnostics()}") from exc
     windows = tuple((role, common_name(c), c.not_valid_before_utc, c.not_valid_after_utc)
                     for role, c in (("ARK", root), (inter_role, inter), (info.kind, leaf)))
     root_cn, inter_cn = common_name(root), common_name(inter)

@@ -3,8 +3,9 @@
 Layout facts from AMD's "SEV Secure Nested Paging Firmware ABI Specification"
 (publication 56860): GUEST_POLICY (Table 9 in rev 1.55+), PLATFORM_INFO and
 KEY_INFO (Table 23, ATTESTATION_REPORT), TCB_VERSION (Table 3; Turin layout
-from rev 1.58). Parsing judges nothing beyond layout: a bit the spec reserves
-must be as the spec says, everything else is decoded and left to the checks.
+from rev 1.58). Parsing judges nothing beyond layout: a field the spec fixes
+must be as the spec says; a flag bit it does not name yet is kept (see
+verifier.abi.flags) and left to the checks, like everything else.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import MalformedReport
+from .flags import GUEST_POLICY, KEY_INFO, PLATFORM_INFO, FlagWord
 
 
 class Product(str, enum.Enum):
@@ -144,9 +146,18 @@ def _decode_tcb(value: int, product: Product) -> TcbVersion:
     return TcbVersion._from_u64(value, product)
 
 
-# GUEST_POLICY (SNP ABI Table 9). Bit 17 is reserved and must be one; 63:26 must be zero.
+# GUEST_POLICY (SNP ABI Table 9). Bit 17 is reserved and must be one (a field, kept strict);
+# a set bit above the named ones is an unknown flag (kept, judged by the checks).
 _POLICY_RESERVED_ONE = 1 << 17
-_POLICY_KNOWN = (1 << 26) - 1
+
+
+def _flags_dict(word: FlagWord, value: int, width_hex: int = 0) -> dict[str, Any]:
+    """Every named bit by name, and the set bits no name covers (by number)."""
+    out: dict[str, Any] = {"raw": f"0x{value:0{width_hex}x}"}
+    for bit, name in word.bits:
+        out[name] = bool(value >> bit & 1)
+    out["unknown_bits"] = list(word.unknown(value))
+    return out
 
 
 @dataclass(frozen=True)
@@ -161,58 +172,60 @@ class GuestPolicy:
     cxl_allow: bool
     mem_aes_256_xts: bool
     rapl_dis: bool
-    ciphertext_hiding: bool
+    ciphertext_hiding_dram: bool
     page_swap_disable: bool
+    unknown_bits: tuple[int, ...] = ()    # set bits that no ABI revision firmgate knows names
 
     @classmethod
-    def from_u64(cls, value: int) -> "GuestPolicy":
+    def from_u64(cls, value: int) -> GuestPolicy:
         if not value & _POLICY_RESERVED_ONE:
             raise MalformedReport(f"POLICY 0x{value:x}: reserved bit 17 must be 1 (SNP ABI, GUEST_POLICY)")
-        if value & ~_POLICY_KNOWN:
-            raise MalformedReport(f"POLICY 0x{value:x}: reserved bits 63:26 must be zero (SNP ABI, GUEST_POLICY)")
 
         def bit(n: int) -> bool:
             return bool(value >> n & 1)
 
         return cls(raw=value, abi_minor=value & 0xFF, abi_major=value >> 8 & 0xFF, smt=bit(16),
                    migrate_ma=bit(18), debug=bit(19), single_socket=bit(20), cxl_allow=bit(21),
-                   mem_aes_256_xts=bit(22), rapl_dis=bit(23), ciphertext_hiding=bit(24),
-                   page_swap_disable=bit(25))
+                   mem_aes_256_xts=bit(22), rapl_dis=bit(23), ciphertext_hiding_dram=bit(24),
+                   page_swap_disable=bit(25), unknown_bits=GUEST_POLICY.unknown(value))
+
+    def flag(self, name: str) -> bool:
+        return bool(self.raw >> GUEST_POLICY.bit_of(name) & 1)
 
     def to_dict(self) -> dict[str, Any]:
-        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "raw"}
-        return {"raw": f"0x{self.raw:x}", **d}
-
-
-# PLATFORM_INFO (SNP ABI Table 23, rev 1.58): bits 0-5 and 7 defined; 6 and 63:8 reserved.
-_PLATFORM_KNOWN = 0b1011_1111
+        d = _flags_dict(GUEST_POLICY, self.raw)
+        return {"raw": d.pop("raw"), "abi_major": self.abi_major, "abi_minor": self.abi_minor, **d}
 
 
 @dataclass(frozen=True)
 class PlatformInfo:
+    """PLATFORM_INFO (SNP ABI Table 23): every bit is a flag; unknown set bits are kept, never refused."""
+
     raw: int
     smt_en: bool
     tsme_en: bool
     ecc_en: bool
     rapl_dis: bool
-    ciphertext_hiding_en: bool
+    ciphertext_hiding_dram_en: bool
     alias_check_complete: bool
+    iommu_write_safe: bool
     tio_en: bool
+    unknown_bits: tuple[int, ...] = ()
 
     @classmethod
-    def from_u64(cls, value: int) -> "PlatformInfo":
-        if value & ~_PLATFORM_KNOWN:
-            raise MalformedReport(f"PLATFORM_INFO 0x{value:x}: reserved bits (6, 63:8) must be zero")
-
+    def from_u64(cls, value: int) -> PlatformInfo:
         def bit(n: int) -> bool:
             return bool(value >> n & 1)
 
         return cls(raw=value, smt_en=bit(0), tsme_en=bit(1), ecc_en=bit(2), rapl_dis=bit(3),
-                   ciphertext_hiding_en=bit(4), alias_check_complete=bit(5), tio_en=bit(7))
+                   ciphertext_hiding_dram_en=bit(4), alias_check_complete=bit(5), iommu_write_safe=bit(6),
+                   tio_en=bit(7), unknown_bits=PLATFORM_INFO.unknown(value))
+
+    def flag(self, name: str) -> bool:
+        return bool(self.raw >> PLATFORM_INFO.bit_of(name) & 1)
 
     def to_dict(self) -> dict[str, Any]:
-        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "raw"}
-        return {"raw": f"0x{self.raw:x}", **d}
+        return _flags_dict(PLATFORM_INFO, self.raw)
 
 
 class SigningKey(enum.IntEnum):
@@ -225,27 +238,31 @@ class SigningKey(enum.IntEnum):
 
 @dataclass(frozen=True)
 class KeyInfo:
-    """The u32 at 0x048: bit 0 AUTHOR_KEY_EN, bit 1 MASK_CHIP_KEY, bits 4:2 SIGNING_KEY, 31:5 reserved."""
+    """The u32 at 0x048: bit 0 AUTHOR_KEY_EN, bit 1 MASK_CHIP_KEY, bits 4:2 SIGNING_KEY; a set bit
+    above them is an unknown flag (kept, judged by the checks). SIGNING_KEY is a field: strict."""
 
     raw: int
     author_key_en: bool
     mask_chip_key: bool
     signing_key: SigningKey
+    unknown_bits: tuple[int, ...] = ()
 
     @classmethod
-    def from_u32(cls, value: int) -> "KeyInfo":
-        if value >> 5:
-            raise MalformedReport(f"KEY_INFO 0x{value:x}: reserved bits 31:5 must be zero")
+    def from_u32(cls, value: int) -> KeyInfo:
         sk = value >> 2 & 0b111
         try:
             signing = SigningKey(sk)
         except ValueError:
             raise MalformedReport(f"KEY_INFO.SIGNING_KEY is {sk}; the spec defines 0 (VCEK), 1 (VLEK), 7 (none)") from None
-        return cls(raw=value, author_key_en=bool(value & 1), mask_chip_key=bool(value & 2), signing_key=signing)
+        return cls(raw=value, author_key_en=bool(value & 1), mask_chip_key=bool(value & 2), signing_key=signing,
+                   unknown_bits=KEY_INFO.unknown(value))
+
+    def flag(self, name: str) -> bool:
+        return bool(self.raw >> KEY_INFO.bit_of(name) & 1)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"raw": f"0x{self.raw:x}", "author_key_en": self.author_key_en,
-                "mask_chip_key": self.mask_chip_key, "signing_key": self.signing_key.name}
+        d = _flags_dict(KEY_INFO, self.raw)
+        return {"raw": d.pop("raw"), "signing_key": self.signing_key.name, **d}
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from typing import Any, Mapping
 from ..errors import MalformedReport, UnsupportedReportVersion
 from .fields import (BuildVersion, GuestPolicy, KeyInfo, PlatformInfo, Product, SigningKey, TcbVersion,
                      product_from_cpuid)
+from .flags import set_bit_numbers
 
 REPORT_SIZE = 0x4A0               # 1184 bytes
 SIGNED_SIZE = 0x2A0               # the signature covers raw[0x000:0x2A0]
@@ -241,8 +242,9 @@ class AttestationReport:
                     out[f"{which}_tcb"] = {"raw": f"0x{value:016x}", "error": exc.diagnostics()}
         out["current_build"] = str(self.current_build)
         out["committed_build"] = str(self.committed_build)
-        out["launch_mit_vector"] = self.launch_mit_vector
-        out["current_mit_vector"] = self.current_mit_vector
+        for name in ("launch_mit_vector", "current_mit_vector"):
+            value = getattr(self, name)
+            out[name] = None if value is None else {"raw": f"0x{value:016x}", "bits": list(set_bit_numbers(value))}
         out["signature"] = {"r": f"{self.signature_r:096x}", "s": f"{self.signature_s:096x}"}
         return out
 

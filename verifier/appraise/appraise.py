@@ -18,7 +18,9 @@ from typing import Any
 
 from ..errors import FirmgateError
 from ..verdict import CheckResult, Outcome, Verdict
+from .binding import launch_binding
 from .checks import RULES, Context
+from .report_rules import RULES as REPORT_RULES
 from .store import LoadedPolicy, PolicyStore
 
 log = logging.getLogger("firmgate.appraise")
@@ -39,6 +41,11 @@ _CLAIM_OF: dict[str, str] = {
     "guest.abi_min": "configuration", "guest.svn_min": "configuration", "guest.vmpl": "configuration",
     "report.vmpl": "configuration", "binding.host_data": "configuration", "tcb.provisional": "configuration",
     "tcb.committed_eq_current": "configuration",
+    # the owner's ID block names who launched it; the binding says what runs after the firmware is pinned
+    "id_block.present": "instance-identity", "id_block.author_key_present": "instance-identity",
+    "id_block.trusted_key": "instance-identity", "binding.owner_launch": "executables",
+    "guest.family_id": "configuration", "guest.image_id": "configuration", "guest.migration_agent": "configuration",
+    "guest.policy_bits": "configuration", "guest.key_info": "configuration",
 }
 # AR4SI codes per claim: (affirming, warning, contraindicated)
 _CODES: dict[str, tuple[int, int, int]] = {
@@ -102,6 +109,13 @@ def snp_claims(report: Any, reported: Any | None) -> dict[str, Any]:
     return out
 
 
+def _root_name(verified: Any) -> str | None:
+    """The CN of the chain's root (AMD's ARK, or a --trust-root), as plain verification shows it."""
+    from ..certs import common_name
+    root = getattr(verified, "root", None)
+    return common_name(root) if root is not None else None
+
+
 def _supplied_check(loaded: LoadedPolicy, firmware: bytes) -> CheckResult:
     """Firmware bytes that came with the evidence: extracted, accepted only if the policy lists their digest."""
     try:
@@ -131,7 +145,7 @@ def appraise(verified: Any, loaded: LoadedPolicy, *, expected_report_data: bytes
                   table_size=len(table), expected_report_data=expected_report_data,
                   expected_host_data=expected_host_data)
     results: list[CheckResult] = list(getattr(verified, "checks", ())) + pre
-    for rule in RULES:
+    for rule in RULES + REPORT_RULES:
         try:
             results.append(rule(ctx))
         except Exception as exc:  # a rule bug must fail closed and name itself, never crash the broker
@@ -153,12 +167,17 @@ def appraise(verified: Any, loaded: LoadedPolicy, *, expected_report_data: bytes
         "product": str(verified.product),
         "signer": str(verified.signer),
         "simulated": bool(getattr(verified, "simulated", False)),
+        "report_version": report.version,
+        "root": _root_name(verified),
         "measurement": report.measurement.hex(),
         "tcb": {k: v.to_dict() for k, v in tcb.items()},
         "report_data": report.report_data.hex(),
         "host_data": report.host_data.hex(),
         "snp": snp_claims(report, tcb.get("reported")),
         "reasons": [c.message for c in checks if c.outcome is Outcome.FAIL],
+        "binding": None if match is None else launch_binding(
+            loaded.policy.platform, loaded.policy.id_block, match.firmware,
+            match.shape.kernel_hashes is not None).to_dict(),
     }
     return Verdict(checks=checks, evidence_sha384=hashlib.sha384(report.raw).hexdigest(),
                    policy_id=loaded.policy_id, facts=facts)
@@ -169,6 +188,8 @@ def release_allowed(loaded: LoadedPolicy, verdict: Verdict, resource_path: str) 
 
     The verdict may be minutes old (a bearer token): revocation and minimum svn are re-read
     from `loaded`, so a policy change takes effect on the next resource request.
+    A secret goes only to a launch bound to its owner (binding.py), unless it says
+    `unsafe_unbound`; then the reason starts with UNSAFE_UNBOUND_PREFIX (the audit row keeps it).
     """
     if not verdict.accepted:
         return False, "the attestation was not accepted"
@@ -193,7 +214,26 @@ def release_allowed(loaded: LoadedPolicy, verdict: Verdict, resource_path: str) 
         return False, f"firmware {fid} may not receive {resource_path} (allowed: {', '.join(rule.firmware)})"
     if rule.min_svn is not None and fw.svn < rule.min_svn:
         return False, f"firmware svn {fw.svn} below minimum {rule.min_svn} for {resource_path}"
-    return True, f"firmware {fid} (svn {fw.svn}) may receive {resource_path}"
+    ok = f"firmware {fid} (svn {fw.svn}) may receive {resource_path}"
+    if _bound(verdict):
+        return True, ok
+    if rule.unsafe_unbound:
+        return True, (f"{UNSAFE_UNBOUND_PREFIX} launch not bound to its owner, released because "
+                      f"{resource_path} says unsafe_unbound = true; {ok}")
+    return False, (f"the launch is not bound to its owner, and {resource_path} may go only to a bound launch "
+                   "(kernel hashes or an enforces_boot_chain firmware, and a trusted ID/author key or HOST_DATA)")
+
+
+UNSAFE_UNBOUND_PREFIX = "WARNING unsafe_unbound:"
+
+
+def _bound(verdict: Verdict) -> bool:
+    """Bound by the verdict's own facts AND its binding check passed (a verdict cached before
+    binding existed has neither: unbound, fail closed). The owner-naming checks the binding
+    relies on passed too, or the verdict would not be accepted."""
+    b = (verdict.facts or {}).get("binding")
+    passed = any(c.name == "binding.owner_launch" and c.outcome is Outcome.PASS for c in verdict.checks)
+    return isinstance(b, dict) and b.get("bound") is True and passed
 
 
 def appraise_evidence(data: bytes, options: Any, store_or_loaded: PolicyStore | LoadedPolicy, tenant: str | None = None,

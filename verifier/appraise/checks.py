@@ -287,3 +287,83 @@ RULES: tuple[Callable[[Context], CheckResult], ...] = (
     check_debug, check_migrate_ma, check_smt, check_single_socket, check_abi, check_guest_svn, check_vmpl,
     check_measurement, check_revoked, check_firmware_svn, check_report_data, check_host_data,
 )
+
+
+# -- owner: ID block and release binding (SNP ABI Table 23: ID_KEY_DIGEST 0xE0, AUTHOR_KEY_DIGEST 0x110,
+# KEY_INFO.AUTHOR_KEY_EN bit 0; filled by the PSP from a verified ID block at SNP_LAUNCH_FINISH) ----------
+def check_id_block_present(c: Context) -> CheckResult:
+    actual = c.report.id_key_digest
+    shown = "none (zero)" if not any(actual) else actual.hex()
+    if not c.policy.id_block.require_id_block:
+        return CheckResult("id_block.present", SKIP, "ID block not required (id_block.require_id_block absent)",
+                           None, shown)
+    if any(actual):
+        return CheckResult("id_block.present", PASS, "the launch carried an ID block (ID_KEY_DIGEST is set)",
+                           "an ID key digest", shown)
+    return CheckResult("id_block.present", FAIL, "ID_KEY_DIGEST is zero: the VM was launched without an ID block; "
+                       "the policy requires one", "an ID key digest", shown)
+
+
+def check_author_key_present(c: Context) -> CheckResult:
+    en = c.report.key_info.author_key_en
+    actual = f"AUTHOR_KEY_EN={int(en)}"
+    if not c.policy.id_block.require_author_key:
+        return CheckResult("id_block.author_key_present", SKIP,
+                           "author key not required (id_block.require_author_key absent)", None, actual)
+    if en:
+        return CheckResult("id_block.author_key_present", PASS, "the ID key was signed by an author key "
+                           "(KEY_INFO.AUTHOR_KEY_EN = 1)", "AUTHOR_KEY_EN=1", actual)
+    return CheckResult("id_block.author_key_present", FAIL, "KEY_INFO.AUTHOR_KEY_EN is 0: no author key signed "
+                       "the ID key; the policy requires one", "AUTHOR_KEY_EN=1", actual)
+
+
+def check_trusted_key(c: Context) -> CheckResult:
+    """The launch's ID key, or its author key (which vouches for every ID key it signed), is trusted."""
+    rules = c.policy.id_block
+    r = c.report
+    idk = r.id_key_digest
+    auk = r.author_key_digest if r.key_info.author_key_en else None
+    actual = f"ID key {idk.hex() if any(idk) else 'none'}; author key {auk.hex() if auk else 'none'}"
+    if not rules.trusted_id_keys and not rules.trusted_author_keys:
+        return CheckResult("id_block.trusted_key", SKIP, "ID and author keys not checked (no trusted keys in "
+                           "[id_block])", None, actual)
+    want = (f"ID key in {len(rules.trusted_id_keys or ())} trusted, "
+            f"or author key in {len(rules.trusted_author_keys or ())} trusted")
+    if any(idk):
+        for k in rules.trusted_id_keys or ():
+            if hmac.compare_digest(k, idk):
+                return CheckResult("id_block.trusted_key", PASS, f"ID key {_short(idk)} is trusted", want, actual)
+    if auk is not None and any(auk):
+        for k in rules.trusted_author_keys or ():
+            if hmac.compare_digest(k, auk):
+                return CheckResult("id_block.trusted_key", PASS, f"author key {_short(auk)} is trusted "
+                                   f"(it signed ID key {_short(idk)})", want, actual)
+    if not any(idk):
+        why = "the VM was launched without an ID block (ID_KEY_DIGEST is zero), so it names no owner"
+    else:
+        why = (f"neither ID key {_short(idk)} nor author key {_short(auk) if auk else '(none)'} is one this "
+               "policy trusts: the launch was signed by someone else")
+    return CheckResult("id_block.trusted_key", FAIL, why, want, actual)
+
+
+def check_binding(c: Context) -> CheckResult:
+    """Is the launch bound to its owner (binding.py)? Not a failure by itself: only secrets say
+    `unsafe_unbound` may go to an unbound launch, and then every such verdict carries a warning."""
+    from .binding import launch_binding
+    if c.match is None:
+        return CheckResult("binding.owner_launch", SKIP, "no firmware matched; binding not applicable")
+    b = launch_binding(c.policy.platform, c.policy.id_block, c.match.firmware,
+                       c.match.shape.kernel_hashes is not None)
+    want = "pinned boot chain and a named owner"
+    if b.bound:
+        return CheckResult("binding.owner_launch", PASS, f"launch bound to its owner: {b.pinned_by}; owner named "
+                           f"by {b.owner_named_by}", want, "bound")
+    unsafe = [s.path for s in c.policy.secrets if s.unsafe_unbound]
+    if unsafe:
+        return CheckResult("binding.owner_launch", WARN, f"UNSAFE: launch NOT bound to its owner ({b.missing()}); "
+                           f"secrets marked unsafe_unbound may still go to it: {', '.join(unsafe)}", want, "unbound")
+    return CheckResult("binding.owner_launch", SKIP, f"launch not bound to its owner ({b.missing()}); "
+                       "no secret of this policy is released to it", want, "unbound")
+
+
+RULES = RULES + (check_id_block_present, check_author_key_present, check_trusted_key, check_binding)

@@ -20,13 +20,16 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Collection, Literal
+from typing import TYPE_CHECKING, Any, Callable, Collection, Literal
 
 from ..abi.fields import Product
 from ..errors import FirmgateError, PolicyErrors, PolicyFileError
 from ..measure.launch import VCPU_TYPES as _MEASURE_VCPU_TYPES
 from ..measure.launch import VMMS as _MEASURE_VMMS
 from .lines import LineIndex
+
+if TYPE_CHECKING:
+    from .report_rules import ReportRules
 
 FORMAT_VERSION = 1
 MAX_POLICY_SIZE = 1024 * 1024          # a policy is text written by people; bound what we read
@@ -53,6 +56,9 @@ class FirmwareEntry:
     sha384: str                 # lowercase hex, 96 chars
     svn: int
     location: str               # "uploaded" or a path relative to the policy file's directory
+    # The owner's statement that this firmware itself pins what it boots (e.g. "Secure Boot db
+    # with our key built in"); None = it boots whatever the disk holds (docs/policy.md, binding).
+    enforces_boot_chain: str | None = None
 
     @property
     def uploaded(self) -> bool:
@@ -131,6 +137,22 @@ class SecretRule:
     path: str                                # "<tenant>/<type>/<tag>"
     firmware: tuple[str, ...] | None = None  # ids that may receive it; None = any allowed firmware
     min_svn: int | None = None
+    unsafe_unbound: bool = False             # released even to a launch not bound to its owner (warned)
+
+
+@dataclass(frozen=True)
+class IdBlockRules:
+    """[id_block]: the owner-signed ID block (SNP ABI Table 75/76) as the report shows it.
+    Digests are SHA-384 of AMD's 0x404-byte public-key structure (ID_KEY_DIGEST, AUTHOR_KEY_DIGEST)."""
+
+    trusted_id_keys: tuple[bytes, ...] | None = None
+    trusted_author_keys: tuple[bytes, ...] | None = None
+    require_id_block: bool = False
+    require_author_key: bool = False
+
+    @property
+    def names_owner(self) -> bool:
+        return bool(self.trusted_id_keys) or bool(self.trusted_author_keys)
 
 
 @dataclass(frozen=True)
@@ -148,6 +170,8 @@ class TenantPolicy:
     secrets: tuple[SecretRule, ...]
     # Where firmware files named by relative path are looked up.
     base_dir: str = field(default=".", compare=False)
+    id_block: IdBlockRules = field(default_factory=IdBlockRules)
+    report_rules: ReportRules | None = None   # [report] (verifier.appraise.report_rules); None: none checked
 
     def firmware_by_id(self, fwid: str) -> FirmwareEntry | None:
         return next((f for f in self.firmware if f.id == fwid), None)
@@ -314,7 +338,7 @@ def _firmware(errs: _Errors, doc: dict[str, Any]
     else:
         for i, raw in enumerate(allowed[:MAX_LIST]):
             p: P = ("firmware", "allowed", i)
-            t = _table(errs, p, raw, {"id", "sha384", "svn", "bytes"})
+            t = _table(errs, p, raw, {"id", "sha384", "svn", "bytes", "enforces_boot_chain"})
             for req in ("id", "sha384", "svn", "bytes"):
                 if t and req not in t:
                     errs.add(p, f"firmware entry is missing {req!r}")
@@ -339,9 +363,16 @@ def _firmware(errs: _Errors, doc: dict[str, Any]
                 if not loc or rel.is_absolute() or ".." in rel.parts:
                     errs.add(p + ("bytes",), f"bytes must be {UPLOADED!r} or a path inside the policy directory, not {loc!r}")
                     loc = None
+            chain: str | None = None
+            if "enforces_boot_chain" in t:
+                chain = _str(errs, p + ("enforces_boot_chain",), t["enforces_boot_chain"])
+                if chain is not None and not 8 <= len(chain.strip()) <= 500:
+                    errs.add(p + ("enforces_boot_chain",), "enforces_boot_chain is the owner's reason (8-500 "
+                             "characters) why this firmware boots only what the owner allows")
+                    chain = None
             if fwid is not None and digest is not None and svn is not None and loc is not None:
                 seen_digests[digest] = fwid
-                entries.append((i, FirmwareEntry(fwid, digest, svn, loc)))
+                entries.append((i, FirmwareEntry(fwid, digest, svn, loc, chain.strip() if chain else None)))
         if len(allowed) > MAX_LIST:
             errs.add(("firmware", "allowed"), f"at most {MAX_LIST} firmware entries")
     revoked: set[str] = set()
@@ -487,7 +518,7 @@ def _secrets(errs: _Errors, doc: dict[str, Any], tenant: str, fw_ids: set[str]) 
     seen: dict[str, int] = {}
     for i, item in enumerate(raw[:MAX_LIST]):
         p: P = ("secrets", i)
-        t = _table(errs, p, item, {"path", "firmware", "min_svn"})
+        t = _table(errs, p, item, {"path", "firmware", "min_svn", "unsafe_unbound"})
         if t and "path" not in t:
             errs.add(p, "secret is missing 'path' (\"<tenant>/<type>/<tag>\")")
         path = _str(errs, p + ("path",), t["path"]) if "path" in t else None
@@ -510,8 +541,9 @@ def _secrets(errs: _Errors, doc: dict[str, Any], tenant: str, fw_ids: set[str]) 
             fid = _one_of(errs, fw_ids, lambda s: f"secret names unknown firmware id {s!r}")
             firmware = tuple(_list(errs, p + ("firmware",), t["firmware"], fid))
         min_svn = _int(errs, p + ("min_svn",), t["min_svn"], 0, 2**32 - 1) if "min_svn" in t else None
+        unbound = _bool(errs, p + ("unsafe_unbound",), t["unsafe_unbound"]) if "unsafe_unbound" in t else False
         if path is not None:
-            out.append(SecretRule(path, firmware, min_svn))
+            out.append(SecretRule(path, firmware, min_svn, bool(unbound)))
     return tuple(out)
 
 
@@ -599,7 +631,8 @@ def parse_policy(text: str | bytes, path: str | Path, *, tenant: str | None = No
         return None, errors
     index = LineIndex(source)
     errs = _Errors()
-    top = _table(errs, (), doc, {"version", "description", "firmware", "shapes", "platform", "guest", "secrets"})
+    top = _table(errs, (), doc, {"version", "description", "firmware", "shapes", "platform", "guest", "secrets",
+                                 "id_block", "report"})
     if "version" not in top:
         errs.add((), f"missing 'version = {FORMAT_VERSION}' (the policy format version)")
     else:
@@ -615,6 +648,16 @@ def parse_policy(text: str | bytes, path: str | Path, *, tenant: str | None = No
     platform = _platform(errs, top)
     guest = _guest(errs, top)
     secrets = _secrets(errs, top, tenant, {f.id for f in firmware})
+    from .binding import id_block_rules, unbound_secrets
+    id_rules = id_block_rules(errs, top)
+    if not any(p[:1] == ("firmware",) or p[:1] == ("shapes",) or p[:1] == ("secrets",) for p, _ in errs.items):
+        # Only a policy whose firmware, shapes and secrets parsed can be judged for binding.
+        for p, why in unbound_secrets(firmware, shapes, platform, id_rules, secrets, revoked, min_svn):
+            errs.add(p, why)
+    # Imported here: report_rules builds on this module's helpers.
+    from .report_rules import parse_report_rules
+
+    report_rules = parse_report_rules(errs, top)
     if check_files:
         _check_files(errs, located, Path(spath).parent)
     for p, why in errs.items:
@@ -627,7 +670,8 @@ def parse_policy(text: str | bytes, path: str | Path, *, tenant: str | None = No
     policy = TenantPolicy(
         tenant=tenant, path=spath, digest=hashlib.sha256(raw).hexdigest(), description=description,
         firmware=firmware, min_firmware_svn=min_svn, revoked=revoked, shapes=shapes, platform=platform,
-        guest=guest, secrets=secrets, base_dir=str(Path(spath).parent))
+        guest=guest, secrets=secrets, base_dir=str(Path(spath).parent), id_block=id_rules,
+        report_rules=report_rules)
     return policy, []
 
 

@@ -1,4 +1,4 @@
-"""`firmgate measure` and `firmgate addon build|inspect|extract`.
+"""`firmgate measure`, `firmgate addon build|inspect|extract` and `firmgate igvm-from-ovmf`.
 
 Thin: read files (bounded), call verifier.firmware / verifier.measure, print.
 Errors are FirmgateError subclasses; verifier.cli turns them into one line and
@@ -17,8 +17,9 @@ from ..errors import FirmwareError, UsageError
 from ..firmware.addon import MAX_ADDON_SIZE, Addon, build_addon, read_addon
 from ..firmware.image import IGVM_MAGIC, MAX_FIRMWARE_SIZE, inspect_firmware, require_snp_firmware
 from ..measure.cache import MeasurementCache
-from ..measure.launch import (SEV_SNP_MEASURE_VERSION, VCPU_TYPES, VMMS, KernelHashes, Shape, measure_prepared,
-                              prepare_firmware, shapes_product)
+from ..measure.igvm import ZERO_RULES, measure_igvm
+from ..measure.launch import (SEV_SNP_MEASURE_VERSION, VCPU_TYPES, VMMS, KernelHashes, Shape, igvm_shape_matches,
+                              measure_prepared, prepare_firmware, shapes_product)
 
 # A table larger than this is a typo, not a policy (each shape is a few SHA-384s).
 MAX_SHAPES = 65536
@@ -123,6 +124,8 @@ def cmd_measure(args: argparse.Namespace) -> int:
     shapes = shapes_product(vcpus, types, vmms, features, kh)
 
     payload, fwid = _firmware_from_file(args.firmware, args.fwid)
+    if payload[:4] == IGVM_MAGIC:
+        return _measure_igvm(args, payload, fwid, shapes)
     fw = prepare_firmware(payload)
     cache = MeasurementCache(args.cache_dir) if args.cache_dir else None
     table = measure_prepared(fw, shapes, cache=cache, progress=_progress_printer(not args.json))
@@ -157,6 +160,44 @@ def cmd_measure(args: argparse.Namespace) -> int:
     return 0
 
 
+def _measure_igvm(args: argparse.Namespace, payload: bytes, fwid: str | None, shapes: list[Shape]) -> int:
+    """An IGVM file fixes its shape: print its one digest and which requested shapes it can launch as."""
+    m = measure_igvm(payload, args.zero_page_rule)
+    matching = [s for s in shapes if igvm_shape_matches(m, s)]
+    img = inspect_firmware(payload)
+    if args.json:
+        print_json({"firmware": {"path": args.firmware, "fwid": fwid, **img.to_dict()},
+                    "igvm": m.to_dict(),
+                    "measurements": [{"shape": s.key(), "measurement": m.digest.hex()} for s in matching]})
+        return 0
+    print(f"firmware: {args.firmware}" + (f" (fwid {fwid})" if fwid else "") + " (IGVM)")
+    print(f"  size {img.size}, sha384 {img.sha384}")
+    print(f"  fixed by the file: vcpus {m.vcpus}, vmm qemu, guest_features {m.sev_features:#x}, "
+          f"vcpu signature {m.vcpu_sig:#x}, guest policy {m.policy:#x}")
+    print(f"  pages: {', '.join(f'{k} {v}' for k, v in m.page_counts.items())}")
+    if m.id_block is not None:
+        print(f"  SNP ID block: ld {m.id_block.ld.hex()} ({'matches' if m.id_block_matches else 'DOES NOT match'}), "
+              f"id_key_digest {m.id_block.id_key_digest.hex()}, guest_svn {m.id_block.guest_svn}")
+    for w in m.warnings:
+        print(f"  warning: {w}")
+    print(f"measurement (zero-page rule {m.rule}): {m.digest.hex()}")
+    print(f"requested shapes it launches as: {', '.join(s.key() for s in matching) or 'none'}")
+    return 0
+
+
+def cmd_igvm_from_ovmf(args: argparse.Namespace) -> int:
+    from ..measure.ovmf_igvm import igvm_from_ovmf
+    features = _int_list(args.guest_features, "--guest-features", ranges=False)
+    if len(features) != 1:
+        raise UsageError("--guest-features takes one value here")
+    payload = read_bounded(args.ovmf, MAX_FIRMWARE_SIZE, "firmware")
+    shape = Shape(vcpus=int(args.vcpus), vcpu_type=args.vcpu_type, vmm=args.vmm, guest_features=features[0])
+    out = igvm_from_ovmf(payload, shape)
+    write_file(args.output, out)
+    print(f"wrote {args.output}: {len(out)} bytes, IGVM of {args.ovmf} for {shape.key()}")
+    return 0
+
+
 # -- addon ------------------------------------------------------------------------------
 def cmd_addon_build(args: argparse.Namespace) -> int:
     files, fwids = args.firmware or [], args.fwid or []
@@ -165,7 +206,7 @@ def cmd_addon_build(args: argparse.Namespace) -> int:
     entries = []
     for path, fwid in zip(files, fwids):
         payload = read_bounded(path, MAX_FIRMWARE_SIZE, "firmware")
-        if not args.unsafe_skip_firmware_check and payload[:4] != IGVM_MAGIC:
+        if not args.unsafe_skip_firmware_check:
             try:
                 require_snp_firmware(payload)
             except FirmwareError as exc:
@@ -244,8 +285,21 @@ def register(sub: "argparse._SubParsersAction[Any]") -> None:
     m.add_argument("--initrd", help="initrd (with --kernel)")
     m.add_argument("--append", help="kernel command line (with --kernel)")
     m.add_argument("--cache-dir", help="cache measurements here (protect it like the policy files)")
+    m.add_argument("--zero-page-rule", choices=ZERO_RULES, default="qemu",
+                   help="IGVM only: how a page without data is measured (default qemu, as QEMU's IGVM "
+                        "loader does; native-zero as igvmmeasure --native-zero)")
     m.add_argument("--json", action="store_true", help="print JSON")
     m.set_defaults(func=cmd_measure)
+
+    g = sub.add_parser("igvm-from-ovmf", help="wrap an OVMF image and one VM shape into an IGVM file "
+                                              "(the measurement cross-check's oracle)")
+    g.add_argument("ovmf", metavar="OVMF")
+    g.add_argument("--vcpus", type=int, default=1)
+    g.add_argument("--vcpu-type", default="EPYC-v4")
+    g.add_argument("--vmm", default="qemu", choices=VMMS)
+    g.add_argument("--guest-features", default="0x1")
+    g.add_argument("-o", "--output", required=True, metavar="OUT.igvm")
+    g.set_defaults(func=cmd_igvm_from_ovmf)
 
     a = sub.add_parser("addon", help="build, inspect or extract UKI firmware add-ons (.efifw)")
     asub = a.add_subparsers(dest="addon_command", metavar="ACTION", parser_class=type(a))

@@ -13,6 +13,7 @@ from cryptography import x509
 
 from ..abi.certtable import parse_cert_table
 from ..abi.fields import Product
+from ..abi.flags import GUEST_POLICY, KEY_INFO, PLATFORM_INFO
 from ..certs import common_name, load_certificate, load_certificates, load_crl
 from ..errors import CertificateFormatError, EvidenceError, FetchError, FirmgateError, TrustError, UsageError
 from ..evidence import MAX_EVIDENCE_SIZE, Evidence, load_evidence
@@ -279,13 +280,43 @@ def show_handler(args: argparse.Namespace) -> int:
         print_json(data)
         return 0
     for key, value in data.items():
-        if isinstance(value, dict):
-            inner = ", ".join(f"{k}={v}" for k, v in value.items())
-            print(f"{key:<20} {inner}")
-        elif isinstance(value, list):
-            print(f"{key:<20} {len(value)}")
+        print(f"{key:<20} {_show_value(key, value, r.version)}")
+        if key == "certificates":
             for item in value:
                 print(f"{'':<20}   {item['kind']}: {item['subject']} (not after {item['not_after']})")
-        else:
-            print(f"{key:<20} {value}")
     return 0
+
+
+_FLAG_WORDS = {"policy": GUEST_POLICY, "platform_info": PLATFORM_INFO, "key_info": KEY_INFO}
+_ABSENT = {"cpuid": "absent (reserved in a version 2 report)",
+           "product": "unknown (a version 2 report has no CPUID; pass --product)",
+           "launch_mit_vector": "absent (mitigation vectors exist from report version 5)",
+           "current_mit_vector": "absent (mitigation vectors exist from report version 5)"}
+
+
+def _show_value(key: str, value: Any, version: int) -> str:
+    """One line of `report show`: flag words by name, absent fields say why, never Python's None."""
+    if value is None:
+        return _ABSENT.get(key, "absent")
+    if key in _FLAG_WORDS:
+        word = _FLAG_WORDS[key]
+        set_ = [n for n in word.names if value.get(n)]
+        clear = [n for n in word.names if not value.get(n)]
+        parts = [str(value["raw"])]
+        if key == "policy":
+            parts.append(f"abi {value['abi_major']}.{value['abi_minor']}")
+        if key == "key_info":
+            parts.append(f"signing_key {value['signing_key']}")
+        parts.append("set: " + (", ".join(set_) or "none"))
+        parts.append("clear: " + (", ".join(clear) or "none"))
+        unknown = value.get("unknown_bits") or []
+        parts.append("unknown bits: " + (", ".join(map(str, unknown)) if unknown else "none"))
+        return "; ".join(parts)
+    if key.endswith("_mit_vector"):
+        bits = value.get("bits") or []
+        return f"{value['raw']}; set bits: " + (", ".join(map(str, bits)) if bits else "none")
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={'-' if v is None else v}" for k, v in value.items())
+    if isinstance(value, list):
+        return str(len(value))
+    return str(value)

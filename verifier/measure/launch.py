@@ -34,7 +34,8 @@ from sevsnpmeasure.vmm_types import VMMType
 from sevsnpmeasure.vmsa import VMSA
 
 from ..errors import FirmwareError, UsageError
-from ..firmware.image import PAGE, FirmwareImage, require_snp_firmware
+from ..firmware.image import IGVM_MAGIC, PAGE, FirmwareImage, require_snp_firmware
+from .igvm import IgvmMeasurement, measure_igvm
 
 if TYPE_CHECKING:
     from .cache import MeasurementCache
@@ -203,6 +204,9 @@ def prepare_firmware(firmware: bytes) -> PreparedFirmware:
     """Refuse non-SNP firmware, then parse it with sev-snp-measure and cross-check the two parsers."""
     data = bytes(firmware)
     image = require_snp_firmware(data)
+    if image.kind == "igvm":
+        raise FirmwareError("firmware is an IGVM file: it is measured by verifier.measure.igvm "
+                            "(measurement_table does so), not as an OVMF ROM")
     try:
         ovmf = _InMemoryOVMF(data)
         theirs = [(d.gpa, d.size, d.section_type_int) for d in ovmf.metadata_items()]
@@ -245,9 +249,41 @@ def _metadata_digest(fw: PreparedFirmware, seed: bytes, vmm: str, kh: KernelHash
 
 
 def measurement_table(firmware: bytes, shapes: Iterable[Shape], *, cache: MeasurementCache | None = None,
-                      progress: Progress | None = None) -> dict[Shape, bytes]:
-    """{shape: 48-byte MEASUREMENT} for every shape, one pass over the firmware."""
+                      progress: Progress | None = None, igvm_rule: str = "qemu") -> dict[Shape, bytes]:
+    """{shape: 48-byte MEASUREMENT} for every shape, one pass over the firmware.
+
+    An IGVM file fixes its own shape (igvm_shape_matches): its table holds only
+    the shapes it can launch as, under `igvm_rule` (verifier/measure/igvm.py).
+    """
+    if bytes(firmware[:4]) == IGVM_MAGIC:
+        return igvm_measurement_table(firmware, shapes, rule=igvm_rule)
     return measure_prepared(prepare_firmware(firmware), shapes, cache=cache, progress=progress).measurements
+
+
+def igvm_shape_matches(m: IgvmMeasurement, shape: Shape) -> bool:
+    """Whether a QEMU launch of this IGVM file can have this shape.
+
+    The file fixes the vCPU count (one VP context per vCPU), SEV_FEATURES and the
+    CPUID signature QEMU loads into RDX (both in its VMSA); it cannot carry
+    kernel hashes and only QEMU launches IGVM. A VMSA whose RDX is no known
+    signature names no vCPU type: then every vcpu_type matches (the VMM's CPU
+    model shows only in the unmeasured CPUID page).
+    """
+    known = {int(sig) for sig in CPU_SIGS.values()}
+    return (shape.vcpus == m.vcpus and shape.vmm == "qemu" and shape.kernel_hashes is None
+            and shape.guest_features == m.sev_features
+            and (m.vcpu_sig not in known or shape.vcpu_sig == m.vcpu_sig))
+
+
+def igvm_measurement_table(firmware: bytes, shapes: Iterable[Shape], *, rule: str = "qemu") -> dict[Shape, bytes]:
+    wanted = list(dict.fromkeys(shapes))
+    m = measure_igvm(bytes(firmware), rule)
+    out = {s: m.digest for s in wanted if igvm_shape_matches(m, s)}
+    if wanted and not out:
+        raise FirmwareError(f"IGVM firmware launches only as vcpus={m.vcpus}, vmm=qemu, guest_features="
+                            f"{m.sev_features:#x}, vcpu signature {m.vcpu_sig:#x}: none of the {len(wanted)} "
+                            "shapes matches")
+    return out
 
 
 @dataclass(frozen=True)

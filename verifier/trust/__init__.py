@@ -1,20 +1,36 @@
 """Trust anchors: AMD's ARK/ASK/ASVK pinned by the SHA-256 of their DER, plus explicitly trusted simulated roots.
 
-Certificates themselves come from elsewhere (the evidence's certificate table, a
-trust directory, AMD KDS); a certificate is accepted as an AMD root or
-intermediate only when its DER hash matches a pin below. Pins are stable facts
-published with AMD's certificates (see the shared vectors' README and
-https://kdsintf.amd.com/vcek/v1/<product>/cert_chain).
+AMD's ARK, ASK and ASVK for Milan, Genoa and Turin ship inside this package
+(`verifier/trust/amd/<product>/{ark,ask,asvk}.pem`: public data from
+https://kdsintf.amd.com/{vcek,vlek}/v1/<product>/cert_chain), so a report plus
+its VCEK verifies offline. Each file is checked against its pin below when it is
+first loaded; a file that disagrees with its pin is a broken installation and
+stops every verification (BundledRootError), it is never used. Certificates from
+elsewhere (the evidence's certificate table, a trust directory, AMD KDS) are
+accepted as an AMD root or intermediate only when their DER hash matches a pin
+too. Pins are stable facts published with AMD's certificates.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass, field
+from importlib import resources
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from ..abi.fields import Product
+from ..errors import FirmgateError
+
+ROLES = ("ark", "ask", "asvk")
+MAX_BUNDLED_SIZE = 16 * 1024      # one PEM certificate; AMD's are ~2.3 KB
+
+
+class BundledRootError(FirmgateError):
+    """A certificate shipped inside the package does not match its pin: the installation is broken."""
+
+    exit_code = 3   # nothing about the evidence is decided: the verifier itself cannot be trusted
 
 
 @dataclass(frozen=True)
@@ -44,6 +60,35 @@ def der_sha256(cert: x509.Certificate) -> str:
     return hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest()
 
 
+def bundled_path(product: Product, role: str) -> str:
+    """The package-relative name of a shipped AMD certificate."""
+    return f"amd/{product.value.lower()}/{role}.pem"
+
+
+def load_bundled(product: Product, role: str, pins: dict[Product, ProductPins] | None = None) -> x509.Certificate:
+    """One shipped AMD certificate, refused unless the SHA-256 of its DER is its pin."""
+    from ..certs import load_certificate
+    name = bundled_path(product, role)
+    try:
+        data = resources.files(__package__).joinpath(name).read_bytes()[:MAX_BUNDLED_SIZE + 1]
+    except OSError as exc:
+        raise BundledRootError(f"AMD {role.upper()} for {product} is missing from the package ({name}): "
+                               "reinstall firmgate") from exc
+    cert = load_certificate(data, f"bundled {name}")
+    want = getattr((pins or AMD_PINS)[product], role)
+    got = der_sha256(cert)
+    if got != want:
+        raise BundledRootError(f"bundled {name} has sha256 {got[:16]}..., its pin is {want[:16]}...: "
+                               "the package's AMD certificates were altered; reinstall firmgate")
+    return cert
+
+
+@functools.cache
+def bundled_amd_certificates() -> tuple[x509.Certificate, ...]:
+    """AMD's ARK, ASK and ASVK of every product, each checked against its pin (once per process)."""
+    return tuple(load_bundled(p, role) for p in Product for role in ROLES)
+
+
 @dataclass(frozen=True)
 class TrustStore:
     """What firmgate trusts: pinned AMD certificates, and simulated roots only if configured."""
@@ -52,9 +97,16 @@ class TrustStore:
     # Self-signed roots of simulated platforms (`--trust-root`). Anything chained to one
     # is marked simulated in every result. Never populated by default.
     simulated_roots: tuple[x509.Certificate, ...] = ()
+    # Use the AMD certificates shipped in the package. False: only certificates from the
+    # evidence, --certs, a trust directory or KDS (they still have to match the pins).
+    bundled: bool = True
 
     def with_simulated_root(self, root: x509.Certificate) -> "TrustStore":
-        return TrustStore(pins=self.pins, simulated_roots=self.simulated_roots + (root,))
+        return TrustStore(pins=self.pins, simulated_roots=self.simulated_roots + (root,), bundled=self.bundled)
+
+    def anchors(self) -> tuple[x509.Certificate, ...]:
+        """The shipped AMD certificates this store uses (each already checked against AMD's pin)."""
+        return bundled_amd_certificates() if self.bundled else ()
 
     def pin_for(self, product: Product, role: str) -> str:
         """role: "ark", "ask" or "asvk"."""
