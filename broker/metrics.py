@@ -52,7 +52,7 @@ BUILD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 12
 _CHECK_NAME = re.compile(r"^[a-z0-9_.-]{1,64}$")
 
 # The same series in both modes: multiprocess mode has no *_created samples, so plain mode drops them too.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 HTTP_REQUESTS = Counter("firmgate_http_requests", "HTTP requests by method, route and status.",
