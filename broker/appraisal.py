@@ -160,6 +160,17 @@ class VerifierAppraiser:
         loaded = self._loaded(tenant)
         return loaded is not None and bool(loaded.allows_firmware_digest(hashlib.sha384(payload).hexdigest()))
 
+    def loaded_policy(self, tenant: str) -> tuple[Any | None, list[str]]:
+        """For the console: the tenant's LoadedPolicy in force (or None) and the errors of a newer file
+        that was refused (the last good version stays in force meanwhile)."""
+        loaded = self._loaded(tenant)
+        return loaded, [e.diagnostics() for e in self._store.last_errors(tenant)]
+
+    def policy_status(self) -> dict[str, Any]:
+        """For the operator's console: every tenant's policy id, commit and refused errors."""
+        self._store.refresh()
+        return dict(self._store.status())
+
     def add_firmware(self, data: bytes) -> list[str]:
         from verifier.appraise.reference import extract_firmware
         if data[:1] == ENDORSEMENT_MAGIC:

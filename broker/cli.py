@@ -84,7 +84,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     sock = bind(args.host, args.port)  # before the app exists: a port in use changes nothing on disk
     app = create_app(cfg)
     serve(sock, app, args.host, "firmgate serve: key broker on {url} (development server; production: "
-          "gunicorn 'broker:create_app()' as firmgate-broker.service, docs/host.md)")
+          "gunicorn -c python:broker.gunicorn_conf 'broker:create_app()' as firmgate-broker.service, docs/host.md)")
     return 0
 
 

@@ -67,7 +67,7 @@ def _deny(db: Db, variant: str, reason: str, *, event: str, tenant: str | None =
     """Audit a denial (committing whatever the caller wrote with it) and return the error to raise."""
     audit.record(db, event=event, outcome="denied", reason=reason, tenant=tenant, session_id=session_id,
                  resource=resource, verdict=verdict, verdict_text=verdict_text, measurement=measurement)
-    metrics.count_event(event, "denied")
+    metrics.denied(event, variant, tenant)
     return ApiError(variant, reason)
 
 
@@ -261,6 +261,7 @@ def attest() -> Response:
         verdict_rows.append(vrow)
         if verdict.accepted or tenant == hint:
             # A tenant sees attestations its policy accepted, or that named it; not other VMs' noise.
+            metrics.appraised(tenant, verdict)
             audit_rows.append(audit.row(
                 event="attest", outcome="ok" if verdict.accepted else "denied",
                 reason="accepted by policy" if verdict.accepted else summarize_failures(verdict),
@@ -290,7 +291,7 @@ def attest() -> Response:
     audit_rows.append(audit.row(event="attest", outcome="ok", reason=f"evidence verified; token status {status}",
                                 tenant=None, session_id=sid, measurement=measurement))
     audit.write(db, audit_rows)
-    metrics.count_event("attest", status)
+    metrics.attested(status)
     resp = jsonify({"token": token})
     _set_cookie(resp, sid, expires_at)
     return resp
@@ -388,6 +389,8 @@ def resource(repo: str, rtype: str, tag: str) -> Response:
     # Audit rows of a tenant-less denial go to the operator only: no tenant learns of other tenants' probes.
     audit_tenant = tenant if policy_id is not None else None
     if not decision.allowed:
+        if verdict is not None and audit_tenant is not None:
+            metrics.appraised(audit_tenant, verdict)
         denial = _deny(db, decision.variant, decision.reason, event="deny", tenant=audit_tenant,
                        session_id=row.id, resource=path, verdict=verdict, verdict_text=text,
                        measurement=row.measurement)
@@ -415,7 +418,7 @@ def resource(repo: str, rtype: str, tag: str) -> Response:
                     resource=path) from None
     audit.record(db, event="release", outcome="ok", reason=decision.reason, tenant=tenant, session_id=row.id,
                  resource=path, verdict=verdict, verdict_text=text, measurement=row.measurement)
-    metrics.count_event("release", "ok")
+    metrics.released(tenant)
     return jsonify(body)
 
 

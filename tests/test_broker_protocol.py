@@ -468,7 +468,8 @@ def test_healthz_and_metrics(broker: Any) -> None:
     g.attest()
     g.fetch("acme/key/disk")
     assert http("GET", srv.url + "/healthz").body["status"] == "ok"
-    m = http("GET", srv.url + "/metrics")
+    assert http("GET", srv.url + "/metrics").status == 401   # it names tenants: the operator's token
+    m = http("GET", srv.url + "/metrics", headers={"Authorization": f"Bearer {OP}"})
     text = m.body.decode()
     assert m.headers["Content-Type"].startswith("text/plain")
     assert 'firmgate_events_total{event="release",outcome="ok"}' in text

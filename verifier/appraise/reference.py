@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..endorse.admit import Admission, EndorsementRefused, admit
 from ..errors import FirmgateError, FirmwareError
 from ..measure.launch import KernelHashes, Shape, measurement_table
+from ..observe import emit
 from .policy import FirmwareEntry, ShapeRule, TenantPolicy, read_firmware_file
 
 MAX_KNOWN_FIRMWARE = 64   # firmware images held in memory per table (each a few MiB)
@@ -105,7 +107,9 @@ class ReferenceTable:
         if actual != fw.sha384:
             raise FirmwareError(f"firmware {fw.id}: bytes have sha384 {actual[:16]}..., the policy lists "
                                 f"{fw.sha384[:16]}...")
+        t0 = time.perf_counter()
         table = measurement_table(payload, self.shapes, cache=self._cache)  # type: ignore[arg-type]
+        emit("measurement_table", time.perf_counter() - t0)
         with self._lock:
             for shape, m in table.items():
                 self._by_measurement.setdefault(m, Match(fw, shape))

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import FirmgateError, FirmwareError, PolicyErrors, PolicyFileError, UsageError
+from ..observe import emit
 from .policy import FirmwareEntry, TenantPolicy, load_policy_file
 from .reference import ReferenceTable, split_firmware
 
@@ -261,6 +262,7 @@ class PolicyStore:
                  errors: list[PolicyFileError], commit: str | None, dirty: set[str]) -> None:
         if errors or policy is None or table is None:
             self._errors[tenant] = errors
+            emit("policy_reload", tenant=tenant, result="refused", fallback="yes" if tenant in self._loaded else "no")
             if tenant in self._loaded:
                 log.warning("policy change for tenant %s refused; keeping %s in force:\n%s", tenant,
                             self._loaded[tenant].policy_id, "\n".join(e.diagnostics() for e in errors))
@@ -279,6 +281,7 @@ class PolicyStore:
         lp = LoadedPolicy(policy, commit, str(path.resolve()) in dirty, table)
         previous = self._loaded.get(tenant)
         self._loaded[tenant] = lp
+        emit("policy_reload", tenant=tenant, result="loaded", fallback="no")
         log.info("policy for tenant %s loaded: %s (%d reference measurements)%s", tenant, lp.policy_id,
                  len(table), f", replacing {previous.policy_id}" if previous else "")
 

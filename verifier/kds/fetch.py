@@ -18,6 +18,7 @@ from typing import Protocol
 from ..abi.fields import Product, TcbVersion
 from ..certs import load_certificates, load_crl
 from ..errors import CertificateFormatError, FetchError
+from ..observe import emit
 from . import KDS_BASE, chain_url, crl_url, vcek_url
 
 MAX_RESPONSE = 64 * 1024
@@ -52,10 +53,20 @@ class HttpFetcher:
         return self.cache_dir / (hashlib.sha256(url.encode()).hexdigest()[:40] + ".bin")
 
     def _get(self, url: str, max_age: float | None = None, *, crl: bool = False) -> bytes:
+        kind = "crl" if crl else "chain" if url.endswith("/cert_chain") else "vcek"
+        try:
+            data, source = self._get_counted(url, max_age, crl=crl)
+        except FetchError:
+            emit("kds_request", kind=kind, source="error")
+            raise
+        emit("kds_request", kind=kind, source=source)
+        return data
+
+    def _get_counted(self, url: str, max_age: float | None, *, crl: bool) -> tuple[bytes, str]:
         url = self.base_url + url.removeprefix(KDS_BASE)
         path = self._path(url)
         if path.is_file() and (max_age is None or self.offline or time.time() - path.stat().st_mtime < max_age):
-            return path.read_bytes()[:MAX_RESPONSE]
+            return path.read_bytes()[:MAX_RESPONSE], "cache"
         if self.offline:
             raise FetchError(f"offline, and {url} is not in the cache ({self.cache_dir})")
         req = urllib.request.Request(url, headers={"User-Agent": "firmgate"})
@@ -82,7 +93,7 @@ class HttpFetcher:
         with os.fdopen(fd, "wb") as f:
             f.write(body)
         os.replace(tmp, path)
-        return body
+        return body, "network"
 
     def vcek(self, product: Product, chip_id: bytes, tcb: TcbVersion) -> bytes:
         return self._get(vcek_url(product, chip_id, tcb))
