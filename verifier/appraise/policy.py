@@ -687,7 +687,7 @@ def parse_policy(text: str | bytes, path: str | Path, *, tenant: str | None = No
         # Only a policy whose firmware, shapes and secrets parsed can be judged for binding.
         for p, why in unbound_secrets(firmware, shapes, platform, id_rules, secrets, revoked, min_svn):
             errs.add(p, why)
-        from .publishers import unbound_publisher_secrets   # the same rule for builds publishers endorse
+        from .publishers import unbound_publisher_secrets  # the same rule for builds publishers endorse
         for p, why in unbound_publisher_secrets(publishers, shapes, secrets):
             errs.add(p, why)
     # Imported here: report_rules builds on this module's helpers.
