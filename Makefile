@@ -17,13 +17,6 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
-# System packages the tests use (Debian, as root): VMs, PostgreSQL, git, and the console's browser test
-# (chromium driven through chromium-driver by selenium).
-deps:
-	apt-get update -qq
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-venv make git qemu-system-x86 ovmf \
-		postgresql chromium chromium-driver >/dev/null
-
 # The real guest for the QEMU tests and the demo: Debian's kernel + firmgate's initramfs, built from
 # Debian packages (apt-get download) into ~/.cache/firmgate/guest-image ($FIRMGATE_GUEST_IMAGE).
 guest-image: $(STAMP)
