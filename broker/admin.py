@@ -11,7 +11,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from verifier.errors import FirmgateError, FirmwareError
+from verifier.errors import FirmgateError, FirmwareError, TrustError
 
 from . import audit, vault
 from .errors import ApiError
@@ -148,15 +148,21 @@ def upload_firmware() -> tuple[Response, int]:
 @bp.post("/endorsements")
 def upload_endorsement() -> tuple[Response, int]:
     """A firmware publisher's signed endorsement (CoRIM in COSE_Sign1), kept for the firmware it
-    endorses; refused unless some tenant's policy trusts its signer (docs/endorsements.md)."""
+    endorses; refused unless the caller's own policy trusts its signer (docs/endorsements.md)."""
     tenant = _tenant()
     request.max_content_length = ENDORSEMENT_MAX_BYTES
     blob = request.get_data(cache=False)
     if blob[:1] != b"\xd2":
         raise ApiError("BadRequest", "the request body must be an endorsement (a tagged COSE_Sign1)", 400)
     orm = get_orm()
+    st = state()
     try:
-        taken = store_firmware(state(), orm, blob, source=f"tenant:{tenant}")
+        # As for firmware: the caller's own policy must trust the signer, so an upload cannot probe
+        # whether some other tenant trusts a publisher (the same answer for "someone else" and "nobody").
+        if st.appraiser is not None and not st.appraiser.trusts_endorsement(tenant, blob):
+            raise TrustError("the endorsement is not signed by a publisher your policy trusts "
+                             "(list the publisher under [[firmware.publishers]] first)")
+        taken = store_firmware(st, orm, blob, source=f"tenant:{tenant}")
     except FirmgateError as exc:
         audit.record(orm, event="admin", outcome="denied", reason=f"endorsement refused: {exc.diagnostics()}",
                      tenant=tenant)

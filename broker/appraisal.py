@@ -72,6 +72,10 @@ class Appraiser(Protocol):
         """Whether `tenant`'s own policy allows (lists, not revoked) the firmware in `data`; raises
         FirmwareError for bytes that hold no firmware. Other tenants' policies play no part."""
 
+    def trusts_endorsement(self, tenant: str, data: bytes) -> bool:
+        """Whether `tenant`'s own policy trusts the publisher that signed the endorsement `data` (and
+        its signature holds). Other tenants' policies play no part."""
+
 
 class VerifierAppraiser:
     """The real verifier, with the tenants' policies from a directory (re-read when they change)."""
@@ -170,6 +174,18 @@ class VerifierAppraiser:
         """For the operator's console: every tenant's policy id, commit and refused errors."""
         self._store.refresh()
         return dict(self._store.status())
+
+    def trusts_endorsement(self, tenant: str, data: bytes) -> bool:
+        from verifier.endorse.admit import EndorsementRefused, verify_with
+        self._store.refresh()  # the owner may have just added the publisher
+        loaded = self._loaded(tenant)
+        if loaded is None:
+            return False
+        try:
+            verify_with(data, loaded.policy.publishers)
+        except EndorsementRefused:
+            return False
+        return True
 
     def add_firmware(self, data: bytes) -> list[str]:
         from verifier.appraise.reference import extract_firmware

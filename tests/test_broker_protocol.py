@@ -79,6 +79,9 @@ class FakeAppraiser:
     def lists_firmware(self, tenant: str, data: bytes) -> bool:
         return hashlib.sha384(data).hexdigest() in self.policies.get(tenant, {}).get("firmware_digests", ())
 
+    def trusts_endorsement(self, tenant: str, data: bytes) -> bool:
+        return False
+
     def add_firmware(self, data: bytes) -> list[str]:
         digest = hashlib.sha384(data).hexdigest()
         if not any(digest in p.get("firmware_digests", ()) for p in self.policies.values()):

@@ -103,6 +103,29 @@ unsafe_unbound = true   # this test is about admission; release binding has its 
         code, out = _cli(["tenant", "add", "acme", "--db", db, "--master-key-file", str(mkey)])
         assert code == 0, out
         self.token = next(w for w in out.split() if w.startswith("fgt_"))
+        # A second tenant that trusts no publisher: acme's publisher is none of its business.
+        (pol / "beta.toml").write_text(f'''version = 1
+[firmware]
+[[firmware.allowed]]
+id = "fw-listed"
+sha384 = "{self.digests['listed']}"
+svn = 1
+bytes = "fw/listed.efi"
+
+[[shapes]]
+vmm = "qemu"
+vcpus = [1]
+vcpu_types = ["EPYC-v4"]
+
+[platform]
+products = ["Milan"]
+signers = ["VCEK"]
+vmpls = [0]
+allow_simulated_platform = true
+''')
+        code, out = _cli(["tenant", "add", "beta", "--db", db, "--master-key-file", str(mkey)])
+        assert code == 0, out
+        self.beta_token = next(w for w in out.split() if w.startswith("fgt_"))
         code, out = _cli(["secret", "put", "acme/key/disk", "--value", SECRET.decode(), "--db", db,
                           "--master-key-file", str(mkey)])
         assert code == 0, out
@@ -123,9 +146,9 @@ unsafe_unbound = true   # this test is about admission; release binding has its 
         attest(s, TsmSource(host.tsm()), key, addon=self.addons[which] if addon else None, endorsement=endorsement)
         return fetch_resource(s, "acme/key/disk", key)
 
-    def admin(self, path: str, body: bytes) -> tuple[int, dict[str, Any]]:
+    def admin(self, path: str, body: bytes, token: str | None = None) -> tuple[int, dict[str, Any]]:
         req = urllib.request.Request(f"{self.broker.url}/admin/v0{path}", data=body, method="POST",
-                                     headers={"Authorization": f"Bearer {self.token}",
+                                     headers={"Authorization": f"Bearer {token or self.token}",
                                               "Content-Type": "application/octet-stream"})
         try:
             with urllib.request.urlopen(req, timeout=30) as resp:
@@ -182,11 +205,20 @@ def test_endorsement_uploaded_through_the_admin_api(world: World) -> None:
 
 def test_admin_api_refuses_untrusted_and_non_endorsements(world: World) -> None:
     status, body = world.admin("/endorsements", world.ends["untrusted"])
-    assert status == 422 and "no trusted publisher" in body["detail"]
+    assert status == 422 and "publisher your policy trusts" in body["detail"]
     status, _ = world.admin("/endorsements", b"MZ not an endorsement")
     assert status == 400
     status, body = world.admin("/endorsements", b"\xd2\x84\x40")
     assert status == 422 and body["detail"]
+
+
+def test_admin_api_answers_alike_for_another_tenants_publisher_and_nobodys(world: World) -> None:
+    """beta trusts no publisher: acme's publisher (trusted by acme) and a rogue key (trusted by nobody)
+    get the same 422, so an upload cannot probe another tenant's policy (issue 14, item 5)."""
+    s1, b1 = world.admin("/endorsements", world.ends["replica"], token=world.beta_token)
+    s2, b2 = world.admin("/endorsements", world.ends["untrusted"], token=world.beta_token)
+    assert s1 == s2 == 422
+    assert b1 == b2 and "publisher your policy trusts" in b1["detail"]
 
 
 def test_endorsement_beside_the_addon_in_additional_evidence(world: World) -> None:
