@@ -66,21 +66,23 @@ class World:
         (pol / "publishers" / "acme.pem").write_bytes(pem_public(self.key))
         (pol / "publishers" / "acme.revoked").write_bytes(sign_revocations(
             Revocations("acme", now, frozenset({"acme-bad-2"}), frozenset()), self.key))
-        (pol / "acme.toml").write_text(f'''version = 1
+        listed = f'''version = 1
 [firmware]
 [[firmware.allowed]]
 id = "fw-listed"
 sha384 = "{self.digests['listed']}"
 svn = 1
 bytes = "fw/listed.efi"
-
+'''
+        publisher = '''
 [[firmware.publishers]]
 name = "acme-firmware"
 key = "publishers/acme.pem"
 fwid = "edk2-*-acme.*"
 min_svn = 2
 revocations = "publishers/acme.revoked"
-
+'''
+        shape_platform = '''
 [[shapes]]
 vmm = "qemu"
 vcpus = [1]
@@ -91,11 +93,14 @@ products = ["Milan"]
 signers = ["VCEK"]
 vmpls = [0]
 allow_simulated_platform = true
-
+'''
+        (pol / "acme.toml").write_text(listed + publisher + shape_platform + '''
 [[secrets]]
 path = "acme/key/disk"
 unsafe_unbound = true   # this test is about admission; release binding has its own tests
 ''')
+        # A second tenant with the same build and shape that trusts no publisher.
+        (pol / "beta.toml").write_text(listed + shape_platform)
         (root / "ark.pem").write_bytes(self.platform.root_pem())
         mkey = root / "master.key"
         mkey.write_text(os.urandom(32).hex())
@@ -103,26 +108,6 @@ unsafe_unbound = true   # this test is about admission; release binding has its 
         code, out = _cli(["tenant", "add", "acme", "--db", db, "--master-key-file", str(mkey)])
         assert code == 0, out
         self.token = next(w for w in out.split() if w.startswith("fgt_"))
-        # A second tenant that trusts no publisher: acme's publisher is none of its business.
-        (pol / "beta.toml").write_text(f'''version = 1
-[firmware]
-[[firmware.allowed]]
-id = "fw-listed"
-sha384 = "{self.digests['listed']}"
-svn = 1
-bytes = "fw/listed.efi"
-
-[[shapes]]
-vmm = "qemu"
-vcpus = [1]
-vcpu_types = ["EPYC-v4"]
-
-[platform]
-products = ["Milan"]
-signers = ["VCEK"]
-vmpls = [0]
-allow_simulated_platform = true
-''')
         code, out = _cli(["tenant", "add", "beta", "--db", db, "--master-key-file", str(mkey)])
         assert code == 0, out
         self.beta_token = next(w for w in out.split() if w.startswith("fgt_"))
