@@ -32,10 +32,10 @@ from .db import now_ms
 from .errors import ApiError
 from .jwe import encrypt, load_tee_pubkey
 from .limits import json_body, valid_resource, valid_tenant
-from .release import decide, public_denial, summarize_failures
 from .nonces import Db
-from .secretbox import SecretDecryptError
+from .release import decide, public_denial, summarize_failures
 from .runtime_data import check_host_data, check_report_data, expected_report_data, initdata_host_data
+from .secretbox import SecretDecryptError
 from .state import BrokerState, get_db, get_orm, state, sync_firmware
 from .tokens import TokenError, ear_claims, tee_pubkey_from_claims
 
@@ -67,7 +67,7 @@ def _deny(db: Db, variant: str, reason: str, *, event: str, tenant: str | None =
     """Audit a denial (committing whatever the caller wrote with it) and return the error to raise."""
     audit.record(db, event=event, outcome="denied", reason=reason, tenant=tenant, session_id=session_id,
                  resource=resource, verdict=verdict, verdict_text=verdict_text, measurement=measurement)
-    metrics.count_event(event, "denied")
+    metrics.denied(event, variant, tenant)
     return ApiError(variant, reason)
 
 
@@ -141,13 +141,22 @@ def _guest_firmware(st: BrokerState, additional: str, session_id: str) -> None:
     blob_b64 = item.get("addon") if isinstance(item, dict) else None
     if not isinstance(blob_b64, str):
         raise ApiError("AttestationError", f"additional_evidence.{FIRMWARE_KEY} must be {{\"addon\": base64}}")
+    # Optional: a publisher's endorsement of the add-on's firmware, when the add-on does not carry it.
+    end_b64 = item.get("endorsement")
+    if end_b64 is not None and not isinstance(end_b64, str):
+        raise ApiError("AttestationError", f"additional_evidence.{FIRMWARE_KEY}.endorsement must be base64")
     try:
         blob = base64.b64decode(blob_b64, validate=True)
+        endorsement = base64.b64decode(end_b64, validate=True) if end_b64 else None
     except (binascii.Error, ValueError):
-        raise ApiError("AttestationError", f"additional_evidence.{FIRMWARE_KEY}.addon is not base64") from None
+        raise ApiError("AttestationError", f"additional_evidence.{FIRMWARE_KEY} is not base64") from None
     if st.appraiser is None:
         return
     from .firmware_store import store_firmware
+    if endorsement is not None:
+        if endorsement[:1] != b"\xd2":
+            raise ApiError("AttestationError", f"additional_evidence.{FIRMWARE_KEY}.endorsement is no COSE_Sign1")
+        store_firmware(st, get_orm(), endorsement, source=f"guest:{session_id}")
     store_firmware(st, get_orm(), blob, source=f"guest:{session_id}")
 
 
@@ -229,13 +238,14 @@ def attest() -> Response:
     except FirmgateError as exc:
         raise reject(f"evidence rejected: {exc.diagnostics()}") from None
     measurement = attested.measurement.hex()  # a fact from here on: the signature covers it
+    # Others' uploads first (an endorsement kept through another replica may admit the guest's firmware).
+    sync_firmware(st, db)
     try:
         _guest_firmware(st, additional, sid)
     except FirmgateError as exc:
         nonces.mark_failed(db, sid)
         raise _deny(db, "AttestationError", exc.diagnostics(), event="attest", session_id=sid, tenant=hint,
                     measurement=measurement) from None
-    sync_firmware(st, db)
 
     # Appraise for the hinted tenant, or for the tenants whose reference tables hold this
     # MEASUREMENT (an unmodified guest names none; broker/tenant_select.py).
@@ -258,6 +268,7 @@ def attest() -> Response:
             verdict_rows.append(vrow)
             if verdict.accepted or tenant == hint:
                 # A tenant sees attestations its policy accepted, or that named it; not other VMs' noise.
+                metrics.appraised(tenant, verdict)
                 audit_rows.append(audit.row(
                     event="attest", outcome="ok" if verdict.accepted else "denied",
                     reason="accepted by policy" if verdict.accepted else summarize_failures(verdict),
@@ -297,7 +308,7 @@ def attest() -> Response:
     audit_rows.append(audit.row(event="attest", outcome="ok", reason=f"evidence verified; token status {status}",
                                 tenant=None, session_id=sid, measurement=measurement))
     audit.write(db, audit_rows)
-    metrics.count_event("attest", status)
+    metrics.attested(status)
     resp = jsonify({"token": token})
     _set_cookie(resp, sid, expires_at)
     return resp
@@ -411,6 +422,8 @@ def resource(repo: str, rtype: str, tag: str) -> Response:
     # Audit rows of a tenant-less denial go to the operator only: no tenant learns of other tenants' probes.
     audit_tenant = tenant if policy_id is not None else None
     if not decision.allowed:
+        if verdict is not None and audit_tenant is not None:
+            metrics.appraised(audit_tenant, verdict)
         denial = _deny(db, decision.variant, decision.reason, event="deny", tenant=audit_tenant,
                        session_id=row.id, resource=path, verdict=verdict, verdict_text=text,
                        measurement=row.measurement)
@@ -438,7 +451,7 @@ def resource(repo: str, rtype: str, tag: str) -> Response:
                     resource=path) from None
     audit.record(db, event="release", outcome="ok", reason=decision.reason, tenant=tenant, session_id=row.id,
                  resource=path, verdict=verdict, verdict_text=text, measurement=row.measurement)
-    metrics.count_event("release", "ok")
+    metrics.released(tenant)
     return jsonify(body)
 
 

@@ -7,11 +7,12 @@ only when its reference table holds the report's MEASUREMENT (the
 `candidates(m)` would only add a rejected verdict: skipping it changes no
 answer and no release decision.
 
-Admission by other means. A policy section that admits firmware without
-listing its digest (e.g. trusted publishers' signed endorsements) registers a
-predicate with `register_open_admission`: every tenant whose policy it holds
-for is always a candidate, and is appraised as before (its table grows when
-endorsed bytes arrive, which the index learns through `ReferenceTable.on_add`).
+Admission by other means. Builds admitted on a trusted publisher's
+endorsement are measured when their bytes arrive (the store, before tenants are
+selected) and reach the index through `ReferenceTable.on_add` like any others.
+A policy section that could only admit firmware during the appraisal itself
+registers a predicate with `register_open_admission`: every tenant whose policy
+it holds for is then always a candidate, and is appraised as before.
 """
 from __future__ import annotations
 

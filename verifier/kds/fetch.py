@@ -20,6 +20,7 @@ from typing import Protocol
 from ..abi.fields import Product, TcbVersion
 from ..certs import load_certificates, load_crl
 from ..errors import CertificateFormatError, FetchError
+from ..observe import emit
 from . import KDS_BASE, chain_url, crl_url, vcek_url
 
 MAX_RESPONSE = 64 * 1024
@@ -77,10 +78,20 @@ class HttpFetcher:
         return self.cache_dir / (hashlib.sha256(url.encode()).hexdigest()[:40] + ".bin")
 
     def _get(self, url: str, max_age: float | None = None, *, crl: bool = False) -> bytes:
+        kind = "crl" if crl else "chain" if url.endswith("/cert_chain") else "vcek"
+        try:
+            data, source = self._get_counted(url, max_age, crl=crl)
+        except FetchError:
+            emit("kds_request", kind=kind, source="error")
+            raise
+        emit("kds_request", kind=kind, source=source)
+        return data
+
+    def _get_counted(self, url: str, max_age: float | None, *, crl: bool) -> tuple[bytes, str]:
         url = self.base_url + url.removeprefix(KDS_BASE)
         path = self._path(url)
         if path.is_file() and (max_age is None or self.offline or time.time() - path.stat().st_mtime < max_age):
-            return path.read_bytes()[:MAX_RESPONSE]
+            return path.read_bytes()[:MAX_RESPONSE], "cache"
         if self.offline:
             raise FetchError(f"offline, and {url} is not in the cache ({self.cache_dir})")
         with self._lock:
@@ -88,12 +99,12 @@ class HttpFetcher:
         if wait > 0:
             if path.is_file():  # a stale CRL beats none while KDS asks us to wait
                 log.warning("AMD KDS back-off (%.0f s left): using the cached %s", wait, url)
-                return path.read_bytes()[:MAX_RESPONSE]
+                return path.read_bytes()[:MAX_RESPONSE], "cache"
             raise RateLimited(f"AMD KDS rate limit (HTTP 429): not asking for {url} for another {wait:.0f} s", wait)
         req = urllib.request.Request(url, headers={"User-Agent": "firmgate"})
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310 (https URL we built)
-                body = resp.read(MAX_RESPONSE + 1)
+                body: bytes = resp.read(MAX_RESPONSE + 1)
         except urllib.error.HTTPError as exc:
             if exc.code == 429:
                 asked = retry_after_seconds(exc.headers.get("Retry-After"))
@@ -103,7 +114,7 @@ class HttpFetcher:
                     self._not_before = time.monotonic() + delay
                 if path.is_file():
                     log.warning("AMD KDS rate limit (HTTP 429): using the cached %s", url)
-                    return path.read_bytes()[:MAX_RESPONSE]
+                    return path.read_bytes()[:MAX_RESPONSE], "cache"
                 raise RateLimited(f"AMD KDS rate limit (HTTP 429) for {url}; retry after "
                                   f"{exc.headers.get('Retry-After', 'a while')} s", delay) from exc
             raise FetchError(f"AMD KDS answered HTTP {exc.code} for {url}") from exc
@@ -124,7 +135,7 @@ class HttpFetcher:
         os.replace(tmp, path)
         with self._lock:
             self._backoff = 0.0
-        return body
+        return body, "network"
 
     def vcek(self, product: Product, chip_id: bytes, tcb: TcbVersion) -> bytes:
         return self._get(vcek_url(product, chip_id, tcb))
@@ -215,7 +226,7 @@ class FirstOf:
     def local_crl(self, product: Product, signer: str) -> bytes | None:
         for f in self.fetchers:
             local = getattr(f, "local_crl", None)
-            data = local(product, signer) if local is not None else None
+            data: bytes | None = local(product, signer) if local is not None else None
             if data is not None:
                 return data
         return None
