@@ -288,9 +288,11 @@ def test_store_keeps_endorsed_builds_across_reloads_and_a_raised_min_svn_drops_t
     digest = hashlib.sha384(image).hexdigest()
     addon = build_addon([("edk2-2022.11-acme.1", image)],
                         extra_sections=[(".corim", signed(key, digest, fwid="edk2-2022.11-acme.1", svn=2, eid="e-2"))])
+    assert store.candidates(measured) == []
     assert store.add_firmware(addon) == ["acme"]
     loaded = store.get("acme")
     assert loaded.table.lookup(measured) is not None
+    assert store.candidates(measured) == ["acme"]   # issue 21: the endorsed build is in the tenant index
     facts = {"tenant": "acme", "firmware": {"id": "edk2-2022.11-acme.1", "sha384": digest}}
     verdict = Verdict(checks=(CheckResult("firmware.measurement", Outcome.PASS, "matched"),), facts=facts)
     ok, why = release_allowed(loaded, verdict, "acme/key/disk")
@@ -299,11 +301,13 @@ def test_store_keeps_endorsed_builds_across_reloads_and_a_raised_min_svn_drops_t
     (d / "acme.toml").write_text(policy_text(publisher()) + "\n# touched\n")
     store.refresh(force=True)
     assert store.get("acme").table.lookup(measured) is not None
+    assert store.candidates(measured) == ["acme"]
     # The owner raises the publisher's minimum svn: the svn-2 build drops out on reload.
     (d / "acme.toml").write_text(policy_text(publisher().replace("min_svn = 2", "min_svn = 3")))
     store.refresh(force=True)
     raised = store.get("acme")
     assert raised.table.lookup(measured) is None
+    assert store.candidates(measured) == []
     # A token issued before the change is re-checked at release time: refused, by name.
     ok, why = release_allowed(raised, verdict, "acme/key/disk")
     assert not ok and "no longer allowed" in why
