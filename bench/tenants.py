@@ -56,8 +56,8 @@ BUILDS = {"direct": "edk2-2026.08-OVMF.amdsev.fd", "stock": "edk2-2025.02-OVMF.f
 LOOKALIKES = 3
 OTHER_SHAPES = [(2, "EPYC-v4"), (4, "EPYC-v4"), (1, "EPYC-Milan"), (2, "EPYC-Milan"), (8, "EPYC-v4"), (2, "EPYC")]
 
-from bench import _loadgen as lg
-from bench.broker import free_port, tree_cpu
+from bench import _loadgen as lg  # noqa: E402 - after the sys.path line
+from bench.broker import free_port, tree_cpu  # noqa: E402
 
 HEAD = """version = 1
 [firmware]
