@@ -93,7 +93,10 @@ def git_state(directory: Path) -> tuple[str | None, set[str]]:
     top = _git(directory, "rev-parse", "--show-toplevel")
     if head is None or top is None:
         return None, set()
-    status = _git(directory, "status", "--porcelain=v1", "-z", "--untracked-files=all", "--", ".") or ""
+    # --ignored: a file git ignores never shows as changed, so its edits would keep the policy_id
+    # (the broker's verdict cache key) of the version first loaded; listed here, it counts as dirty (RT-2).
+    status = _git(directory, "status", "--porcelain=v1", "-z", "--untracked-files=all", "--ignored=traditional",
+                  "--", ".") or ""
     dirty: set[str] = set()
     root = Path(top.strip())
     entries = status.split("\0")
