@@ -160,6 +160,20 @@ def _guest_firmware(st: BrokerState, additional: str, session_id: str) -> None:
     store_firmware(st, get_orm(), blob, source=f"guest:{session_id}")
 
 
+def _public_firmware_refusal(exc: FirmgateError) -> str:
+    """What the guest (and the tenant it names) reads when its firmware or endorsement is refused:
+    refusals that name a policy's publisher rule, or say whether any tenant trusts a signer, become
+    words that depend only on what the guest sent (docs/security.md RT-3)."""
+    from verifier.appraise.store import FirmwareNotAdmitted
+    from verifier.endorse.admit import EndorsementRefused
+    if isinstance(exc, FirmwareNotAdmitted):
+        return exc.public
+    if isinstance(exc, EndorsementRefused):
+        return (f"the endorsement in additional_evidence.{FIRMWARE_KEY} is not admitted by any policy "
+                "(the reason is in the operator's audit log)")
+    return exc.diagnostics()
+
+
 def _appraisal(st: BrokerState, attested: Attested, session_id: str, tenant: str, policy_id: str,
                expected: bytes, host: bytes | None) -> tuple[Verdict, str, dict[str, Any]]:
     """Appraise for `tenant`: the verdict, its JSON, and its row for the session's verdict cache."""
@@ -244,8 +258,15 @@ def attest() -> Response:
         _guest_firmware(st, additional, sid)
     except FirmgateError as exc:
         nonces.mark_failed(db, sid)
-        raise _deny(db, "AttestationError", exc.diagnostics(), event="attest", session_id=sid, tenant=hint,
-                    measurement=measurement) from None
+        # The full reason may name tenants' publisher rules: the operator's rows only (RT-3).
+        public, full = _public_firmware_refusal(exc), exc.diagnostics()
+        if hint is not None and public != full:
+            audit.record(db, event="attest", outcome="denied", reason=full, tenant=None, session_id=sid,
+                         measurement=measurement, commit=False)
+        denial = _deny(db, "AttestationError", full if hint is None else public, event="attest",
+                       session_id=sid, tenant=hint, measurement=measurement)
+        denial.detail = public
+        raise denial from None
 
     # Appraise for the hinted tenant, or for every tenant (an unmodified guest names none).
     candidates = [hint] if hint else st.appraiser.tenants()

@@ -166,19 +166,71 @@ def test_fixed_build_endorsed_by_trusted_publisher_is_released_without_policy_ch
     assert world.fetch("fix", addon=False) == SECRET
 
 
+NOT_ADMITTED = "no endorsement it came with admits it (the reasons are in the operator's audit log)"
+
+
+def _refused(w: World, which: str, **kw: Any) -> str:
+    """The guest reads words that depend only on what it sent (RT-3); the operator's audit row of
+    that refusal names the reason. Returns the operator's reason."""
+    detail = _denied(w, which, **kw)
+    assert detail.endswith(NOT_ADMITTED) and "publisher" not in detail.replace(NOT_ADMITTED, ""), detail
+    return _operator_reason(w)
+
+
+def _operator_reason(w: World) -> str:
+    from sqlalchemy import select
+
+    from broker.db import AuditRecord, make_engine
+    engine = make_engine(w.config["DATABASE_URL"])
+    try:
+        with engine.connect() as conn:
+            q = (select(AuditRecord.reason).where(AuditRecord.tenant.is_(None), AuditRecord.event == "attest",
+                                                  AuditRecord.outcome == "denied")
+                 .order_by(AuditRecord.id.desc()).limit(1))
+            return str(conn.execute(q).scalar() or "")
+    finally:
+        engine.dispose()
+
+
 def test_same_build_endorsed_by_untrusted_key_denied_by_name(world: World) -> None:
-    detail = _denied(world, "untrusted")
-    assert "no trusted publisher" in detail and "sha256:" in detail
+    reason = _refused(world, "untrusted")
+    assert "no trusted publisher" in reason and "sha256:" in reason
 
 
 def test_revoked_build_denied_by_name(world: World) -> None:
-    detail = _denied(world, "revoked")
-    assert "acme-bad-2" in detail and "revoked by the publisher's revocation list" in detail
+    reason = _refused(world, "revoked")
+    assert "acme-bad-2" in reason and "revoked by the publisher's revocation list" in reason
 
 
 def test_stale_svn_and_expired_endorsement_denied_by_name(world: World) -> None:
-    assert "below the publisher's minimum 2" in _denied(world, "stale")
-    assert "acme-expired" in _denied(world, "expired") and "expired at" in _denied(world, "expired")
+    assert "below the publisher's minimum 2" in _refused(world, "stale")
+    reason = _refused(world, "expired")
+    assert "acme-expired" in reason and "expired at" in reason
+
+
+def test_rt3_refusals_name_no_tenants_publisher_rules(world: World) -> None:
+    """A guest (any genuine SNP VM) naming beta sends a build acme's publisher endorsed below acme's
+    minimum svn: neither its answer nor beta's audit shows acme's publisher name or minimum, and the
+    answer is the one a key nobody trusts gets (no oracle for who trusts which publisher)."""
+    from sqlalchemy import select
+
+    from broker.db import AuditRecord, make_engine
+    answers = []
+    for case in ("stale", "untrusted"):
+        with pytest.raises(BrokerDenied) as ei:
+            attest(KbsSession(world.broker.url), TsmSource(world.hosts["bad"].tsm()), TeeKey.generate(),
+                   addon=world.addons[case], tenant="beta")
+        answers.append(ei.value.detail)
+        if case == "stale":
+            assert "publisher acme-firmware" in _operator_reason(world)      # the operator still learns why
+    assert answers[0] == answers[1] and answers[0].endswith(NOT_ADMITTED), answers
+    engine = make_engine(world.config["DATABASE_URL"])
+    try:
+        with engine.connect() as conn:
+            beta = [str(r) for r in conn.execute(select(AuditRecord.reason).where(AuditRecord.tenant == "beta"))]
+    finally:
+        engine.dispose()
+    assert len(beta) >= 2 and not any("acme-firmware" in r or "minimum" in r for r in beta), beta
 
 
 def test_endorsement_uploaded_through_the_admin_api(world: World) -> None:

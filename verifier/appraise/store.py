@@ -35,6 +35,16 @@ MAX_UPLOADED = 64          # firmware images (bytes) the store keeps for "upload
 MAX_ENDORSEMENTS = 256     # endorsements kept that arrived before their firmware (admin upload)
 
 
+class FirmwareNotAdmitted(FirmwareError):
+    """Firmware no policy allows. `diagnostics()` says why each endorsement was refused, naming the
+    refusing policies' publisher rules (their names, fwid patterns, minimum svn, trust expiry):
+    for the operator. `public` holds only the requester's own facts (docs/security.md RT-3)."""
+
+    def __init__(self, why: str, public: str) -> None:
+        super().__init__(why)
+        self.public = public
+
+
 class UnknownTenant(FirmgateError):
     """No usable policy for this tenant (no file, or it never passed the check)."""
 
@@ -319,9 +329,12 @@ class PolicyStore:
                     admitted = True
             if not accepted:
                 why = f"firmware sha384 {digest[:16]}... is not allowed by any tenant's policy"
+                # The same words whoever trusts which publisher: only what the requester sent.
+                public = why + ("; no endorsement it came with admits it (the reasons are in the operator's "
+                                "audit log)" if ends else "; it came with no endorsement")
                 if refusals:
                     why += "; " + "; ".join(dict.fromkeys(refusals))
-                raise FirmwareError(why)
+                raise FirmwareNotAdmitted(why, public)
             if admitted and digest not in self._endorsed and len(self._endorsed) < MAX_UPLOADED:
                 self._endorsed[digest] = (payload, ends)
             elif not admitted and digest not in self._uploaded and len(self._uploaded) < MAX_UPLOADED:
@@ -333,8 +346,20 @@ class PolicyStore:
         firmware arrives, if some tenant trusts its signer. Returns its id; EndorsementRefused otherwise."""
         from ..endorse.admit import EndorsementRefused, verify_with
         with self._lock:
-            publishers = [p for lp in self._loaded.values() for p in lp.policy.publishers]
-            _, signed = verify_with(data, publishers)
+            # Each tenant's publishers on their own: in one merged list the first rule with the signer's
+            # kid would decide, and another tenant's rule for the same key (say, pinned by fingerprint
+            # where this one has the key file) could refuse what the uploader's policy trusts (RT-4).
+            signed, refused = None, None
+            for lp in self._loaded.values():
+                if not lp.policy.publishers:
+                    continue
+                try:
+                    _, signed = verify_with(data, lp.policy.publishers)
+                    break
+                except EndorsementRefused as exc:
+                    refused = refused or exc
+            if signed is None:
+                raise refused or EndorsementRefused("no tenant's policy trusts a firmware publisher")
             e = signed.endorsement
             waiting = self._endorsements.setdefault(e.sha384, [])
             if data not in waiting:
