@@ -32,3 +32,35 @@ def test_rt2_git_ignored_policy_edit_changes_the_policy_id(tmp_path: Path, ignor
     after = store.get("acme")
     assert after.digest != before.digest
     assert after.policy_id != before.policy_id
+
+
+def _endorsement_without_key(key: object, sha384: str) -> bytes:
+    """Signed like `sign_endorsement`, without the optional `firmgate-spki` header (another tool's form)."""
+    from cbor2 import CBORTag, dumps
+
+    from tests.endorse_helpers import endorsement
+    from verifier.endorse import corim
+    e = endorsement(sha384, eid="rt4-fix")
+    meta = {0: {0: e.publisher}, 1: corim._validity(e.not_before, e.not_after)}
+    protected = {corim.HDR_CONTENT_TYPE: corim.CONTENT_TYPE, corim.HDR_CORIM_META: dumps(meta)}
+    return corim.sign1(key, protected, dumps(CBORTag(corim.TAG_CORIM, corim.corim_map(e))))  # type: ignore[arg-type]
+
+
+def test_rt4_another_tenants_rule_for_the_same_key_does_not_refuse_an_endorsement(tmp_path: Path) -> None:
+    """aaa pins the publisher's key by fingerprint, zeta has its key file. An endorsement that does not
+    carry the key verifies only with the file: zeta's upload must be kept, not refused by aaa's rule."""
+    from tests.endorse_helpers import new_key, pem_public
+    from verifier.endorse.cose import key_id
+    key = new_key()
+    (tmp_path / "pub.pem").write_bytes(pem_public(key))
+    secret = '[[secrets]]\npath = "{t}/key/disk"\nunsafe_unbound = true\n'
+    shape = '[[shapes]]\nvcpus = [1]\nvcpu_types = ["EPYC-v4"]\n[platform]\nallow_simulated_platform = true\n'
+    for tenant, ref in (("aaa", f'key_sha256 = "{key_id(key.public_key()).hex()}"'), ("zeta", 'key = "pub.pem"')):
+        (tmp_path / f"{tenant}.toml").write_text(
+            f'version = 1\n[firmware]\n[[firmware.publishers]]\nname = "{tenant}-secret-name"\n{ref}\n'
+            f'fwid = "edk2-*"\nenforces_boot_chain = "the tests say so"\n{shape}' + secret.format(t=tenant))
+    store = PolicyStore(tmp_path, min_interval=0)
+    assert sorted(store.tenants()) == ["aaa", "zeta"], [e.diagnostics() for t in ("aaa", "zeta")
+                                                         for e in store.last_errors(t)]
+    blob = _endorsement_without_key(key, "ab" * 48)
+    assert store.add_endorsement(blob) == "rt4-fix"
