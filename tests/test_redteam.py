@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 from test_policy_store import FW_V2, bump, fw_entry, git, policy_text
 
 from verifier.appraise.store import PolicyStore
@@ -34,16 +35,17 @@ def test_rt2_git_ignored_policy_edit_changes_the_policy_id(tmp_path: Path, ignor
     assert after.policy_id != before.policy_id
 
 
-def _endorsement_without_key(key: object, sha384: str) -> bytes:
+def _endorsement_without_key(key: ec.EllipticCurvePrivateKey, sha384: str) -> bytes:
     """Signed like `sign_endorsement`, without the optional `firmgate-spki` header (another tool's form)."""
     from cbor2 import CBORTag, dumps
 
     from tests.endorse_helpers import endorsement
     from verifier.endorse import corim
+    from verifier.endorse.cose import HDR_CONTENT_TYPE, sign1
     e = endorsement(sha384, eid="rt4-fix")
     meta = {0: {0: e.publisher}, 1: corim._validity(e.not_before, e.not_after)}
-    protected = {corim.HDR_CONTENT_TYPE: corim.CONTENT_TYPE, corim.HDR_CORIM_META: dumps(meta)}
-    return corim.sign1(key, protected, dumps(CBORTag(corim.TAG_CORIM, corim.corim_map(e))))  # type: ignore[arg-type]
+    protected = {HDR_CONTENT_TYPE: corim.CONTENT_TYPE, corim.HDR_CORIM_META: dumps(meta)}
+    return sign1(key, protected, dumps(CBORTag(corim.TAG_CORIM, corim.corim_map(e))))
 
 
 def test_rt4_another_tenants_rule_for_the_same_key_does_not_refuse_an_endorsement(tmp_path: Path) -> None:
