@@ -2,6 +2,7 @@
 owner-binding, endorsement, console and metrics work, each kept as a test of its fix."""
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -66,3 +67,46 @@ def test_rt4_another_tenants_rule_for_the_same_key_does_not_refuse_an_endorsemen
                                                          for e in store.last_errors(t)]
     blob = _endorsement_without_key(key, "ab" * 48)
     assert store.add_endorsement(blob) == "rt4-fix"
+
+
+@pytest.mark.parametrize("in_git", [True, False])
+def test_rt5_a_new_revocation_list_takes_effect_without_a_policy_edit(tmp_path: Path, firmware_dir: Path,
+                                                                      in_git: bool) -> None:
+    """The publisher revokes a build; the owner commits the new signed list beside the key, as
+    docs/endorsements.md says, leaving <tenant>.toml alone. The build must stop being admitted (a
+    release re-checks the admission with `recheck`), in a git tree and outside one."""
+    from test_endorse_policy import FW, policy_text, publisher
+
+    from tests.endorse_helpers import new_key, pem_public, signed
+    from verifier.endorse.admit import recheck
+    from verifier.endorse.corim import Revocations, sign_revocations
+    d = tmp_path / "policies"
+    d.mkdir()
+    key = new_key()
+    (d / "acme.pem").write_bytes(pem_public(key))
+    rev = d / "acme.revoked"
+    rev.write_bytes(sign_revocations(Revocations("acme", 1, frozenset(), frozenset()), key))
+    (d / "acme.toml").write_text(policy_text(publisher(extra='revocations = "acme.revoked"\n'
+                                                       'enforces_boot_chain = "the tests say so"\n')))
+    if in_git:
+        git(d, "init", "-q", "-b", "main")
+        git(d, "add", "-A")
+        git(d, "commit", "-q", "-m", "trust acme's publisher")
+    store = PolicyStore(d, min_interval=0)
+    image = (firmware_dir / FW).read_bytes()
+    digest = hashlib.sha384(image).hexdigest()
+    assert store.add_firmware(image, endorsements=(signed(key, digest, eid="acme-fix-3"),)) == ["acme"]
+    before = store.get("acme")
+    admitted = before.table.endorsed(digest)
+    assert admitted is not None and recheck(before.policy.publishers, admitted[1]) is None
+    rev.write_bytes(sign_revocations(Revocations("acme", 2, frozenset({"acme-fix-3"}), frozenset()), key))
+    bump(rev)
+    if in_git:
+        git(d, "commit", "-q", "-am", "acme revoked acme-fix-3")
+    after = store.get("acme")
+    # In git the verdicts name the new commit; outside git the id follows <tenant>.toml only, and a
+    # cached verdict's release re-checks the admission under the reloaded publishers.
+    assert (after.policy_id != before.policy_id) == in_git
+    still = after.table.endorsed(digest)
+    why = "not admitted" if still is None else recheck(after.policy.publishers, still[1])
+    assert why is not None, "a revoked build is still admitted"

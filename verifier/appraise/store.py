@@ -32,6 +32,7 @@ log = logging.getLogger("firmgate.policy")
 
 GIT_TIMEOUT_S = 10
 MAX_UPLOADED = 64          # firmware images (bytes) the store keeps for "uploaded" entries
+MAX_TREE_FILES = 4096      # files of the policy tree watched for changes (RT-5)
 MAX_ENDORSEMENTS = 256     # endorsements kept that arrived before their firmware (admin upload)
 
 
@@ -147,6 +148,7 @@ class PolicyStore:
         self._errors: dict[str, list[PolicyFileError]] = {}
         self._seen: dict[str, tuple[int, int, int] | None] = {}   # tenant -> stat key of the file last read
         self._head_seen: tuple[int, int, int] | None = None
+        self._tree_seen: frozenset[tuple[str, tuple[int, int, int] | None]] | None = None
         self._gitdir: Path | None = None
         self._gitdir_checked = False
         self._checked_at = 0.0
@@ -201,6 +203,22 @@ class PolicyStore:
             return None
         return _stat_key(gd / "logs" / "HEAD") or _stat_key(gd / "HEAD")
 
+    def _tree_key(self) -> frozenset[tuple[str, tuple[int, int, int] | None]]:
+        """Stat keys of the files a policy may reference (publisher keys, revocation lists, firmware
+        bytes): every file of the tree but the top-level *.toml, hidden directories left out. They are
+        read at load, so a change to one must reload the policies (RT-5). Bounded: a tree of more
+        files than that is watched through its first MAX_TREE_FILES."""
+        out: list[tuple[str, tuple[int, int, int] | None]] = []
+        for top, dirs, names in os.walk(self.directory):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for n in sorted(names):
+                if top == str(self.directory) and n.endswith(".toml"):
+                    continue
+                out.append((os.path.join(top, n), _stat_key(Path(top, n))))
+                if len(out) >= MAX_TREE_FILES:
+                    return frozenset(out)
+        return frozenset(out)
+
     def refresh(self, *, force: bool = False) -> bool:
         """Pick up changed, new and deleted policy files. Returns True if anything was (re)considered.
 
@@ -217,11 +235,17 @@ class PolicyStore:
             keys = {t: _stat_key(p) for t, p in files.items()}
             head_key = self._head_key()
             head_moved = head_key != self._head_seen
+            tree_key = self._tree_key()
             changed = [t for t in files if keys[t] != self._seen.get(t, ())]
+            if head_moved or tree_key != self._tree_seen:
+                # A new commit, or a referenced file changed (say, the publisher's new revocation list
+                # next to an unchanged <tenant>.toml): parse every policy again, not just relabel it (RT-5).
+                changed = list(files)
             removed = [t for t in list(self._loaded) + list(self._errors) if t not in files]
             if not changed and not removed and not head_moved:
                 return False
             self._head_seen = head_key
+            self._tree_seen = tree_key
             for t in set(removed):
                 self._loaded.pop(t, None)
                 self._errors.pop(t, None)
