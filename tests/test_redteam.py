@@ -110,3 +110,32 @@ def test_rt5_a_new_revocation_list_takes_effect_without_a_policy_edit(tmp_path: 
     still = after.table.endorsed(digest)
     why = "not admitted" if still is None else recheck(after.policy.publishers, still[1])
     assert why is not None, "a revoked build is still admitted"
+
+
+def test_rt6_a_fifo_given_as_a_file_is_refused_at_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`firmgate idblock verify`, `endorse verify --key` (and every reader through read_bounded), and the
+    ID-block set `host-install listen` reads for an install: a FIFO blocked the open for ever."""
+    import os
+    import threading
+
+    from verifier.cli import main
+    from verifier.idblock import IdBlockFormatError
+    from verifier.idblockset import load_set
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    (tmp_path / "e.cose").write_bytes(b"\xd2\x84\x40\xa0\x40\x40")
+    results: list[object] = []
+
+    def run() -> None:
+        results.append(main(["idblock", "verify", str(fifo)]))
+        results.append(main(["endorse", "verify", "--key", str(fifo), str(tmp_path / "e.cose")]))
+        try:
+            load_set(fifo)
+        except IdBlockFormatError as exc:
+            results.append(exc.diagnostics())
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(10)
+    assert not t.is_alive(), "a FIFO blocked the reader"
+    assert results[:2] == [2, 2] and "not a regular file" in str(results[2]), results
+    assert "not a regular file" in capsys.readouterr().err
