@@ -100,7 +100,8 @@ path = "acme/key/disk"
 unsafe_unbound = true   # this test is about admission; release binding has its own tests
 ''')
         # A second tenant with the same build and shape that trusts no publisher.
-        (pol / "beta.toml").write_text(listed + shape_platform)
+        (pol / "beta.toml").write_text(listed + shape_platform
+                                       + '[[secrets]]\npath = "beta/key/disk"\nunsafe_unbound = true\n')
         (root / "ark.pem").write_bytes(self.platform.root_pem())
         mkey = root / "master.key"
         mkey.write_text(os.urandom(32).hex())
@@ -111,9 +112,9 @@ unsafe_unbound = true   # this test is about admission; release binding has its 
         code, out = _cli(["tenant", "add", "beta", "--db", db, "--master-key-file", str(mkey)])
         assert code == 0, out
         self.beta_token = next(w for w in out.split() if w.startswith("fgt_"))
-        code, out = _cli(["secret", "put", "acme/key/disk", "--value", SECRET.decode(), "--db", db,
-                          "--master-key-file", str(mkey)])
-        assert code == 0, out
+        for path, value in (("acme/key/disk", SECRET.decode()), ("beta/key/disk", "beta disk key")):
+            code, out = _cli(["secret", "put", path, "--value", value, "--db", db, "--master-key-file", str(mkey)])
+            assert code == 0, out
         self.config = {"POLICIES_DIR": str(pol), "DATABASE_URL": db, "TRUST_ROOT_PEM": str(root / "ark.pem"),
                        "MASTER_KEY_FILE": str(mkey)}
         self.broker = LoopbackBroker(self.config)
@@ -123,13 +124,13 @@ unsafe_unbound = true   # this test is about admission; release binding has its 
             install(vm, self.addons[k], launch=False)   # host-install ignores the .corim section
             self.hosts[k] = SimSnpHost(vm, self.platform)
 
-    def fetch(self, which: str, *, addon: bool = True, endorsement: bytes | None = None, url: str | None = None
-              ) -> bytes:
+    def fetch(self, which: str, *, addon: bool = True, endorsement: bytes | None = None, url: str | None = None,
+              resource: str = "acme/key/disk") -> bytes:
         key = TeeKey.generate()
         s = KbsSession(url or self.broker.url)
         host = self.hosts[which if which in self.hosts else "bad"]
         attest(s, TsmSource(host.tsm()), key, addon=self.addons[which] if addon else None, endorsement=endorsement)
-        return fetch_resource(s, "acme/key/disk", key)
+        return fetch_resource(s, resource, key)
 
     def admin(self, path: str, body: bytes, token: str | None = None) -> tuple[int, dict[str, Any]]:
         req = urllib.request.Request(f"{self.broker.url}/admin/v0{path}", data=body, method="POST",
@@ -231,6 +232,25 @@ def test_rt3_refusals_name_no_tenants_publisher_rules(world: World) -> None:
     finally:
         engine.dispose()
     assert len(beta) >= 2 and not any("acme-firmware" in r or "minimum" in r for r in beta), beta
+
+
+def test_a_build_admitted_for_one_tenant_is_not_admitted_for_another(world: World) -> None:
+    """acme's publisher endorsed "fix"; beta lists the stock build only and trusts no publisher. The
+    same VM gets acme's secret and not beta's, and beta's owner reads why in its own audit."""
+    assert world.fetch("fix") == SECRET
+    assert world.fetch("listed", resource="beta/key/disk") == b"beta disk key"
+    with pytest.raises(BrokerDenied) as ei:
+        world.fetch("fix", resource="beta/key/disk")
+    assert ei.value.variant == "PolicyDeny" and ei.value.detail.startswith("not allowed for this resource")
+    status, body = _get(world, "/audit?limit=1000", world.beta_token)
+    denials = [r["reason"] for r in body["records"] if r["event"] == "deny" and r["resource"] == "beta/key/disk"]
+    assert status == 200 and denials and "firmware.measurement" in denials[-1], denials
+
+
+def _get(w: World, path: str, token: str) -> tuple[int, dict[str, Any]]:
+    req = urllib.request.Request(f"{w.broker.url}/admin/v0{path}", headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return resp.status, json.loads(resp.read())
 
 
 def test_endorsement_uploaded_through_the_admin_api(world: World) -> None:
