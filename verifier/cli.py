@@ -30,7 +30,7 @@ class _Parser(argparse.ArgumentParser):
 # commands come from entry points; one this table does not name is listed under "other".
 ROLES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("relying party: verify evidence", ("verify", "report")),
-    ("owner: firmware and policy", ("addon", "measure", "igvm-from-ovmf", "idblock", "policy")),
+    ("owner: firmware and policy", ("addon", "measure", "igvm-from-ovmf", "idblock", "endorse", "policy")),
     ("broker operator", ("serve", "tenant", "secret")),
     ("host operator (also the `host-install` command)", ("host-install",)),
     ("guest (inside the VM)", ("guest",)),
