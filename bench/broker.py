@@ -330,7 +330,7 @@ def server_profile(folder: Path, top: int, clock: str) -> str:
         return "no server profile was written (the workers did not exit cleanly)"
     text = io.StringIO()
     stats = pstats.Stats(*files, stream=text)
-    stats.strip_dirs().sort_stats("tottime").print_stats(top)
+    stats.strip_dirs().sort_stats(os.environ.get("FIRMGATE_BENCH_PROFILE_SORT", "tottime")).print_stats(top)
     return (f"\nbroker server profile ({len(files)} workers, warm-up included, {clock} time), by own time:\n"
             + text.getvalue())
 

@@ -272,14 +272,14 @@ def _bearer() -> str | None:
     return h[7:].strip() if h[:7].lower() == "bearer " else None
 
 
-def _attested_session(db: Db, st: BrokerState, tenant: str,
-                      policy_id: str) -> tuple[nonces.AttestedSession, dict[str, Any]]:
+def _attested_session(db: Db, st: BrokerState, tenant: str, policy_id: str,
+                      path: str) -> tuple[nonces.AttestedSession, dict[str, Any]]:
     """The session this request proves (cookie first, then Bearer token, as Trustee) and its tee-pubkey;
-    loaded with its cached verdict for `tenant` under `policy_id`, if any."""
+    loaded with its cached verdict for `tenant` under `policy_id`, if any, and the sealed `path`."""
     t = now_ms()
     sid = _cookie_session_id()
     if sid is not None:
-        row = nonces.load(db, sid, tenant, policy_id)
+        row = nonces.load(db, sid, tenant, policy_id, path)
         if row is not None and row.state == "attested" and row.expires_at > t and row.tee_pubkey_json:
             return row, orjson.loads(row.tee_pubkey_json)
         if _bearer() is None:
@@ -292,7 +292,7 @@ def _attested_session(db: Db, st: BrokerState, tenant: str,
     except TokenError as exc:
         raise ApiError("TokenVerifierError", exc.diagnostics()) from None
     jwk = tee_pubkey_from_claims(claims)
-    row = nonces.load(db, claims["jti"], tenant, policy_id)
+    row = nonces.load(db, claims["jti"], tenant, policy_id, path)
     if row is None or row.state != "attested" or jwk is None:
         raise ApiError("TokenVerifierError", "the token's session is unknown or was purged; attest again")
     return row, jwk
@@ -337,7 +337,7 @@ def resource(repo: str, rtype: str, tag: str) -> Response:
     tenant = repo
     policy_id = st.appraiser.policy_id(tenant) if st.appraiser is not None else None
     try:
-        row, jwk = _attested_session(db, st, tenant, policy_id or "")
+        row, jwk = _attested_session(db, st, tenant, policy_id or "", path)
     except ApiError as err:
         raise _deny(db, err.variant, err.detail, event="deny", resource=path, tenant=None) from None
     verdict: Verdict | None = None
@@ -363,7 +363,8 @@ def resource(repo: str, rtype: str, tag: str) -> Response:
                     measurement=row.measurement)
         err.detail = decision.public
         raise err
-    value = vault.get_secret(db, st.box, tenant, vault.ResourcePath(repo, rtype, tag))
+    value = vault.open_secret(st.box, tenant, vault.ResourcePath(repo, rtype, tag), row.secret_nonce,
+                              row.secret_ciphertext)
     if value is None:
         # Trustee answers a missing resource with 401 PluginInternalError; the guest was allowed it.
         raise _deny(db, "PluginInternalError", f"resource {path} has no value stored", event="deny",

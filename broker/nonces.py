@@ -21,7 +21,7 @@ from sqlalchemy import and_, bindparam, delete, insert, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session as OrmSession
 
-from .db import AuditRecord, Session, SessionVerdict, now_ms
+from .db import AuditRecord, Secret, Session, SessionVerdict, now_ms
 
 Db = Union[Connection, OrmSession]
 
@@ -30,6 +30,7 @@ GRACE_MS = 3600 * 1000
 
 _S = Session.__table__
 _V = SessionVerdict.__table__
+_SEC = Secret.__table__
 
 # The per-handshake statements, built once (SQLAlchemy then only looks up their compiled form).
 _INSERT_SESSION = insert(_S)
@@ -38,11 +39,15 @@ _CONSUME = (update(_S).where(_S.c.id == bindparam("sid"), _S.c.state == "new", _
 _WHY_NOT = select(_S.c.state, _S.c.tenant_hint).where(_S.c.id == bindparam("sid"))
 _SET_STATE = update(_S).where(_S.c.id == bindparam("sid"))
 _INSERT_VERDICTS = insert(_V)
-# A session and, in the same statement, its verdict for one tenant under one policy version.
+# A session and, in the same statement, its verdict for one tenant under one policy version and
+# the sealed value of the resource asked for (one round trip per /resource instead of two; the
+# value is opened only once the release is decided).
 _LOAD = (select(_S.c.id, _S.c.state, _S.c.expires_at, _S.c.tee_pubkey_json, _S.c.measurement,
-                _S.c.expected_report_data, _S.c.expected_host_data, _V.c.verdict_json)
+                _S.c.expected_report_data, _S.c.expected_host_data, _V.c.verdict_json,
+                _SEC.c.nonce, _SEC.c.ciphertext)
          .select_from(_S.outerjoin(_V, and_(_V.c.session_id == _S.c.id, _V.c.tenant == bindparam("tenant"),
-                                            _V.c.policy_id == bindparam("policy_id"))))
+                                            _V.c.policy_id == bindparam("policy_id")))
+                      .outerjoin(_SEC, and_(_SEC.c.tenant == bindparam("tenant"), _SEC.c.path == bindparam("path"))))
          .where(_S.c.id == bindparam("sid")))
 
 
@@ -77,6 +82,8 @@ class AttestedSession:
     expected_report_data: str | None
     expected_host_data: str | None
     verdict_json: str | None = None
+    secret_nonce: bytes | None = None       # the sealed resource value asked for, if `load` was given a path
+    secret_ciphertext: bytes | None = None
 
 
 def new_session(db: Db, tee: str, ttl_s: int, tenant_hint: str | None, commit: bool = True) -> NewSession:
@@ -116,9 +123,10 @@ def mark_attested(db: Db, session_id: str, values: dict[str, Any]) -> None:
     db.execute(_SET_STATE, {"sid": session_id, "state": "attested", **values})
 
 
-def load(db: Db, session_id: str, tenant: str = "", policy_id: str = "") -> AttestedSession | None:
-    """The session, with its verdict for `tenant` under `policy_id` when one is cached."""
-    row = db.execute(_LOAD, {"sid": session_id, "tenant": tenant, "policy_id": policy_id}).first()
+def load(db: Db, session_id: str, tenant: str = "", policy_id: str = "", path: str = "") -> AttestedSession | None:
+    """The session, with its verdict for `tenant` under `policy_id` when one is cached, and the
+    sealed value of `tenant`'s resource `path` when there is one."""
+    row = db.execute(_LOAD, {"sid": session_id, "tenant": tenant, "policy_id": policy_id, "path": path}).first()
     if row is None:
         return None
     return AttestedSession(*row)

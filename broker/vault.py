@@ -116,6 +116,14 @@ def get_secret(db: Connection | OrmSession, box: SecretBox, tenant: str, path: R
     return None if row is None else box.open(tenant, str(path), row.nonce, row.ciphertext)
 
 
+def open_secret(box: SecretBox, tenant: str, path: ResourcePath, nonce: bytes | None,
+                ciphertext: bytes | None) -> bytes | None:
+    """A sealed value read along with something else (/resource reads it with the session); None if absent."""
+    if path.repo != tenant or nonce is None or ciphertext is None:
+        return None
+    return box.open(tenant, str(path), bytes(nonce), bytes(ciphertext))
+
+
 def list_secrets(orm: OrmSession, tenant: str) -> list[dict[str, object]]:
     rows = orm.execute(select(Secret).where(Secret.tenant == tenant).order_by(Secret.path)).scalars()
     return [{"path": r.path, "size": len(r.ciphertext) - 16, "updated_at_ms": r.updated_at} for r in rows]
