@@ -1,0 +1,92 @@
+"""broker.hotsql: the handshake statements run on the driver's cursor behave as Connection.execute does.
+
+Real SQLite and (when FIRMGATE_TEST_PG_URL is set) real PostgreSQL: same rows, same
+transaction boundaries, and driver errors surface as SQLAlchemy's exception classes
+(the broker's error handlers and its IntegrityError handling depend on that).
+"""
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session as OrmSession
+
+from broker import audit, nonces
+from broker.db import AuditRecord, SessionVerdict, make_engine, migrate
+from broker.hotsql import Hot, run
+from tests.test_broker_support import DbSpec, db  # noqa: F401 - the fixture
+
+
+def _verdict_row(sid: str) -> dict[str, object]:
+    return {"session_id": sid, "tenant": "acme", "policy_id": "p1", "accepted": True, "verdict_json": "{}",
+            "created_at": 1}
+
+
+def test_session_lifecycle_and_rollback(db: DbSpec) -> None:  # noqa: F811 - the fixture
+    engine = make_engine(db.url)
+    migrate(engine)
+    try:
+        with engine.connect() as conn:
+            new = nonces.new_session(conn, "snp", 60, "acme")
+            won = nonces.consume(conn, new.id)
+            assert won.ok and won.nonce == new.nonce and won.tenant_hint == "acme"
+            again = nonces.consume(conn, new.id)
+            assert not again.ok and "replay" in again.reason and again.tenant_hint == "acme"
+            assert "unknown session" in nonces.consume(conn, "0" * 32).reason
+            # Written, then rolled back: neither the state nor the verdict may stay.
+            nonces.mark_attested(conn, new.id, {"measurement": "ab" * 48, "tee_pubkey_json": "{}"})
+            nonces.add_verdicts(conn, [_verdict_row(new.id)])
+            conn.rollback()
+            row = nonces.load(conn, new.id, "acme", "p1")
+            assert row is not None and row.state == "attesting" and row.verdict_json is None
+            nonces.mark_attested(conn, new.id, {"measurement": "ab" * 48, "tee_pubkey_json": "{}"})
+            nonces.add_verdicts(conn, [_verdict_row(new.id)])
+            audit.write(conn, [audit.row(event="attest", outcome="ok", reason="r", session_id=new.id)])
+        # A new connection sees what was committed.
+        with engine.connect() as conn:
+            row = nonces.load(conn, new.id, "acme", "p1")
+            assert row is not None and row.state == "attested" and row.verdict_json == "{}"
+            assert row.measurement == "ab" * 48 and row.secret_nonce is None
+            n = conn.execute(select(AuditRecord.id).where(AuditRecord.session_id == new.id)).all()
+            assert len(n) == 1
+            # The unique (session, tenant, policy) constraint: SQLAlchemy's IntegrityError, as before.
+            with pytest.raises(IntegrityError):
+                nonces.add_verdicts(conn, [_verdict_row(new.id)])
+            conn.rollback()
+            assert nonces.evidence_json(conn, new.id) is None
+            assert nonces.load(conn, "f" * 32) is None
+    finally:
+        engine.dispose()
+
+
+def test_orm_session_takes_the_ordinary_path(db: DbSpec) -> None:  # noqa: F811 - the fixture
+    engine = make_engine(db.url)
+    migrate(engine)
+    try:
+        with OrmSession(engine) as orm:
+            new = nonces.new_session(orm, "snp", 60, None)
+            assert nonces.consume(orm, new.id).ok
+            nonces.add_verdicts(orm, [_verdict_row(new.id)])
+            orm.commit()
+            got = orm.execute(select(SessionVerdict.tenant).where(SessionVerdict.session_id == new.id)).scalars()
+            assert list(got) == ["acme"]
+    finally:
+        engine.dispose()
+
+
+def test_expanding_parameters_are_refused() -> None:
+    from sqlalchemy.dialects import sqlite
+    hot = Hot(select(AuditRecord.id).where(AuditRecord.id.in_([1, 2])))
+    with pytest.raises(TypeError, match="expanding"):
+        hot.compiled(sqlite.dialect(), ())
+
+
+def test_empty_many_runs_nothing(tmp_path: object) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path}/x.db")
+    migrate(engine)
+    try:
+        with engine.connect() as conn:
+            assert run(conn, Hot(select(AuditRecord.id)), []) == []
+            assert not conn.in_transaction()
+    finally:
+        engine.dispose()
