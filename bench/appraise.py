@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -58,7 +59,7 @@ def main() -> None:
         d.mkdir()
         entries = ""
         for fid, path, svn in FIRMWARE:
-            (d / f"{fid}.fd").symlink_to(path)
+            shutil.copyfile(path, (d / f"{fid}.fd"))  # must live in the policy tree
             digest = hashlib.sha384(path.read_bytes()).hexdigest()
             entries += f'[[firmware.allowed]]\nid = "{fid}"\nsha384 = "{digest}"\nsvn = {svn}\nbytes = "{fid}.fd"\n'
         (d / "acme.toml").write_text(

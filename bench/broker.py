@@ -96,7 +96,7 @@ def setup(work: Path) -> tuple[dict[str, str], Any, bytes]:
     from verifier.appraise.store import PolicyStore
     pol = work / "policies"
     pol.mkdir()
-    (pol / "ovmf.fd").symlink_to(FIRMWARE)
+    shutil.copyfile(FIRMWARE, (pol / "ovmf.fd"))  # must live in the policy tree
     digest = hashlib.sha384(FIRMWARE.read_bytes()).hexdigest()
     (pol / "bench.toml").write_text(POLICY.format(digest=digest, secret=lg.SECRET_PATH))
     cache = work / "mcache"

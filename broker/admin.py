@@ -11,12 +11,12 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from verifier.errors import FirmgateError
+from verifier.errors import FirmgateError, FirmwareError
 
 from . import audit, vault
 from .errors import ApiError
 from .firmware_store import store_firmware
-from .limits import json_body, valid_name
+from .limits import json_body, legacy_name, valid_resource, valid_tenant
 from .state import get_orm, state
 
 bp = Blueprint("admin", __name__, url_prefix="/admin/v0")
@@ -64,8 +64,9 @@ def add_tenant() -> tuple[Response, int]:
         raise ApiError("Forbidden", "only the operator token may create tenants", 403)
     body = json_body("BadRequest", 400)
     name = body.get("name")
-    if not valid_name(name):
-        raise ApiError("BadRequest", "name must be 1-64 of [A-Za-z0-9._-]", 400)
+    if not valid_tenant(name):
+        raise ApiError("BadRequest", "name must be 1-63 of a-z 0-9 _ -, starting with a letter or digit "
+                       "(the policy file's rule)", 400)
     orm = get_orm()
     try:
         token = vault.add_tenant(orm, name)
@@ -75,8 +76,10 @@ def add_tenant() -> tuple[Response, int]:
     return jsonify({"tenant": name, "token": token}), 201
 
 
-def _path(repo: str, rtype: str, tag: str, tenant: str) -> vault.ResourcePath:
-    if not all(valid_name(p) for p in (repo, rtype, tag)) or repo != tenant:
+def _path(repo: str, rtype: str, tag: str, tenant: str, legacy: bool = False) -> vault.ResourcePath:
+    """The caller's resource path; `legacy`: also a name an older broker stored (removal only)."""
+    ok = valid_resource(repo, rtype, tag) or (legacy and all(legacy_name(p) for p in (repo, rtype, tag)))
+    if not ok or repo != tenant:
         raise ApiError("NotFound", "no such resource", 404)
     return vault.ResourcePath(repo, rtype, tag)
 
@@ -105,7 +108,7 @@ def list_secrets() -> Response:
 @bp.delete("/secrets/<repo>/<rtype>/<tag>")
 def rm_secret(repo: str, rtype: str, tag: str) -> Response:
     tenant = _tenant()
-    path = _path(repo, rtype, tag, tenant)
+    path = _path(repo, rtype, tag, tenant, legacy=True)
     orm = get_orm()
     if not vault.rm_secret(orm, tenant, path):
         raise ApiError("NotFound", "no such resource", 404)
@@ -121,8 +124,15 @@ def upload_firmware() -> tuple[Response, int]:
     if not blob:
         raise ApiError("BadRequest", "the request body (firmware image or UKI add-on) is empty", 400)
     orm = get_orm()
+    st = state()
     try:
-        digests = store_firmware(state(), orm, blob, source=f"tenant:{tenant}")
+        # The caller's own policy must list it: whether some other tenant does is not the caller's
+        # business, so "listed by someone else" and "listed by nobody" get the same answer.
+        if st.appraiser is not None and not st.appraiser.lists_firmware(tenant, blob):
+            digest = hashlib.sha384(blob).hexdigest()
+            raise FirmwareError(f"firmware in the upload (sha384 of the upload {digest[:16]}...) is not allowed "
+                                "by your policy: list its image's sha384 in your policy first")
+        digests = store_firmware(st, orm, blob, source=f"tenant:{tenant}")
     except FirmgateError as exc:
         audit.record(orm, event="admin", outcome="denied", reason=f"firmware upload refused: {exc.diagnostics()}",
                      tenant=tenant)

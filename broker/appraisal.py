@@ -65,6 +65,10 @@ class Appraiser(Protocol):
         """Make firmware bytes (a UKI add-on or an image) available to appraisal; returns the
         sha384 digests of the firmware images taken. Raises FirmwareError when no policy allows them."""
 
+    def lists_firmware(self, tenant: str, data: bytes) -> bool:
+        """Whether `tenant`'s own policy allows (lists, not revoked) the firmware in `data`; raises
+        FirmwareError for bytes that hold no firmware. Other tenants' policies play no part."""
+
 
 class VerifierAppraiser:
     """The real verifier, with the tenants' policies from a directory (re-read when they change)."""
@@ -145,6 +149,13 @@ class VerifierAppraiser:
             return False, "no policy"
         ok, why = release_allowed(loaded, verdict, resource_path)
         return bool(ok), str(why)
+
+    def lists_firmware(self, tenant: str, data: bytes) -> bool:
+        from verifier.appraise.reference import extract_firmware
+        payload = extract_firmware(data)  # FirmwareError for something that is no firmware
+        self._store.refresh()  # the owner may have just listed it
+        loaded = self._loaded(tenant)
+        return loaded is not None and bool(loaded.allows_firmware_digest(hashlib.sha384(payload).hexdigest()))
 
     def add_firmware(self, data: bytes) -> list[str]:
         from verifier.appraise.reference import extract_firmware

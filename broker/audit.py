@@ -5,8 +5,7 @@ import json
 from typing import Any
 
 import orjson
-
-from sqlalchemy import insert, select
+from sqlalchemy import and_, insert, or_, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session as OrmSession
 
@@ -48,9 +47,29 @@ def row(*, event: str, outcome: str, reason: str, tenant: str | None = None, ses
             verdict_text = verdict_text or verdict_json(verdict)
         else:
             verdict_text = verdict_text or json.dumps(verdict, default=str)
+    if tenant is None and outcome == "denied":
+        reason = untrusted_text(reason)  # a refusal before anything verified may echo the caller's words
     return {"at": now_ms(), "tenant": tenant, "event": event, "session_id": session_id, "resource": resource,
             "firmware_id": firmware_id, "measurement": measurement, "outcome": outcome,
             "reason": reason[:4000], "verdict_json": verdict_text}
+
+
+UNTRUSTED_REASON_CHARS = 240
+
+
+def untrusted_text(text: str, limit: int = UNTRUSTED_REASON_CHARS) -> str:
+    """A reason that may quote what an unauthenticated caller sent: non-printable and non-ASCII
+    characters escaped (no forged lines, no look-alike text), cut to `limit` characters."""
+    head = json.dumps(text[:limit])[1:-1]  # \n, \u202e, \" ...: what it is, not what it renders as
+    if len(head) > limit or len(text) > limit:
+        return head[:limit] + f" [cut; {len(text)} characters]"
+    return head
+
+
+def short_retention(table: Any) -> Any:
+    """The rows kept only for the short retention (AUTH_AUDIT_RETENTION_HOURS): challenges, and
+    operator-only denials (refused before anything was verified: no tenant's business)."""
+    return or_(table.c.event == "auth", and_(table.c.tenant.is_(None), table.c.outcome == "denied"))
 
 
 def write(db: Connection | OrmSession, rows: list[dict[str, Any]], commit: bool = True) -> None:

@@ -17,19 +17,21 @@ from verifier.errors import UsageError
 
 def _db_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--db", metavar="URL", default=os.environ.get("FIRMGATE_DB"),
-                   help="SQLAlchemy URL (default: sqlite file instance/firmgate.db, or FIRMGATE_DB)")
+                   help="SQLAlchemy URL (default: FIRMGATE_DB, else the SQLite file firmgate.db in the state "
+                        "directory: FIRMGATE_STATE_DIR, else $XDG_STATE_HOME/firmgate, else "
+                        "~/.local/state/firmgate; the master key defaults to master.key there)")
     p.add_argument("--master-key-file", metavar="F", default=os.environ.get("FIRMGATE_MASTER_KEY_FILE"),
                    help="32-byte master key file (or FIRMGATE_MASTER_KEY)")
 
 
-def _instance() -> Path:
+def _state_dir() -> Path:
     # The same folder `create_app` uses for its default database and master key.
-    from flask import Flask
-    return Path(Flask("broker", instance_relative_config=True).instance_path)
+    from .config import default_state_dir, make_state_dir
+    return make_state_dir(default_state_dir())
 
 
 def _default_db() -> str:
-    return "sqlite:///" + str(_instance() / "firmgate.db")
+    return "sqlite:///" + str(_state_dir() / "firmgate.db")
 
 
 def _orm(args: argparse.Namespace) -> Any:
@@ -41,13 +43,22 @@ def _orm(args: argparse.Namespace) -> Any:
     return sessionmaker(engine, expire_on_commit=False)()
 
 
-def _box(args: argparse.Namespace) -> Any:
-    from .secretbox import SecretBox, load_master_key
+def _box(args: argparse.Namespace, orm: Any) -> Any:
+    """The master key's box, checked against what the database holds sealed (as `serve` does):
+    a wrong key is refused before it seals a value no broker can open, or removes a live one."""
+    from . import vault
+    from .secretbox import SecretBox, SecretDecryptError, load_master_key
     path = args.master_key_file
     if not path and not os.environ.get("FIRMGATE_MASTER_KEY") and not args.db:
-        default = _instance() / "master.key"  # what `firmgate serve` creates by default
+        default = _state_dir() / "master.key"  # what `firmgate serve` creates by default
         path = str(default) if default.is_file() else None
-    return SecretBox(load_master_key(path))
+    box = SecretBox(load_master_key(path))
+    try:
+        vault.check_master_key(orm, box)
+    except SecretDecryptError:
+        raise UsageError("the master key does not open this database's sealed data (wrong --master-key-file "
+                         "or FIRMGATE_MASTER_KEY?); nothing was changed") from None
+    return box
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -103,9 +114,10 @@ def cmd_secret_put(args: argparse.Namespace) -> int:
     if not value:
         raise UsageError("empty secret value")
     orm = _orm(args)
+    box = _box(args, orm)
     if not vault.tenant_exists(orm, path.repo):
         raise UsageError(f"no tenant {path.repo}: run `firmgate tenant add {path.repo}` first")
-    replaced = vault.put_secret(orm, _box(args), path.repo, path, value)
+    replaced = vault.put_secret(orm, box, path.repo, path, value)
     audit.record(orm, event="admin", outcome="ok", reason="secret stored (cli)", tenant=path.repo,
                  resource=str(path))
     print(f"{'replaced' if replaced else 'stored'} {path}")
@@ -127,8 +139,11 @@ def cmd_secret_list(args: argparse.Namespace) -> int:
 
 def cmd_secret_rm(args: argparse.Namespace) -> int:
     from . import audit, vault
-    path = vault.ResourcePath.parse(args.path)
+    path = vault.ResourcePath.parse(args.path, legacy=True)  # an older broker's name can still be removed
     orm = _orm(args)
+    if not any(r["path"] == str(path) for r in vault.list_secrets(orm, path.repo)):
+        raise UsageError(f"no secret {path}")
+    _box(args, orm)  # the operator must hold the key of what they remove
     if not vault.rm_secret(orm, path.repo, path):
         raise UsageError(f"no secret {path}")
     audit.record(orm, event="admin", outcome="ok", reason="secret removed (cli)", tenant=path.repo,

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Mapping
 
 DEFAULTS: dict[str, Any] = {
-    "DATABASE_URL": None,            # None: sqlite file firmgate.db in the instance folder
+    "DATABASE_URL": None,            # None: sqlite file firmgate.db in STATE_DIR
+    "STATE_DIR": None,               # None: default_state_dir(); holds the default database and master key
     "POLICIES_DIR": "policies",
     "TRUST_ROOT_PEM": None,          # a simulated platform's root; trusted only when set
     "MEASURE_CACHE": None,           # directory for the reference-measurement cache; None: no cache
@@ -17,7 +19,7 @@ DEFAULTS: dict[str, Any] = {
     "SESSION_TTL": 300,              # seconds a session (its nonce, its cookie) lives: Trustee's 5 min
     "TOKEN_TTL": 300,                # EAR token lifetime
     "AUDIT_RETENTION_DAYS": 90,      # audit rows are deleted after this many days ...
-    "AUTH_AUDIT_RETENTION_HOURS": 24,  # ... `auth` rows (one per challenge, no decision) after this
+    "AUTH_AUDIT_RETENTION_HOURS": 24,  # ... `auth` rows and operator-only denials (nothing verified) after this
     "MAX_CONTENT_LENGTH": 64 * 1024,  # every route, except the two below
     "ATTEST_MAX_BYTES": 16 * 1024 * 1024,  # evidence may carry a firmware add-on (OVMF is 2-4 MiB)
     "UPLOAD_MAX_BYTES": 16 * 1024 * 1024,  # firmware upload over the admin API
@@ -28,6 +30,7 @@ DEFAULTS: dict[str, Any] = {
 # Environment variable -> (key, converter)
 ENV: dict[str, tuple[str, Any]] = {
     "FIRMGATE_DB": ("DATABASE_URL", str),
+    "FIRMGATE_STATE_DIR": ("STATE_DIR", str),
     "FIRMGATE_POLICIES": ("POLICIES_DIR", str),
     "FIRMGATE_TRUST_ROOT": ("TRUST_ROOT_PEM", str),
     "FIRMGATE_MEASURE_CACHE": ("MEASURE_CACHE", str),
@@ -40,6 +43,25 @@ ENV: dict[str, tuple[str, Any]] = {
     "FIRMGATE_AUDIT_RETENTION_DAYS": ("AUDIT_RETENTION_DAYS", int),
     "FIRMGATE_AUTH_AUDIT_RETENTION_HOURS": ("AUTH_AUDIT_RETENTION_HOURS", int),
 }
+
+
+def default_state_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """Where the broker keeps its default SQLite file and master key: FIRMGATE_STATE_DIR, else
+    $XDG_STATE_HOME/firmgate, else ~/.local/state/firmgate (XDG Base Directory spec). Never the
+    source tree: a checkout is shared, copied and committed; the master key must not be."""
+    env = os.environ if environ is None else environ
+    if env.get("FIRMGATE_STATE_DIR"):
+        return Path(env["FIRMGATE_STATE_DIR"])
+    xdg = env.get("XDG_STATE_HOME")
+    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".local" / "state"  # spec: relative is invalid
+    return base / "firmgate"
+
+
+def make_state_dir(path: str | os.PathLike[str]) -> Path:
+    """Create the state directory (0700: it holds the master key) if it does not exist."""
+    p = Path(path)
+    p.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return p
 
 
 def from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:

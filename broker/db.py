@@ -6,6 +6,8 @@ one database. SQLite (a file) by default, PostgreSQL by URL.
 """
 from __future__ import annotations
 
+import logging
+import os
 import time
 from typing import Any, Callable
 
@@ -27,6 +29,8 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from verifier.errors import FirmgateError
+
+log = logging.getLogger(__name__)
 
 # Bump with every schema change and add a step to MIGRATIONS.
 SCHEMA_VERSION = 1
@@ -147,6 +151,23 @@ class KeyMaterial(Base):
     created_at: Mapped[int] = mapped_column(BigInteger)
 
 
+def _private_sqlite_file(database: str | None) -> None:
+    """Create a new SQLite file 0600 before SQLite does (it would use 0644 under the usual umask);
+    SQLite gives its -wal and -shm files the mode of the database file, so they are 0600 too."""
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    try:
+        fd = os.open(database, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        mode = os.stat(database).st_mode & 0o777
+        if mode & 0o077:
+            log.warning("%s is mode %o: others may read the broker's database (chmod 600 it)", database, mode)
+        return
+    except OSError:
+        return  # no such directory etc.: SQLite reports it when it connects
+    os.close(fd)
+
+
 def make_engine(url: str) -> Engine:
     """An engine for `url`; SQLite gets WAL and a busy timeout so replicas and threads can share it."""
     kwargs: dict[str, Any] = {"future": True}
@@ -156,6 +177,7 @@ def make_engine(url: str) -> Engine:
         kwargs.update(pool_pre_ping=True, pool_size=10, max_overflow=20)
     engine = create_engine(url, **kwargs)
     if engine.dialect.name == "sqlite":
+        _private_sqlite_file(engine.url.database)
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
             cur = dbapi_conn.cursor()

@@ -82,6 +82,11 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(FirmgateError)
     def _firmgate_error(err: FirmgateError) -> Response:
+        from .secretbox import SecretDecryptError
+        if isinstance(err, SecretDecryptError):  # the broker's own data, not the client's input
+            log.error("sealed data does not decrypt on %s %s: %s", request.method, request.path, err)
+            return _problem(ApiError("HTTPFailed" if _is_kbs() else "InternalError",
+                                     "internal error; see the broker log", 500))
         # Errors from the verifier that escaped a handler: the evidence or input was bad.
         return _problem(ApiError("AttestationError" if _is_kbs() else "BadInput", err.diagnostics(),
                                  401 if _is_kbs() else 400))

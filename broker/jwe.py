@@ -37,6 +37,7 @@ CURVES: dict[str, tuple[ec.EllipticCurve, int]] = {
     "P-384": (ec.SECP384R1(), 48),
     "P-521": (ec.SECP521R1(), 66),
 }
+_OAEP = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
 MIN_RSA_BITS = 2048
 MAX_RSA_BITS = 8192
 
@@ -95,10 +96,17 @@ def load_tee_pubkey(jwk: Any) -> ec.EllipticCurvePublicKey | rsa.RSAPublicKey:
             raise TeeKeyError(f"tee-pubkey RSA modulus must be {MIN_RSA_BITS}..{MAX_RSA_BITS} bits")
         if e < 3 or e % 2 == 0:
             raise TeeKeyError("tee-pubkey RSA exponent is invalid")
+        if n % 2 == 0:  # a product of two odd primes is odd; OpenSSL refuses to encrypt to an even one
+            raise TeeKeyError("tee-pubkey RSA modulus is even: not an RSA key")
         try:
-            return rsa.RSAPublicNumbers(e, n).public_key()
+            key = rsa.RSAPublicNumbers(e, n).public_key()
+            # One OAEP encryption now (a public-key operation: well under a millisecond at 4096 bits),
+            # so that whatever else OpenSSL would refuse is refused here, at /attest, with a reason,
+            # not as a failure at /resource (docs/security.md REVIEW-7).
+            key.encrypt(b"\0" * 32, _OAEP)
         except ValueError as exc:
-            raise TeeKeyError("tee-pubkey RSA key is invalid") from exc
+            raise TeeKeyError("tee-pubkey RSA key is invalid: OpenSSL cannot encrypt to it") from exc
+        return key
     raise TeeKeyError(f"tee-pubkey kty {kty!r} is not supported (EC or RSA)")
 
 
@@ -133,8 +141,7 @@ def encrypt(plaintext: bytes, jwk: dict[str, Any]) -> dict[str, str]:
                "y": b64url(nums.y.to_bytes(size, "big"))}
         header = protected_header(ECDH_ALG, epk)
     else:
-        encrypted_key = key.encrypt(cek, padding.OAEP(mgf=padding.MGF1(hashes.SHA256()),
-                                                      algorithm=hashes.SHA256(), label=None))
+        encrypted_key = key.encrypt(cek, _OAEP)
         header = protected_header(RSA_ALG)
     protected = b64url(header.encode("ascii"))
     iv = secrets.token_bytes(12)

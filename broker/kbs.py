@@ -31,9 +31,10 @@ from .appraisal import Attested
 from .db import now_ms
 from .errors import ApiError
 from .jwe import encrypt, load_tee_pubkey
-from .limits import json_body, valid_name
-from .release import decide, summarize_failures
+from .limits import json_body, valid_resource, valid_tenant
+from .release import decide, public_denial, summarize_failures
 from .nonces import Db
+from .secretbox import SecretDecryptError
 from .runtime_data import check_host_data, check_report_data, expected_report_data, initdata_host_data
 from .state import BrokerState, get_db, get_orm, state, sync_firmware
 from .tokens import TokenError, ear_claims, tee_pubkey_from_claims
@@ -47,6 +48,11 @@ COOKIE = "kbs-session-id"
 SESSION_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 MAX_INITDATA_BYTES = 16 * 1024  # it goes into the token too
 MAX_JWK_BYTES = 4096  # an RSA-8192 JWK is ~2.8 KB; the key goes into every token
+# The largest add-on our guest may send inside additional_evidence (two 4 MiB OVMF builds; larger
+# firmware goes through the admin upload), and the cap on additional_evidence that fits it: its
+# base64 plus the JSON around it and room for device evidence (docs/protocol.md).
+MAX_GUEST_ADDON = 8 * 1024 * 1024
+MAX_ADDITIONAL_EVIDENCE = 4 * -(-MAX_GUEST_ADDON // 3) + 64 * 1024  # characters: 11,250,348
 FIRMWARE_KEY = "firmgate-firmware"  # our guest's key inside additional_evidence (docs/protocol.md)
 
 
@@ -78,14 +84,15 @@ def auth() -> Response:
                     f"{', '.join(SUPPORTED_TEES)})", event="auth")
     extra = body.get("extra-params")
     hint = extra.get("tenant") if isinstance(extra, dict) else None
-    if hint is not None and not valid_name(hint):
+    if hint is not None and not valid_tenant(hint):
         raise ApiError("AttestationError", "extra-params.tenant is not a valid tenant name")
     if now_ms() % 50 == 0:  # now and then, not on every request
         cfg = current_app.config
         nonces.purge_expired(db, int(cfg["AUDIT_RETENTION_DAYS"]), int(cfg["AUTH_AUDIT_RETENTION_HOURS"]))
     # The session and its audit row in one transaction.
     new = nonces.new_session(db, str(tee), int(current_app.config["SESSION_TTL"]), hint, commit=False)
-    audit.record(db, event="auth", outcome="ok", reason="challenge issued", tenant=hint, session_id=new.id)
+    # Operator-only: the hint is the caller's word, not a fact a tenant should find in its log.
+    audit.record(db, event="auth", outcome="ok", reason="challenge issued", tenant=None, session_id=new.id)
     metrics.count_event("auth", "ok")
     resp = jsonify({"nonce": new.nonce, "extra-params": ""})
     _set_cookie(resp, new.id, new.expires_at)
@@ -94,19 +101,25 @@ def auth() -> Response:
 
 def _cookie_session_id() -> str | None:
     sid = request.cookies.get(COOKIE)
-    return sid if sid and SESSION_ID_RE.match(sid) else None
+    return sid if sid and SESSION_ID_RE.fullmatch(sid) else None
 
 
 def _parse_attestation(body: dict[str, Any]) -> tuple[Any, dict[str, Any], str, dict[str, Any], Any]:
-    """(init-data, runtime-data, additional_evidence, tee-pubkey, primary_evidence) or ApiError."""
+    """(init-data, runtime-data, additional_evidence, tee-pubkey, primary_evidence) or ApiError.
+    The structure and size of every member only: nothing here costs more than a length."""
     rd, te = body.get("runtime-data"), body.get("tee-evidence")
     if not isinstance(rd, dict) or not isinstance(rd.get("nonce"), str) or not isinstance(rd.get("tee-pubkey"), dict):
         raise ApiError("SerdeError", "runtime-data must be {\"nonce\": string, \"tee-pubkey\": JWK}")
-    if not isinstance(te, dict) or "primary_evidence" not in te:
-        raise ApiError("SerdeError", "tee-evidence must be {\"primary_evidence\", \"additional_evidence\"}")
+    if len(rd["nonce"]) > 64:  # ours are 44 characters
+        raise ApiError("SerdeError", "runtime-data.nonce is longer than 64 characters")
+    if not isinstance(te, dict) or not isinstance(te.get("primary_evidence"), dict):
+        raise ApiError("SerdeError", "tee-evidence must be {\"primary_evidence\": object, \"additional_evidence\"}")
     additional = te.get("additional_evidence", "")
     if not isinstance(additional, str):
         raise ApiError("SerdeError", "tee-evidence.additional_evidence must be a string")
+    if len(additional) > MAX_ADDITIONAL_EVIDENCE:
+        raise ApiError("SerdeError", f"tee-evidence.additional_evidence is longer than {MAX_ADDITIONAL_EVIDENCE} "
+                       f"characters (an add-on of at most {MAX_GUEST_ADDON // (1024 * 1024)} MiB)")
     if body.get("init-data") is not None and len(json.dumps(body["init-data"])) > MAX_INITDATA_BYTES:
         raise ApiError("SerdeError", f"init-data is larger than {MAX_INITDATA_BYTES} bytes")
     if len(json.dumps(rd["tee-pubkey"])) > MAX_JWK_BYTES:
@@ -179,43 +192,49 @@ def attest() -> Response:
     consumed = nonces.consume(db, sid)  # committed: the nonce is spent whatever happens next
     hint = consumed.tenant_hint
     if not consumed.ok:
-        raise _deny(db, "AttestationError", consumed.reason, event="attest", session_id=sid, tenant=hint)
+        raise _deny(db, "AttestationError", consumed.reason, event="attest", session_id=sid)
 
-    def fail(reason: str, measurement: str | None = None) -> ApiError:
+    def reject(reason: str) -> ApiError:
+        # Before the evidence verified, nothing it says is a fact and the tenant hint is only the
+        # caller's word: an operator-only row (no tenant, no measurement; short retention and a
+        # bounded, escaped reason, see audit.row), never a row in a tenant's log.
         nonces.mark_failed(db, sid)  # committed by _deny, with the denial's audit row
-        return _deny(db, "AttestationError", reason, event="attest", session_id=sid, tenant=hint,
-                     measurement=measurement)
+        return _deny(db, "AttestationError", reason, event="attest", session_id=sid)
 
+    # Cheapest first: the nonce, the key, the init-data (16 KiB at most), the report's own size
+    # and shape; only then the REPORT_DATA binding, which hashes megabytes of additional evidence.
     if not hmac.compare_digest(runtime_data["nonce"].encode(), consumed.nonce.encode()):
-        raise fail("runtime-data.nonce is not this session's nonce")
+        raise reject("runtime-data.nonce is not this session's nonce")
     try:
         load_tee_pubkey(jwk)
-        expected = expected_report_data(consumed.nonce, jwk, additional)
         host_expected = initdata_host_data(init_data)
     except FirmgateError as exc:
-        raise fail(exc.diagnostics()) from None
+        raise reject(exc.diagnostics()) from None
     if st.appraiser is None:
-        raise fail(st.appraiser_error or "appraisal unavailable")
+        raise reject(st.appraiser_error or "appraisal unavailable")
     try:
         parsed = st.appraiser.parse(primary)
     except FirmgateError as exc:
-        raise fail(f"evidence rejected: {exc.diagnostics()}") from None
-    measurement = parsed.measurement.hex()
+        raise reject(f"evidence rejected: {exc.diagnostics()}") from None
     try:
-        # The bindings first: cheap, and a replayed or foreign report stops here.
+        # The bindings before the chain: a replayed or foreign report stops here.
+        expected = expected_report_data(consumed.nonce, jwk, additional)
         check_report_data(parsed.report_data, expected)
         if host_expected is not None:
             check_host_data(parsed.host_data, host_expected)
     except FirmgateError as exc:
-        raise fail(exc.diagnostics(), measurement) from None
+        raise reject(exc.diagnostics()) from None
     try:
         attested = st.appraiser.verify(parsed)
     except FirmgateError as exc:
-        raise fail(f"evidence rejected: {exc.diagnostics()}", measurement) from None
+        raise reject(f"evidence rejected: {exc.diagnostics()}") from None
+    measurement = attested.measurement.hex()  # a fact from here on: the signature covers it
     try:
         _guest_firmware(st, additional, sid)
     except FirmgateError as exc:
-        raise fail(exc.diagnostics(), measurement) from None
+        nonces.mark_failed(db, sid)
+        raise _deny(db, "AttestationError", exc.diagnostics(), event="attest", session_id=sid, tenant=hint,
+                    measurement=measurement) from None
     sync_firmware(st, db)
 
     # Appraise for the hinted tenant, or for every tenant (an unmodified guest names none).
@@ -334,8 +353,9 @@ def verdict_from_dict(d: dict[str, Any]) -> Verdict:
 @bp.get("/resource/<repo>/<rtype>/<tag>")
 def resource(repo: str, rtype: str, tag: str) -> Response:
     st, db = state(), get_db()
-    if not all(valid_name(p) for p in (repo, rtype, tag)):
-        raise ApiError("InvalidRequestPath", "resource path must be <repository>/<type>/<tag> of [A-Za-z0-9._-]")
+    if not valid_resource(repo, rtype, tag):
+        raise ApiError("InvalidRequestPath", "resource path must be <repository>/<type>/<tag>: a tenant name "
+                       "(a-z 0-9 _ -) and two parts of [A-Za-z0-9._-], each starting with a letter or digit")
     path = f"{repo}/{rtype}/{tag}"
     tenant = repo
     policy_id = st.appraiser.policy_id(tenant) if st.appraiser is not None else None
@@ -361,13 +381,22 @@ def resource(repo: str, rtype: str, tag: str) -> Response:
     # Audit rows of a tenant-less denial go to the operator only: no tenant learns of other tenants' probes.
     audit_tenant = tenant if policy_id is not None else None
     if not decision.allowed:
-        err = _deny(db, decision.variant, decision.reason, event="deny", tenant=audit_tenant,
-                    session_id=row.id, resource=path, verdict=verdict, verdict_text=text,
-                    measurement=row.measurement)
-        err.detail = decision.public
-        raise err
-    value = vault.open_secret(st.box, tenant, vault.ResourcePath(repo, rtype, tag), row.secret_nonce,
-                              row.secret_ciphertext)
+        denial = _deny(db, decision.variant, decision.reason, event="deny", tenant=audit_tenant,
+                       session_id=row.id, resource=path, verdict=verdict, verdict_text=text,
+                       measurement=row.measurement)
+        denial.detail = public_denial(decision, row.measurement)
+        raise denial
+    try:
+        value = vault.open_secret(st.box, tenant, vault.ResourcePath(repo, rtype, tag), row.secret_nonce,
+                                  row.secret_ciphertext)
+    except SecretDecryptError:
+        # The broker's fault (wrong master key, or a tampered row), not the guest's: a 401 would send
+        # it round the attest loop for ever. The operator gets the cause; the guest a generic 500.
+        log.error("stored value of %s does not decrypt under the master key (wrong key or tampered row)", path)
+        audit.record(db, event="deny", outcome="error", reason="stored value does not decrypt (master key?)",
+                     tenant=None, session_id=row.id, resource=path)
+        metrics.count_event("deny", "error")
+        raise ApiError("HTTPFailed", "internal error; see the broker log", 500) from None
     if value is None:
         # Trustee answers a missing resource with 401 PluginInternalError; the guest was allowed it.
         raise _deny(db, "PluginInternalError", f"resource {path} has no value stored", event="deny",

@@ -2,17 +2,21 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, TypeGuard
 
 import orjson
 from flask import request
+
+from verifier.appraise.policy import RESOURCE_PART_RE, TENANT_RE
 
 from .errors import ApiError
 
 MAX_DEPTH = 32
 MAX_ITEMS = 1_000_000  # every scalar, array element and object member counts
 _CONTAINERS = {dict, list}
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# What brokers before the one-rule change accepted (their `.match` also let a final "\n" in):
+# rows under such names stay listable and removable, nothing new is created under them.
+LEGACY_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\n?")
 
 
 def _check_shape(obj: Any) -> None:
@@ -65,6 +69,22 @@ def json_body(variant: str = "SerdeError", status: int | None = None) -> dict[st
     return obj
 
 
-def valid_name(value: Any) -> bool:
-    """Tenant names and resource path segments: 1-64 of [A-Za-z0-9._-], not starting with '.' or '-'."""
-    return isinstance(value, str) and NAME_RE.match(value) is not None and ".." not in value
+def valid_tenant(value: Any) -> TypeGuard[str]:
+    """A tenant name (and a resource path's repository): the policy file's rule, 1-63 of a-z 0-9 _ -,
+    starting with a letter or digit, so that every tenant can have a policy file."""
+    return isinstance(value, str) and TENANT_RE.fullmatch(value) is not None
+
+
+def valid_part(value: Any) -> TypeGuard[str]:
+    """A resource path's type or tag: the policy file's rule, 1-64 of [A-Za-z0-9._-], starting with
+    a letter or digit."""
+    return isinstance(value, str) and RESOURCE_PART_RE.fullmatch(value) is not None
+
+
+def valid_resource(repo: Any, rtype: Any, tag: Any) -> bool:
+    return valid_tenant(repo) and valid_part(rtype) and valid_part(tag)
+
+
+def legacy_name(value: Any) -> TypeGuard[str]:
+    """A name an older broker may have stored (see LEGACY_NAME_RE): for listing and removal only."""
+    return isinstance(value, str) and LEGACY_NAME_RE.fullmatch(value) is not None

@@ -22,6 +22,7 @@ from sqlalchemy import and_, bindparam, delete, insert, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session as OrmSession
 
+from . import audit
 from .db import AuditRecord, Secret, Session, SessionVerdict, now_ms
 from .hotsql import Hot, run
 
@@ -150,8 +151,9 @@ def add_verdicts(db: Db, rows: list[dict[str, Any]]) -> None:
 
 
 def purge_expired(db: Db, audit_days: int = 90, auth_audit_hours: int = 24) -> None:
-    """Delete sessions an hour past expiry, `auth` audit rows (no decision in them) after
-    `auth_audit_hours`, and every other audit row after `audit_days`. Bounded per call."""
+    """Delete sessions an hour past expiry, `auth` audit rows (no decision in them) and operator-only
+    denials (nothing verified in them) after `auth_audit_hours`, and every other audit row after
+    `audit_days`. Bounded per call."""
     t = now_ms()
     old = list(db.execute(select(_S.c.id).where(_S.c.expires_at < t - GRACE_MS).limit(500)).scalars())
     if old:
@@ -161,7 +163,7 @@ def purge_expired(db: Db, audit_days: int = 90, auth_audit_hours: int = 24) -> N
     for cutoff, only_auth in ((t - auth_audit_hours * 3600 * 1000, True), (t - audit_days * 86400 * 1000, False)):
         q = select(a.c.id).where(a.c.at < cutoff)
         if only_auth:
-            q = q.where(a.c.event == "auth")
+            q = q.where(audit.short_retention(a))
         ids = list(db.execute(q.limit(5000)).scalars())
         if ids:
             db.execute(delete(a).where(a.c.id.in_(ids)))

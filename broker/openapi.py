@@ -21,8 +21,11 @@ def _json(schema: dict[str, Any], desc: str = "OK") -> dict[str, Any]:
 
 
 _BEARER = [{"apiToken": []}]
+# The policy file's name rule (verifier.appraise.policy TENANT_RE, RESOURCE_PART_RE), anchored.
+TENANT_PATTERN = "^[a-z0-9][a-z0-9_-]{0,62}$"
+PART_PATTERN = "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 _RES_PARAMS = [{"name": n, "in": "path", "required": True,
-                "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"}}
+                "schema": {"type": "string", "pattern": TENANT_PATTERN if n == "repository" else PART_PATTERN}}
                for n in ("repository", "type", "tag")]
 
 
@@ -70,8 +73,8 @@ def openapi_document() -> dict[str, Any]:
                 "security": _BEARER,
                 "requestBody": {"required": True, "content": {"application/json": {"schema": {
                     "type": "object", "required": ["name"], "properties": {"name": {
-                        "type": "string", "minLength": 1, "maxLength": 64,
-                        "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"}}}}}},
+                        "type": "string", "minLength": 1, "maxLength": 63,
+                        "pattern": TENANT_PATTERN}}}}}},
                 "responses": {"201": _json(obj), "400": _err("bad name"), "401": _err("no or bad token"),
                               "403": _err("not the operator"), "409": _err("exists")}}},
             "/admin/v0/secrets": {"get": {"summary": "List the calling tenant's secrets (paths, no values)",

@@ -4,10 +4,9 @@ The broker hands in the tenant's appraisal Verdict of the session's evidence
 (computed with the tenant's CURRENT policy, so a policy change that revokes a
 firmware takes effect at the next request) and the policy's answer for this
 resource path. A denial carries `reason` (for the audit log) and `detail` (for
-the requester). Today the requester sees the failed checks in full, as the issue
-asks ("refused with its reason in the response"): they describe the requester's
-own evidence against the policy of the repository it asked for. `detail` exists
-so that can be narrowed to check names without touching callers.
+the requester). The requester of a policy denial reads only `public_denial`: the
+failed checks describe the policy of the repository it asked for, which may be
+another tenant's.
 """
 from __future__ import annotations
 
@@ -26,6 +25,20 @@ class ReleaseDecision:
     @property
     def public(self) -> str:
         return self.detail or self.reason
+
+
+PUBLIC_DENIAL = "not allowed for this resource"
+
+
+def public_denial(decision: ReleaseDecision, measurement: str | None) -> str:
+    """What the requester of a denied resource reads: the same generic words for every policy
+    denial, and only the requester's own evidence. The resource may be another tenant's: naming
+    its failed rules would describe that tenant's policy (its table size, minimum TCB, VMPLs,
+    revocations, which firmware gets which secret). The full reason goes to the resource owner's
+    audit log (docs/security.md REVIEW-5)."""
+    if decision.allowed or decision.variant != "PolicyDeny":
+        return decision.public
+    return PUBLIC_DENIAL + (f" (your evidence: MEASUREMENT {measurement})" if measurement else "")
 
 
 def summarize_failures(verdict: Verdict, limit: int = 8) -> str:

@@ -12,6 +12,7 @@ import hmac
 import tomllib
 from typing import Any
 
+import orjson
 import rfc8785
 
 from verifier.errors import EvidenceError
@@ -26,9 +27,28 @@ class BindingError(EvidenceError):
 
 
 def expected_report_data(nonce: str, tee_pubkey: dict[str, Any], additional_evidence: str) -> bytes:
-    obj = {"additional-evidence": additional_evidence, "nonce": nonce, "tee-pubkey": tee_pubkey}
-    digest = hashlib.sha384(rfc8785.dumps(obj)).digest()
-    return digest.ljust(REPORT_DATA_SIZE, b"\0")
+    """SHA-384 of JCS({"additional-evidence", "nonce", "tee-pubkey"}), hashed member by member.
+
+    The three keys are already in JCS order (RFC 8785 3.2.3, UTF-16 code units), so the object's
+    form is the members' forms joined. The additional evidence (megabytes, guest-chosen) is
+    serialised by orjson: for a str, RFC 8785 3.2.2.2 is ECMAScript's JSON.stringify (escape
+    `"`, `\\` and U+0000-U+001F, \\b \\t \\n \\f \\r in short form, the rest as \\u00xx in lower
+    case, everything else as UTF-8), which is what orjson writes, in C; rfc8785's pure-Python
+    escaper took 4 s for 8 million quotes (docs/security.md REVIEW-2). A str parsed from JSON
+    holds no lone surrogate (orjson refuses them), the one input the two would differ on;
+    tests/test_broker_units.py checks the equality on random strings.
+    """
+    h = hashlib.sha384(b'{"additional-evidence":')
+    try:
+        h.update(orjson.dumps(additional_evidence))
+        h.update(b',"nonce":')
+        h.update(rfc8785.dumps(nonce))
+        h.update(b',"tee-pubkey":')
+        h.update(rfc8785.dumps(tee_pubkey))  # a JWK member outside I-JSON (an integer >= 2**53) raises
+    except (orjson.JSONEncodeError, rfc8785.CanonicalizationError) as exc:
+        raise BindingError(f"runtime-data has no RFC 8785 form: {str(exc)[:120]}") from None
+    h.update(b"}")
+    return h.digest().ljust(REPORT_DATA_SIZE, b"\0")
 
 
 def check_report_data(actual: bytes, expected: bytes) -> None:

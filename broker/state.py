@@ -10,6 +10,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from flask import Flask, current_app, g
@@ -19,6 +20,7 @@ from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.orm import sessionmaker
 
 from .appraisal import Appraiser
+from .config import default_state_dir, make_state_dir
 from .db import FirmwareBlob, make_engine, migrate
 from .secretbox import SecretBox, load_master_key, new_master_key
 from .tokens import TokenKey
@@ -46,9 +48,8 @@ def _master_key(app: Flask) -> bytes:
     if cfg.get("MASTER_KEY_FILE") or os.environ.get("FIRMGATE_MASTER_KEY"):
         return load_master_key(cfg.get("MASTER_KEY_FILE"))
     # Development default: a key file beside the default SQLite file, created once (0600).
-    path = os.path.join(app.instance_path, "master.key")
+    path = os.path.join(_state_dir(app), "master.key")
     if not os.path.exists(path):
-        os.makedirs(app.instance_path, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as fh:
             fh.write(new_master_key())
@@ -73,8 +74,12 @@ def database_url(app: Flask) -> str:
     url = app.config.get("DATABASE_URL")
     if url:
         return str(url)
-    os.makedirs(app.instance_path, exist_ok=True)
-    return "sqlite:///" + os.path.join(app.instance_path, "firmgate.db")
+    return "sqlite:///" + os.path.join(_state_dir(app), "firmgate.db")
+
+
+def _state_dir(app: Flask) -> Path:
+    """The default database's and master key's directory (config STATE_DIR, docs/protocol.md), 0700."""
+    return make_state_dir(app.config.get("STATE_DIR") or default_state_dir())
 
 
 def init_app(app: Flask) -> None:

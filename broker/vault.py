@@ -17,8 +17,8 @@ from sqlalchemy.orm import Session as OrmSession
 
 from verifier.errors import UsageError
 
-from .db import ApiToken, Secret, Tenant, now_ms
-from .limits import valid_name
+from .db import ApiToken, KeyMaterial, Secret, Tenant, now_ms
+from .limits import legacy_name, valid_resource, valid_tenant
 from .secretbox import SecretBox
 
 TOKEN_PREFIX = "fgt_"
@@ -35,10 +35,13 @@ class ResourcePath:
     tag: str
 
     @classmethod
-    def parse(cls, text: str) -> "ResourcePath":
+    def parse(cls, text: str, legacy: bool = False) -> ResourcePath:
+        """`legacy`: also accept a name an older broker stored (to list or remove it, never to create)."""
         parts = text.split("/")
-        if len(parts) != 3 or not all(valid_name(p) for p in parts):
-            raise VaultError(f"resource path {text!r} must be REPO/TYPE/TAG of [A-Za-z0-9._-]")
+        ok = len(parts) == 3 and (valid_resource(*parts) or (legacy and all(legacy_name(p) for p in parts)))
+        if not ok:
+            raise VaultError(f"resource path {text!r} must be TENANT/TYPE/TAG: a tenant name (a-z 0-9 _ -) "
+                             "and two parts of [A-Za-z0-9._-], each starting with a letter or digit")
         return cls(*parts)
 
     def __str__(self) -> str:
@@ -51,8 +54,9 @@ def token_hash(token: str) -> str:
 
 def add_tenant(orm: OrmSession, name: str) -> str:
     """Create tenant `name` and return its first API token (shown once, stored hashed)."""
-    if not valid_name(name):
-        raise VaultError(f"tenant name {name!r} must be 1-64 of [A-Za-z0-9._-]")
+    if not valid_tenant(name):
+        raise VaultError(f"tenant name {name!r} must be 1-63 of a-z 0-9 _ -, starting with a letter or digit "
+                         "(the policy file's rule)")
     try:
         orm.add(Tenant(name=name, created_at=now_ms()))
         orm.flush()
@@ -122,6 +126,20 @@ def open_secret(box: SecretBox, tenant: str, path: ResourcePath, nonce: bytes | 
     if path.repo != tenant or nonce is None or ciphertext is None:
         return None
     return box.open(tenant, str(path), bytes(nonce), bytes(ciphertext))
+
+
+def check_master_key(orm: OrmSession, box: SecretBox) -> None:
+    """Raise SecretDecryptError unless `box` opens this database's sealed data: the token key if the
+    broker ever ran on it, else one stored secret; a database with neither accepts any key. Every
+    operator command that writes or removes sealed data calls it first, as `serve` does."""
+    from .tokens import KEY_NAME
+    key = orm.get(KeyMaterial, KEY_NAME)
+    if key is not None:
+        box.open("", "key:" + KEY_NAME, key.nonce, key.ciphertext)
+        return
+    one = orm.execute(select(Secret).order_by(Secret.tenant, Secret.path).limit(1)).scalar()
+    if one is not None:
+        box.open(one.tenant, one.path, one.nonce, one.ciphertext)
 
 
 def list_secrets(orm: OrmSession, tenant: str) -> list[dict[str, object]]:

@@ -8,16 +8,31 @@ Public API:
     write_secret(path, data)                               mode 0600 from the first byte
     default_source(tsm_root=None), TsmSource(backend), SevGuestSource(device)
     tsm.TsmBackend / tsm.FsTsmBackend                      the configfs-tsm seam (sim.host implements it)
+    guest.update.request_update / guest.boot.main          the host's update channel (stdlib + pefile only)
+
+The names are imported lazily, so that `guest.boot` and `guest.update` (which a
+minimal guest image runs with the standard library and pefile alone) do not pull
+in cryptography and the HTTP client.
 """
 from __future__ import annotations
 
-from .client import Attestation, attest, auth, fetch_resource, report_data_for, write_secret
-from .errors import BadResponse, BrokerDenied, BrokerUnreachable, EvidenceUnavailable, GuestError, TsmRace
-from .evidence import SevGuestSource, TsmSource, default_source, evidence_json
-from .http import KbsSession, parse_resource_path
-from .keys import TeeKey
+from typing import Any
 
-__all__ = ["Attestation", "attest", "auth", "fetch_resource", "report_data_for", "write_secret",
-           "BadResponse", "BrokerDenied", "BrokerUnreachable", "EvidenceUnavailable", "GuestError", "TsmRace",
-           "SevGuestSource", "TsmSource", "default_source", "evidence_json", "KbsSession", "parse_resource_path",
-           "TeeKey"]
+_LAZY = {
+    "Attestation": "guest.client", "attest": "guest.client", "auth": "guest.client",
+    "fetch_resource": "guest.client", "report_data_for": "guest.client", "write_secret": "guest.client",
+    "BadResponse": "guest.errors", "BrokerDenied": "guest.errors", "BrokerUnreachable": "guest.errors",
+    "EvidenceUnavailable": "guest.errors", "GuestError": "guest.errors", "TsmRace": "guest.errors",
+    "SevGuestSource": "guest.evidence", "TsmSource": "guest.evidence", "default_source": "guest.evidence",
+    "evidence_json": "guest.evidence", "KbsSession": "guest.http", "parse_resource_path": "guest.http",
+    "TeeKey": "guest.keys",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'guest' has no attribute {name!r}")

@@ -23,12 +23,14 @@ import os
 import secrets
 import signal
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 from . import qemu
 from .errors import BootFailed, InstallError, InstallFailed, RecoveryNeeded, VmBusy
+from .guest_status import write_guest_status
 from .image import CandidateImage, candidate_from_addon
 from .journal import TERMINAL, Journal
 from .store import Store, link_target, remove_link_temporaries, sha384, switch_link
@@ -81,15 +83,24 @@ def _as_vm(vm_dir: VmDir | str | os.PathLike[str]) -> VmDir:
 
 
 @contextlib.contextmanager
-def vm_lock(vm: VmDir) -> Iterator[None]:
-    """flock() on <vm>/lock: one transaction per VM; the kernel drops it if we die."""
+def vm_lock(vm: VmDir, wait: float = 0.0) -> Iterator[None]:
+    """flock() on <vm>/lock: one transaction per VM; the kernel drops it if we die.
+
+    `wait` > 0: a guest's request waits that long for a running install to finish (a guest
+    asks right after the boot that install is still confirming) instead of failing at once.
+    """
     fd = os.open(vm.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    deadline = time.monotonic() + wait
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise VmBusy(f"another host-install is working on {vm.path}",
-                         "wait for it to finish, then check `host-install status`") from None
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise VmBusy(f"another host-install is working on {vm.path}",
+                                 "wait for it to finish, then check `host-install status`") from None
+                time.sleep(0.2)
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         yield
@@ -105,6 +116,7 @@ def _in_force(journal: Journal) -> tuple[str | None, str | None]:
 def _launch_and_confirm(vm: VmDir, journal: Journal, tx: str, checkpoint: str | None = None) -> qemu.BootCheck:
     accel = qemu.resolve_accel(vm.config.accel)
     try:
+        write_guest_status(vm, journal)  # the answer a relaunch loses, told to the guest through fw_cfg
         pid = qemu.launch(vm, accel)
     except InstallFailed as exc:
         return qemu.BootCheck(False, exc.diagnostics(), 0.0, None)
@@ -150,7 +162,7 @@ def _transition(vm: VmDir, new: CandidateImage | None, target: str, fwid: str | 
         return InstallResult("installed", tx, fwid, target, target, old, True, accel, round(check.seconds, 3),
                              check.reason)
     # The new firmware did not come back: put the old one back and relaunch it.
-    journal.append("boot-failed", tx, reason=check.reason, status=check.status)
+    journal.append("boot-failed", tx, reason=check.reason, status=check.status, seconds=round(check.seconds, 3))
     _checkpoint("boot-failed")
     qemu.stop(vm, graceful=False)  # a firmware that did not boot will not honour ACPI power-down
     if old is None:
@@ -164,7 +176,7 @@ def _transition(vm: VmDir, new: CandidateImage | None, target: str, fwid: str | 
     _checkpoint("rollback-switched")
     back = _launch_and_confirm(vm, journal, tx)
     journal.append("rolled-back", tx, in_force=old, fwid=old_fwid, reason=check.reason, relaunch_ok=back.ok,
-                   relaunch_reason=back.reason)
+                   relaunch_reason=back.reason, relaunch_seconds=round(back.seconds, 3))
     result = InstallResult("rolled-back", tx, fwid, target, old, old, True, accel, None, check.reason)
     if not back.ok:
         raise RecoveryNeeded(f"firmware {fwid!r} did not boot ({check.reason}); the previous firmware is in force "
@@ -175,7 +187,7 @@ def _transition(vm: VmDir, new: CandidateImage | None, target: str, fwid: str | 
 
 
 def install(vm_dir: VmDir | str | os.PathLike[str], addon_bytes: bytes, fwid: str | None = None, *,
-            launch: bool = True) -> InstallResult:
+            launch: bool = True, lock_wait: float = 0.0) -> InstallResult:
     """Install the firmware from a guest's UKI add-on into the VM and (with launch) relaunch it.
 
     Raises an exit-2 InstallError for bad input before anything changes, and
@@ -183,7 +195,7 @@ def install(vm_dir: VmDir | str | os.PathLike[str], addon_bytes: bytes, fwid: st
     """
     vm = _as_vm(vm_dir)
     candidate = candidate_from_addon(vm, addon_bytes, fwid)
-    return install_image(vm, candidate, launch=launch)
+    return install_image(vm, candidate, launch=launch, lock_wait=lock_wait)
 
 
 def plan(vm_dir: VmDir | str | os.PathLike[str], addon_bytes: bytes, fwid: str | None = None, *,
@@ -203,10 +215,11 @@ def plan(vm_dir: VmDir | str | os.PathLike[str], addon_bytes: bytes, fwid: str |
             "steps": [st for st in steps if st]}
 
 
-def install_image(vm: VmDir, candidate: CandidateImage, *, launch: bool = True) -> InstallResult:
+def install_image(vm: VmDir, candidate: CandidateImage, *, launch: bool = True,
+                  lock_wait: float = 0.0) -> InstallResult:
     if launch:
         qemu.require_igvm(vm)  # before anything changes: the running VM keeps running
-    with vm_lock(vm):
+    with vm_lock(vm, lock_wait):
         _recover_locked(vm, relaunch=launch)
         journal = Journal(vm.journal_path)
         old, _ = _in_force(journal)

@@ -21,6 +21,7 @@ from .errors import InstallError, InstallFailed
 from .vm import VmDir
 
 UPDATE_PORT_NAME = "org.firmgate.update"  # the guest sees /dev/virtio-ports/org.firmgate.update
+STATUS_FWCFG_NAME = "opt/org.firmgate/status"  # the guest reads /sys/firmware/qemu_fw_cfg/by_name/<name>/raw
 QMP_TIMEOUT = 5.0
 LAUNCH_TIMEOUT = 30.0
 # QMP run states after which the guest will not come back by itself (qapi/run-state.json).
@@ -103,6 +104,12 @@ def build_command(vm: VmDir, accel: str | None = None) -> list[str]:
     if cfg.cpu:
         cmd += ["-cpu", cfg.cpu]
     cmd += objects + rom
+    if cfg.kernel is not None:  # direct kernel boot; paths are relative to the VM directory
+        cmd += ["-kernel", str(vm.path / cfg.kernel)]
+        if cfg.initrd is not None:
+            cmd += ["-initrd", str(vm.path / cfg.initrd)]
+        if cfg.append is not None:
+            cmd += ["-append", cfg.append]
     cmd += ["-qmp", f"unix:{vm.qmp_path},server=on,wait=off",
             "-serial", f"file:{vm.serial_log}",
             "-debugcon", f"file:{vm.debug_log}", "-global", "isa-debugcon.iobase=0x402",
@@ -113,6 +120,9 @@ def build_command(vm: VmDir, accel: str | None = None) -> list[str]:
         cmd += ["-device", "virtio-serial-pci,id=fgser",
                 "-chardev", f"socket,id=fgupd,path={vm.channel_path},reconnect=1",
                 "-device", f"virtserialport,bus=fgser.0,chardev=fgupd,name={UPDATE_PORT_NAME}"]
+        if vm.guest_status_path.exists():  # what is in force, for the guest (host_install.guest_status)
+            path = str(vm.guest_status_path).replace(",", ",,")  # QEMU option syntax escapes ','
+            cmd += ["-fw_cfg", f"name={STATUS_FWCFG_NAME},file={path}"]
     cmd += list(cfg.extra_args)
     return cmd
 

@@ -37,7 +37,7 @@ def fsync_dir(path: Path) -> None:
 
 
 def _check_digest(digest: str) -> str:
-    if not _DIGEST_RE.match(digest):
+    if not _DIGEST_RE.fullmatch(digest):
         raise ValueError(f"not a SHA-384 hex digest: {digest!r}")
     return digest
 
@@ -95,7 +95,7 @@ class Store:
         out = []
         for p in self.root.glob("*" + SUFFIX):
             name = p.name[: -len(SUFFIX)]
-            if _DIGEST_RE.match(name):
+            if _DIGEST_RE.fullmatch(name):
                 out.append(name)
         return sorted(out)
 
@@ -116,7 +116,7 @@ def link_target(link: Path) -> str | None:
     except OSError as exc:  # a regular file where the link should be
         raise InstallFailed(f"{link} is not a symlink: {exc}", "remove it and run `host-install recover`") from exc
     name = os.path.basename(target)
-    if not name.endswith(SUFFIX) or not _DIGEST_RE.match(name[: -len(SUFFIX)]):
+    if not name.endswith(SUFFIX) or not _DIGEST_RE.fullmatch(name[: -len(SUFFIX)]):
         raise InstallFailed(f"{link} points at {target!r}, not at a store image",
                             "run `host-install rollback` or reinstall")
     return name[: -len(SUFFIX)]

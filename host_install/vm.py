@@ -28,6 +28,7 @@ JOURNAL_NAME = "journal.jsonl"
 LOCK_NAME = "lock"
 PID_NAME = "qemu.pid"
 CHANNEL_NAME = "channel.sock"
+GUEST_STATUS_NAME = "guest-status.json"  # fw_cfg opt/org.firmgate/status (host_install.guest_status)
 
 # A unix socket path must fit sockaddr_un.sun_path (108 bytes on Linux, unix(7)).
 _SUN_PATH_MAX = 107
@@ -61,6 +62,9 @@ class VmConfig:
     serial_log: str = "serial.log"
     debug_log: str = "debug.log"
     boot_marker: str = "BdsDxe"      # text the firmware prints once it reached boot device selection
+    kernel: str | None = None        # direct kernel boot (-kernel/-initrd/-append), e.g. the test guest
+    initrd: str | None = None
+    append: str | None = None
     # text that proves the boot failed (edk2's CpuExceptionHandlerLib dump); "" = none
     boot_fail_marker: str = "!!!! X64 Exception Type"
     boot_timeout: float = 60.0       # seconds for QMP "running" + the marker
@@ -139,6 +143,14 @@ def parse_config(text: str, path: str = CONFIG_NAME) -> VmConfig:
         value = getattr(cfg, key)
         if not value or "," in value or "\0" in value:
             raise bad(key, f"{key} must be a non-empty path without ',' (QEMU option syntax)")
+    if cfg.kernel is None and (cfg.initrd is not None or cfg.append is not None):
+        raise bad("initrd" if cfg.initrd is not None else "append", "initrd and append need kernel")
+    for key in ("kernel", "initrd"):
+        value = getattr(cfg, key)
+        if value is not None and (not value or "\0" in value):
+            raise bad(key, f"{key} must be a non-empty path")
+    if cfg.append is not None and (len(cfg.append) > 4096 or any(c in cfg.append for c in "\0\n")):
+        raise bad("append", "append must be one line of at most 4096 characters")
     if not cfg.boot_marker:
         raise bad("boot_marker", "boot_marker must not be empty (it is how a boot is confirmed)")
     if not cfg.qemu:
@@ -252,6 +264,10 @@ class VmDir:
     @property
     def channel_path(self) -> Path:
         return self.path / CHANNEL_NAME
+
+    @property
+    def guest_status_path(self) -> Path:
+        return self.path / GUEST_STATUS_NAME
 
     @property
     def serial_log(self) -> Path:

@@ -252,7 +252,7 @@ def _workspace(path: str | None) -> Iterator[Path]:
 
 
 def run_demo(firmware: str | None = None, workdir: str | None = None, *, quiet: bool = False,
-             use_qemu: bool | None = None) -> dict[str, Any]:
+             use_qemu: bool | None = None, real_guest: bool | None = None) -> dict[str, Any]:
     from host_install import qemu
     from host_install.vm import VmDir
     from verifier.firmware.addon import build_addon
@@ -334,10 +334,28 @@ def run_demo(firmware: str | None = None, workdir: str | None = None, *, quiet: 
         else:
             story.say(f"vm             {ws / 'vm'} (no {QEMU}: installs run WITHOUT booting; QEMU steps skipped)")
             story.note(f"{QEMU} not found: firmware boots were skipped")
+        guest_vm = None
+        if have_qemu and real_guest is not False:
+            from guest import image as guest_image
+
+            from .guest_vm import RealGuestVm, vm_config
+            img = guest_image.load()
+            if img is None and real_guest:
+                raise UsageError("no guest image: run `make guest-image` first")
+            if img is not None:
+                vm_cfg.update(vm_config(img, vm_cfg["accel"]))
+                story.say(f"guest          REAL: Debian's kernel {img.manifest.get('kernel_version')} + firmgate's "
+                          "initramfs in the VM; its add-on is on its ESP and it asks over virtio-serial "
+                          "(org.firmgate.update) at every boot")
+        if "kernel" not in vm_cfg:
+            story.say("guest          host-side client on the update channel (no guest image or no QEMU: "
+                      "`make guest-image`)")
         # host-install hands the owner's signed ID block for the firmware in force to the launch
         vm_cfg.update(id_blocks="owner.idblocks.json")
         vm = VmDir.create(ws / "vm", **vm_cfg)
         shutil.copyfile(repo / f"{TENANT}.idblocks.json", vm.rel("owner.idblocks.json"))
+        if "kernel" in vm_cfg:
+            guest_vm = RealGuestVm(vm, img)  # type: ignore[arg-type]  # img is set when kernel is
         host = SimSnpHost(vm, platform, vcpu_type=vcpu_type)
         # The second tenant's VM on the same host: same v2 firmware, same shape, its owner's ID block.
         other_vm = VmDir.create(ws / "vm-other", snp=True, launch_mode="plain", vcpus=vm_vcpus, memory_mib=128,
@@ -355,7 +373,7 @@ def run_demo(firmware: str | None = None, workdir: str | None = None, *, quiet: 
                 with UpdateChannel(vm, launch=have_qemu) as channel:
                     story.say(f"update channel {channel.path} (host-install listen; the guest's requests arrive here)")
                     _story(story, broker.url, vm, host, addons, digests, fwids, repo, pol, have_qemu,
-                           vm_vcpus, vcpu_type, owners[TENANT], other_host, ws)
+                           vm_vcpus, vcpu_type, owners[TENANT], other_host, ws, guest_vm)
         finally:
             if have_qemu:
                 with contextlib.suppress(Exception):
@@ -366,6 +384,7 @@ def run_demo(firmware: str | None = None, workdir: str | None = None, *, quiet: 
             "seconds": round(elapsed, 1),
             "firmware": str(fw_path),
             "qemu": have_qemu,
+            "real_guest": guest_vm is not None,
             "simulated_platform": True,
             "notes": story.notes,
             "steps": [asdict(s) for s in story.steps],
@@ -384,11 +403,7 @@ class UpdateChannel:
         self.thread = threading.Thread(target=self._serve, name="demo-update-channel", daemon=True)
 
     def _serve(self) -> None:
-        while True:
-            try:
-                self.listener.serve_one()
-            except OSError:  # closed
-                return
+        self.listener.serve()  # as `host-install listen` does: every connection served; returns once closed
 
     def __enter__(self) -> "UpdateChannel":
         self.thread.start()
@@ -426,9 +441,24 @@ def _sign_id_blocks(policy: Path, keys: tuple[Path, Path, str], *firmware: Path)
     return policy.with_name(policy.stem + ".idblocks.json")
 
 
+def _owner_audit_reason(ws: Path) -> str:
+    """The reason of the latest denial in the owner's audit log (the operator's database)."""
+    from sqlalchemy import select
+
+    from broker.db import AuditRecord, make_engine
+    engine = make_engine(f"sqlite:///{ws / 'broker.db'}")
+    try:
+        with engine.connect() as conn:
+            q = (select(AuditRecord.reason).where(AuditRecord.tenant == TENANT, AuditRecord.event == "deny")
+                 .order_by(AuditRecord.id.desc()).limit(1))
+            return str(conn.execute(q).scalar() or "")
+    finally:
+        engine.dispose()
+
+
 def _story(story: Story, url: str, vm: Any, host: Any, addons: dict[str, bytes], digests: dict[str, str],
            fwids: dict[str, str], repo: Path, pol: Path, have_qemu: bool, vcpus: int, vcpu_type: str,
-           owner: tuple[Path, Path, str], other_host: Any, ws: Path) -> None:
+           owner: tuple[Path, Path, str], other_host: Any, ws: Path, guest_vm: Any = None) -> None:
     from guest import BrokerDenied, KbsSession, TeeKey, attest, fetch_resource
     from guest.evidence import TsmSource
     from guest.update import request_update
@@ -439,7 +469,15 @@ def _story(story: Story, url: str, vm: Any, host: Any, addons: dict[str, bytes],
         """by="guest": the guest sends the add-on over the update channel (firmgate guest request-update);
         by="host": the host operator runs host-install directly (a host can install anything)."""
         def run(st: Step) -> None:
-            if by == "guest":
+            if by == "guest" and guest_vm is not None:
+                # the guest's disk carries this add-on; the guest in the VM asks by itself at boot
+                out = guest_vm.ask(addons[which], digests[which], host_firmware=addons["bad"])
+                if out.status not in ("installed", "unchanged"):
+                    st.outcome, st.detail = "refused", f"the guest's request: {out.status}"
+                    return
+                r = out.result
+                st.facts.update(real_guest=True, guest_request=out.status, reboot_seconds=out.reboot_seconds)
+            elif by == "guest":
                 answer = request_update(str(vm.channel_path), addons[which], timeout=300)
                 if not answer.get("ok"):
                     st.outcome, st.detail = "refused", f"host-install: {answer.get('error')}"
@@ -456,6 +494,9 @@ def _story(story: Story, url: str, vm: Any, host: Any, addons: dict[str, bytes],
                 return
             booted = (f"booted under QEMU ({r.get('accel')}, {r.get('boot_seconds') or 0:.1f}s)"
                       if r.get("launched") else "not booted (no QEMU)")
+            if st.facts.get("real_guest"):
+                booted += ("; asked by the real guest over virtio-serial, which then printed the new firmware's "
+                           "SMBIOS line and did not ask again")
             st.outcome = "installed"
             st.detail = (f"{r.get('fwid')} in force, {booted}; simulated host measures MEASUREMENT "
                          f"{launch.measurement.hex()[:24]}…")
@@ -471,8 +512,12 @@ def _story(story: Story, url: str, vm: Any, host: Any, addons: dict[str, bytes],
                 st.facts.update(token_status=att.status, nonce=att.nonce)
                 secret = fetch_resource(s, RESOURCE, key)
             except BrokerDenied as exc:
+                # The guest reads only "not allowed for this resource"; the owner's audit log says why.
+                why = _owner_audit_reason(ws) if exc.variant == "PolicyDeny" else ""
                 st.outcome, st.detail = "denied", f"{exc.status} {exc.variant}: {exc.detail}"
-                st.facts.update(variant=exc.variant, reason=exc.detail)
+                if why:
+                    st.detail += f"; the owner's audit log: {why}"
+                st.facts.update(variant=exc.variant, reason=why or exc.detail)
                 return
             if secret != SECRET:
                 st.outcome, st.detail = "wrong secret", f"{len(secret)} bytes that are not the stored value"
@@ -570,7 +615,8 @@ def _summary(story: Story, result: dict[str, Any]) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from verifier.cli import print_json
     result = run_demo(args.firmware, args.workdir, quiet=args.json,
-                      use_qemu=False if args.no_qemu else None)
+                      use_qemu=False if args.no_qemu else None,
+                      real_guest=False if args.no_real_guest else None)
     if args.json:
         print_json(result)
     return 0 if result["ok"] else 1
@@ -582,4 +628,6 @@ def register(sub: "argparse._SubParsersAction[Any]") -> None:
     p.add_argument("--workdir", metavar="D", help="keep the workspace here (an empty directory); default: a temp dir")
     p.add_argument("--json", action="store_true", help="print each step's outcome as JSON instead of the story")
     p.add_argument("--no-qemu", action="store_true", help="do not boot the firmware under QEMU even if present")
+    p.add_argument("--no-real-guest", action="store_true", help="send the guest's update requests from the demo "
+                   "process even when the guest image (`make guest-image`) is built")
     p.set_defaults(func=cmd_demo)

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import shutil
 
 from sim.platform import SimPlatform, Tcb
 from verifier.appraise import checks as checks_mod
@@ -32,7 +33,7 @@ BASE_POLICY = 0x20000 | POLICY_SMT_BIT  # reserved bit 17 + SMT allowed (the sim
 @pytest.fixture(scope="module")
 def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("appraise")
-    (d / "fw.fd").symlink_to(FW)
+    shutil.copyfile(FW, (d / "fw.fd"))  # must live in the policy tree
     return d
 
 
@@ -50,7 +51,7 @@ def make_policy(work: Path, *, firmware: str = "", platform: str = "", guest: st
     d = work / f"p{_counter[0]}"
     d.mkdir()
     if bytes_at != "uploaded":
-        (d / "fw.fd").symlink_to(FW)
+        shutil.copyfile(FW, (d / "fw.fd"))  # must live in the policy tree
     text = (f"version = 1\n[firmware]\n{firmware}\n[[firmware.allowed]]\nid = \"v2\"\nsha384 = \"{FW_DIGEST}\"\n"
             f"svn = 2\nbytes = \"{bytes_at}\"\n{fw_entry}\n[[shapes]]\nvcpus = [1, 2]\nvcpu_types = [\"EPYC-v4\", \"EPYC-Milan\"]\n"
             f"[platform]\nallow_simulated_platform = true\n{platform}\n[guest]\n{guest}\n{secrets}")
@@ -354,7 +355,7 @@ def test_status_and_vector_helpers() -> None:
 def test_appraise_evidence_from_bytes_and_store(work: Path, good_measurement: bytes) -> None:
     d = work / "store"
     d.mkdir()
-    (d / "fw.fd").symlink_to(FW)
+    shutil.copyfile(FW, (d / "fw.fd"))  # must live in the policy tree
     text = Path(make_policy(work).policy.path).read_text()
     (d / "acme.toml").write_text(text)
     store = PolicyStore(d)

@@ -152,7 +152,7 @@ def _denied(fn: Any, *args: Any, **kw: Any) -> BrokerDenied:
 
 def test_unlisted_firmware_denied_with_the_measurement(world: World) -> None:
     err = _denied(_attest_fetch, world, "bad")
-    assert err.variant == "PolicyDeny" and "firmware.measurement" in err.detail
+    assert err.variant == "PolicyDeny" and "not allowed for this resource (your evidence: MEASUREMENT " in err.detail
 
 
 def test_unlisted_addon_is_refused_at_attest(world: World) -> None:
@@ -204,7 +204,8 @@ def test_debug_guest_denied(world: World) -> None:
     # The PSP refuses a signed launch whose policy is not the block's: a debug launch carries no ID block.
     debug = SimSnpHost(world.unsigned_vm, world.platform, guest_policy=0x30000 | 1 << 19)
     err = _denied(_attest_fetch, world, source=TsmSource(debug.tsm()))
-    assert err.variant == "PolicyDeny" and "guest.debug" in err.detail
+    # the rule that failed is in the owner's audit, not in the answer (it may be another tenant's policy)
+    assert err.variant == "PolicyDeny" and err.detail.startswith("not allowed for this resource")
 
 
 def test_resource_without_attesting_denied(world: World) -> None:

@@ -97,7 +97,7 @@ class Site:
         self.root_pem.write_bytes(self.sim.root_pem())
         self.policies = root / "policies"
         self.policies.mkdir()
-        (self.policies / FW).symlink_to(FIRMWARE_DIR / FW)
+        shutil.copyfile(FIRMWARE_DIR / FW, (self.policies / FW))  # must live in the policy tree
         digest = hashlib.sha384((FIRMWARE_DIR / FW).read_bytes()).hexdigest()
         (self.policies / f"{TENANT}.toml").write_text(_policy(digest))
         self.cache = root / "measure-cache"

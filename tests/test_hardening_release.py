@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -269,7 +270,7 @@ class World:
     def policy_dir(self, d: Path, pol: Pol) -> Path:
         d.mkdir(parents=True)
         for name in FIRMWARE.values():
-            (d / name).symlink_to(FIRMWARE_DIR / name)
+            shutil.copyfile(FIRMWARE_DIR / name, (d / name))  # must live in the policy tree
         (d / f"{TENANT}.toml").write_text(policy_toml(pol))
         return d
 

@@ -201,7 +201,7 @@ def test_idle_connection_times_out_silently(tmp_path: Path) -> None:
 
 
 def test_stalled_frame_is_answered_with_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(channel, "READ_TIMEOUT", 0.2)
+    monkeypatch.setattr(channel, "FRAME_DEADLINE", 0.2)
     vm = VmDir.create(tmp_path / "vm")
     listener = Listener(vm, launch=False)
     try:
@@ -215,3 +215,109 @@ def test_stalled_frame_is_answered_with_an_error(tmp_path: Path, monkeypatch: py
             assert header == answer
     finally:
         listener.close()
+
+
+# -- review item 8 (docs/security.md REVIEW-8): whole-frame deadline, connections served concurrently ----
+@pytest.fixture()
+def listening(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[VmDir]:
+    """`Listener.serve()` (what `host-install listen` runs) in a thread, with a 1.5 s frame deadline."""
+    monkeypatch.setattr(channel, "FRAME_DEADLINE", 1.5)
+    vm = VmDir.create(tmp_path / "vm", snp=True)
+    listener = Listener(vm, launch=False)
+    t = threading.Thread(target=listener.serve, daemon=True)
+    t.start()
+    try:
+        yield vm
+    finally:
+        listener.close()
+        t.join(5)
+
+
+def test_a_trickled_frame_is_cut_off_at_the_whole_frame_deadline(listening: VmDir) -> None:
+    """One byte every 0.3 s: each read is quick, but the frame as a whole misses its deadline; before
+    the fix (a per-read timeout) this frame was read to its end, however long it took."""
+    frame = encode_frame(REQUEST_MAGIC, {"version": 1, "op": "install", "fwid": None}, b"x" * 64)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(str(listening.channel_path))
+        sent = 0
+        for byte in frame:
+            try:
+                s.sendall(bytes([byte]))
+            except OSError:
+                break  # the listener closed the connection: it gave up on the frame
+            sent += 1
+            ready = s.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) if _readable(s) else b""
+            if ready:
+                break
+            time.sleep(0.3)
+        header, _ = read_frame(s, ANSWER_MAGIC)
+    assert header["exit_code"] == 2 and "not complete within 1.5s" in header["error"], header
+    assert sent < len(frame)  # answered long before the trickle would have ended
+
+
+def _readable(s: socket.socket) -> bool:
+    import select
+    return bool(select.select([s], [], [], 0)[0])
+
+
+def test_a_silent_connection_and_a_trickler_do_not_hold_up_an_operator(listening: VmDir,
+                                                                      firmware_dir: Path) -> None:
+    """QEMU's chardev connection stays open and silent; a second peer trickles; an operator's
+    request on the same socket is answered meanwhile (before the fix it hung behind the first)."""
+    addon = build_addon([("edk2-2026.08", (firmware_dir / FW_2026).read_bytes())])
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as qemu_like, \
+            socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as trickler:
+        qemu_like.connect(str(listening.channel_path))
+        trickler.connect(str(listening.channel_path))
+        trickler.sendall(REQUEST_MAGIC[:2])
+        answer = request_update(listening.channel_path, addon, timeout=20)
+        assert answer["ok"] and answer["status"] == "installed", answer
+        # the silent connection still works afterwards, for several frames in a row (as QEMU's does)
+        qemu_like.settimeout(20)
+        for status in ("unchanged", "unchanged"):
+            qemu_like.sendall(encode_frame(REQUEST_MAGIC, {"version": 1, "op": "install", "fwid": None}, addon))
+            header, _ = read_frame(qemu_like, ANSWER_MAGIC)
+            assert header["ok"] and header["status"] == status, header
+
+
+def test_concurrent_installs_are_serial_not_refused(listening: VmDir, firmware_dir: Path) -> None:
+    """Two operators at once: both answered, neither sees "another host-install is working" (the
+    listener queues them; the flock still refuses other processes), and the journal's two
+    transactions do not interleave."""
+    from host_install.journal import Journal
+    images = [(firmware_dir / FW_2026).read_bytes(), (firmware_dir / "edk2-2025.02-OVMF.fd").read_bytes()]
+    answers: list[dict[str, Any]] = []
+
+    def ask(data: bytes, fwid: str) -> None:
+        answers.append(request_update(listening.channel_path, build_addon([(fwid, data)]), timeout=60))
+
+    threads = [threading.Thread(target=ask, args=(data, f"fw{i}")) for i, data in enumerate(images)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(a["status"] for a in answers) == ["installed", "installed"], answers
+    txs = [r["tx"] for r in Journal(listening.journal_path).records() if r.get("tx")]
+    assert len(set(txs)) == 2
+    first = txs[0]
+    assert txs[:txs.count(first)] == [first] * txs.count(first)  # one transaction, then the other
+
+
+def test_listen_answers_busy_past_max_connections(tmp_path: Path) -> None:
+    vm = VmDir.create(tmp_path / "vm", snp=True)
+    listener = Listener(vm, launch=False, max_connections=1)
+    t = threading.Thread(target=listener.serve, daemon=True)
+    t.start()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as held, \
+                socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as extra:
+            held.connect(str(vm.channel_path))
+            time.sleep(0.5)  # let the listener take the first connection
+            extra.settimeout(10)
+            extra.connect(str(vm.channel_path))
+            header, _ = read_frame(extra, ANSWER_MAGIC)
+        assert header["exit_code"] == 2 and "already serves 1 connections" in header["error"]
+    finally:
+        listener.close()
+        t.join(5)

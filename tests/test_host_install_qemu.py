@@ -141,3 +141,46 @@ def test_first_install_that_cannot_boot_leaves_no_firmware(tmp_path: Path, firmw
         assert status(vm)["consistent"]
     finally:
         stop_quietly(vm)
+
+
+def test_operator_request_answered_while_qemus_chardev_is_connected(tmp_path: Path, firmware_dir: Path) -> None:
+    """REVIEW-8 (docs/security.md) with the real QEMU: once the relaunched VM's virtio-serial
+    chardev holds its connection to `host-install listen`, an operator's request on the same
+    socket is still answered (before the fix the listener sat on QEMU's silent connection)."""
+    import threading
+    import time
+
+    from host_install.channel import Listener, request_update
+
+    vm = make_vm(tmp_path / "vm", firmware_dir, update_port=True)
+    addon = build_addon([("edk2-2026.08", (firmware_dir / FW_2026).read_bytes())])
+    listener = Listener(vm)
+    t = threading.Thread(target=listener.serve, daemon=True)
+    t.start()
+    try:
+        first = request_update(vm.channel_path, addon, timeout=120)
+        assert first["ok"] and first["result"]["launched"] is True, first
+        pid = qemu.running_pid(vm)
+        deadline = time.monotonic() + 30  # QEMU's chardev (reconnect=1) connects within a second or two
+        while time.monotonic() < deadline and not _has_peer(listener, pid):
+            time.sleep(0.2)
+        assert _has_peer(listener, pid), "QEMU's chardev never connected to the listener"
+        again = request_update(vm.channel_path, addon, timeout=30)
+        assert again["ok"] and again["status"] == "unchanged", again
+        assert _has_peer(listener, pid)  # and QEMU's connection is still being served
+    finally:
+        listener.close()
+        stop_quietly(vm)
+
+
+def _has_peer(listener: object, pid: int | None) -> bool:
+    import socket
+    import struct
+    for conn in list(getattr(listener, "_conns", ())):
+        try:
+            peer = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+        except OSError:
+            continue
+        if peer == pid:
+            return True
+    return False

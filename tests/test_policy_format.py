@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import textwrap
 from pathlib import Path
 
@@ -276,7 +277,7 @@ def test_bytes_path_must_stay_inside_the_policy_directory(tmp_path: Path) -> Non
 def test_real_firmware_file_digest_is_checked(tmp_path: Path) -> None:
     digest = hashlib.sha384(FW_2026.read_bytes()).hexdigest()
     (tmp_path / "fw").mkdir()
-    (tmp_path / "fw" / "ovmf.fd").symlink_to(FW_2026)
+    shutil.copyfile(FW_2026, (tmp_path / "fw" / "ovmf.fd"))  # must live in the policy tree
     text = GOOD.replace(f'sha384 = "{D2}"\nsvn = 2\nbytes = "uploaded"',
                         f'sha384 = "{digest}"\nsvn = 2\nbytes = "fw/ovmf.fd"')
     pol = load_policy(write(tmp_path, text))
@@ -290,7 +291,7 @@ def test_real_firmware_file_digest_is_checked(tmp_path: Path) -> None:
 def test_non_snp_firmware_file_is_refused(tmp_path: Path) -> None:
     nosev = FIRMWARE_DIR / "edk2-2022.11-OVMF_CODE_4M-no-sev-metadata.fd"
     digest = hashlib.sha384(nosev.read_bytes()).hexdigest()
-    (tmp_path / "n.fd").symlink_to(nosev)
+    shutil.copyfile(nosev, (tmp_path / "n.fd"))  # must live in the policy tree
     text = GOOD.replace(f'sha384 = "{D2}"\nsvn = 2\nbytes = "uploaded"', f'sha384 = "{digest}"\nsvn = 2\nbytes = "n.fd"')
     _, errors = parse_policy(text, write(tmp_path, text))
     assert len(errors) == 1 and "cannot be an SEV-SNP firmware" in errors[0].why and errors[0].line == 18

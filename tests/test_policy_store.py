@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import subprocess
 import threading
 from pathlib import Path
@@ -68,8 +69,8 @@ def repo(tmp_path: Path) -> Path:
     r.mkdir()
     git(r, "init", "-q", "-b", "main")
     (r / "fw").mkdir()
-    (r / "fw" / "v1.fd").symlink_to(FW_V1)
-    (r / "fw" / "v2.fd").symlink_to(FW_V2)
+    shutil.copyfile(FW_V1, (r / "fw" / "v1.fd"))  # must live in the policy tree
+    shutil.copyfile(FW_V2, (r / "fw" / "v2.fd"))  # must live in the policy tree
     git(r, "add", "fw")
     git(r, "commit", "-q", "-m", "firmware")
     return r
@@ -217,7 +218,7 @@ def test_concurrent_gets_during_reloads(tmp_path: Path) -> None:
     d = tmp_path / "p"
     d.mkdir()
     (d / "acme.toml").write_text(policy_text(fw_entry("v2", FW_V2, 2, "fw.fd")))
-    (d / "fw.fd").symlink_to(FW_V2)
+    shutil.copyfile(FW_V2, (d / "fw.fd"))  # must live in the policy tree
     store = PolicyStore(d, cache_dir=tmp_path / "cache", min_interval=0)
     errors: list[BaseException] = []
     seen: set[int] = set()

@@ -16,7 +16,9 @@ raises `PolicyErrors` when there is any. Nothing here touches the report.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,9 +35,12 @@ if TYPE_CHECKING:
 
 FORMAT_VERSION = 1
 MAX_POLICY_SIZE = 1024 * 1024          # a policy is text written by people; bound what we read
-TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-FIRMWARE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
-RESOURCE_PART_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# The one name rule of firmgate (the broker uses these too); always `fullmatch` (`$` alone
+# matches before a final newline). A resource part is at most 64 characters: the broker stores
+# "<tenant>/<type>/<tag>" in 256 and has always refused longer parts.
+TENANT_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+FIRMWARE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
+RESOURCE_PART_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 UPLOADED = "uploaded"
 INITDATA = "initdata"
 VMMS = _MEASURE_VMMS                    # sev-snp-measure --vmm-type values
@@ -551,10 +556,30 @@ def tenant_of(path: str | Path) -> str:
     return Path(path).stem
 
 
-def read_firmware_file(path: Path, fwid: str | None = None) -> bytes:
-    """The firmware image in a file: a UKI add-on (its `.efifw` entry `fwid`, or its only one) or a raw image."""
+def read_firmware_file(path: Path, fwid: str | None = None, root: Path | None = None) -> bytes:
+    """The firmware image in a file: a UKI add-on (its `.efifw` entry `fwid`, or its only one) or a raw image.
+
+    With `root` (the policy file's directory): the file must resolve inside it, symlinks
+    included, and be a regular file of at most MAX_ADDON_SIZE bytes. It is opened non-blocking,
+    so a FIFO or a device named by a policy fails at once instead of hanging the loader
+    (docs/security.md REVIEW-6). Nothing about a refused file's content is ever read.
+    """
     from ..firmware.addon import MAX_ADDON_SIZE, read_addon
-    with path.open("rb") as fh:
+    target = path
+    if root is not None:
+        target = path.resolve(strict=True)  # OSError (ENOENT, ELOOP) for a missing file or a loop
+        if not target.is_relative_to(root.resolve(strict=True)):
+            raise FirmgateError(f"{path.name} resolves outside the policy's directory "
+                                "(firmware files must live in the policy tree)")
+    # O_NOFOLLOW on the resolved name: a symlink swapped in after resolve() is refused too.
+    nofollow = os.O_NOFOLLOW if root is not None else 0
+    fd = os.open(target, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | nofollow)
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise FirmgateError(f"{path.name} is not a regular file")
+        if st.st_size > MAX_ADDON_SIZE:
+            raise FirmgateError(f"{path.name} is larger than {MAX_ADDON_SIZE} bytes")
         data = fh.read(MAX_ADDON_SIZE + 1)
     if len(data) > MAX_ADDON_SIZE:
         raise FirmgateError(f"{path.name} is larger than {MAX_ADDON_SIZE} bytes")
@@ -574,7 +599,7 @@ def _check_files(errs: _Errors, firmware: list[tuple[int, FirmwareEntry]], base:
         p: P = ("firmware", "allowed", i, "bytes")
         f = base / fw.location
         try:
-            payload = read_firmware_file(f, fw.id)
+            payload = read_firmware_file(f, fw.id, root=base)
         except OSError as exc:
             errs.add(p, f"firmware file {fw.location!r} cannot be read: {exc.strerror or exc}")
             continue

@@ -77,7 +77,7 @@ class ReferenceTable:
                 self.missing[fw.id] = "bytes not uploaded yet"
                 continue
             try:
-                payload = read_firmware_file(base / fw.location, fw.id)
+                payload = read_firmware_file(base / fw.location, fw.id, root=base)
             except OSError as exc:
                 raise FirmwareError(f"firmware {fw.id}: cannot read {fw.location}: {exc.strerror or exc}") from exc
             self.add_payload(fw, payload)

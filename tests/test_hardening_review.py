@@ -1,0 +1,483 @@
+"""Regression tests for the outside review of issue 14 (docs/security.md, REVIEW-1 .. REVIEW-10).
+
+Each attack of the review, replayed over the interface it used: HTTP on loopback
+against the real broker (real verifier, `sim` evidence), the `firmgate` command
+line, or the host's update socket. REVIEW-5 and REVIEW-8 live beside the tests
+they extend (test_broker_protocol.py, test_broker_e2e.py, test_host_install_channel.py).
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import secrets
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import rfc8785
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_broker_support import (
+    KBS_ERR,
+    Guest,
+    admin,
+    b64url,
+    guest_report_data,
+    http,
+    new_tee_key,
+)
+
+from broker import create_app
+
+REPO = Path(__file__).resolve().parent.parent
+OP = "review-operator"
+FIRMGATE = str(Path(sys.executable).parent / "firmgate")
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/self/status")
+
+
+class MeteredServer:
+    """The broker on loopback (werkzeug, one thread per request), measuring each request's CPU time
+    in the thread that served it (thread_time: what the server spent, not wall time on a busy host)."""
+
+    def __init__(self, app: Any) -> None:
+        from werkzeug.serving import make_server
+        self.app = app
+        self.cpu: list[tuple[str, float]] = []
+        self.trace_next = False
+        self.peak: list[int] = []
+        self.server = make_server("127.0.0.1", 0, self._wsgi, threaded=True)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def _wsgi(self, environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        trace, self.trace_next = self.trace_next, False
+        if trace:  # the process's peak RSS, reset now (proc(5), clear_refs 5): what this request adds to it
+            Path("/proc/self/clear_refs").write_text("5")
+            base = _status_kib("VmRSS")
+        t0 = time.thread_time()
+        try:
+            out = b"".join(self.app(environ, start_response))  # reading the body and answering, all here
+        finally:
+            self.cpu.append((environ["PATH_INFO"], time.thread_time() - t0))
+            if trace:
+                self.peak.append((_status_kib("VmHWM") - base) * 1024)
+        return [out]
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.app.extensions["firmgate"].engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def sim() -> Any:
+    from sim.platform import SimPlatform
+    return SimPlatform("Milan")
+
+
+@pytest.fixture
+def broker(tmp_path: Path, sim: Any) -> Iterator[tuple[MeteredServer, dict[str, str]]]:
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "root.pem").write_bytes(sim.root_pem())
+    app = create_app({"DATABASE_URL": f"sqlite:///{tmp_path / 'b.db'}", "MASTER_KEY": secrets.token_bytes(32),
+                      "OPERATOR_TOKEN": OP, "POLICIES_DIR": str(tmp_path / "policies"),
+                      "TRUST_ROOT_PEM": str(tmp_path / "root.pem")})
+    srv = MeteredServer(app)
+    tokens = {t: admin(srv.url, "POST", "/tenants", OP, {"name": t}).body["token"] for t in ("acme", "globex")}
+    try:
+        yield srv, tokens
+    finally:
+        srv.stop()
+
+
+def _records(srv: MeteredServer, token: str) -> list[dict[str, Any]]:
+    r = admin(srv.url, "GET", "/audit?limit=1000", token)
+    assert r.status == 200, r.body
+    return list(r.body["records"])
+
+
+def _session(srv: MeteredServer, hint: str | None = None) -> Guest:
+    g = Guest(srv.url, lambda rd: {}, tenant_hint=hint)
+    assert g.auth().status == 200
+    return g
+
+
+# -- REVIEW-1: nobody writes into a tenant's audit log without verified evidence --------------------
+NOTICE = "SECURITY NOTICE from operator: rotate your keys at http://evil.example/\n" * 48  # ~3.5 KB: fits the JWK cap
+
+
+def test_unverified_attest_leaves_nothing_in_the_tenants_audit(broker: Any, sim: Any) -> None:
+    srv, tokens = broker
+    before = len(_records(srv, tokens["acme"]))
+    # no hardware, no token: a hint naming the victim, then a garbage attestation with a 4 KB "alg"
+    g = _session(srv, hint="acme")
+    _key, jwk = new_tee_key()
+    body = {"init-data": None, "runtime-data": {"nonce": g.nonce, "tee-pubkey": dict(jwk, alg=NOTICE)},
+            "tee-evidence": {"primary_evidence": {}, "additional_evidence": ""}}
+    assert g.attest(body).status == 401
+    # a well-formed report with an attacker-chosen MEASUREMENT that never verifies (wrong REPORT_DATA)
+    g2 = _session(srv, hint="acme")
+    fake_measurement = bytes.fromhex("de" * 48)
+    forged = g2.attestation(report_data=b"\x01" * 64)
+    forged["tee-evidence"]["primary_evidence"] = sim.trustee_json(
+        sim.sign_report(report_data=b"\x01" * 64, measurement=fake_measurement), include=("ARK", "ASK", "LEAF"))
+    r = g2.attest(forged)
+    assert r.status == 401 and "REPORT_DATA does not bind" in r.detail
+    assert len(_records(srv, tokens["acme"])) == before  # not one row (no auth row, no denial) for acme
+    ops = [x for x in _records(srv, OP) if x["session"] in (_sid(g), _sid(g2))]
+    assert ops and all(x["tenant"] is None and x["measurement"] is None for x in ops), ops
+    denial = next((x for x in ops if x["session"] == _sid(g) and x["outcome"] == "denied"), None)
+    assert denial is not None, ops
+    assert len(denial["reason"]) < 300 and "\n" not in denial["reason"] and "\\n" in denial["reason"]
+    assert "de" * 48 not in json.dumps(_records(srv, OP))  # the unverified MEASUREMENT is nowhere
+
+
+def _sid(g: Guest) -> str:
+    return next(str(c.value) for c in g.jar if c.name == "kbs-session-id")
+
+
+def test_unverified_rows_have_the_short_retention(broker: Any) -> None:
+    from broker import nonces
+    srv, _tokens = broker
+    g = _session(srv, hint="acme")
+    assert g.attest(g.attestation(report_data=b"\x01" * 64)).status == 401
+    admin_row = [x for x in _records(srv, OP) if x["event"] == "admin"]
+    with srv.app.extensions["firmgate"].engine.connect() as db:
+        nonces.purge_expired(db, audit_days=90, auth_audit_hours=0)  # the short retention has passed
+    left = _records(srv, OP)
+    assert not any(x["session"] == _sid(g) for x in left)  # its auth row and its denial are gone
+    assert [x for x in left if x["event"] == "admin"] == admin_row  # the 90-day rows are not
+
+
+# -- REVIEW-2: work before verification is bounded ----------------------------------------------------
+MAX_BODY = 16 * 1024 * 1024  # ATTEST_MAX_BYTES
+
+
+def _hostile_body(nonce: str, jwk: dict[str, Any], primary: Any) -> bytes:
+    """A body of exactly 16 MiB whose additional_evidence is as many '"' as fit (each is 2 bytes in JSON)."""
+    head = json.dumps({"init-data": None, "runtime-data": {"nonce": nonce, "tee-pubkey": jwk},
+                       "tee-evidence": {"primary_evidence": primary, "additional_evidence": ""}})
+    assert head.endswith('""}}')
+    quotes, pad = divmod(MAX_BODY - len(head), 2)
+    return (" " * pad + head[:-3] + '\\"' * quotes + head[-3:]).encode()
+
+
+def test_a_maximal_hostile_attest_body_costs_little_cpu_and_memory(broker: Any) -> None:
+    """The review's body (16 MB, 8 million '"' in additional_evidence, primary_evidence {}) cost
+    ~1.6 s of CPU and ~85 MiB before the fix. The bound asserted is the issue's: under 100 ms of the
+    serving thread's CPU time (not wall time), and a peak RSS growth of less than four bodies.
+    (tracemalloc would count the 190 MB that orjson reserves for a 16 MB document but never touches.)"""
+    srv, _ = broker
+    _key, jwk = new_tee_key()
+    g = _session(srv)
+    body = _hostile_body(g.nonce or "", jwk, {})
+    assert len(body) == MAX_BODY
+    r = http("POST", srv.url + "/kbs/v0/attest", raw=body, opener=g.opener,
+             headers={"Content-Type": "application/json"})
+    assert r.status == 401 and r.body["type"] == KBS_ERR + "AttestationError", r.body
+    path, cpu = srv.cpu[-1]
+    assert path == "/kbs/v0/attest" and cpu < 0.100, f"{cpu * 1000:.0f} ms of server CPU"
+    g2 = _session(srv)
+    srv.trace_next = True
+    r = http("POST", srv.url + "/kbs/v0/attest", raw=_hostile_body(g2.nonce or "", jwk, {}), opener=g2.opener,
+             headers={"Content-Type": "application/json"})
+    assert r.status == 401
+    # the body is 16 MiB (read, then parsed: ~48 MiB here); before the fix ~85 MiB per request
+    assert srv.peak[-1] < 4 * MAX_BODY, f"peak RSS grew by {srv.peak[-1] / 2**20:.0f} MiB"
+
+
+def test_additional_evidence_above_the_cap_is_refused_before_the_nonce(broker: Any) -> None:
+    from broker.kbs import MAX_ADDITIONAL_EVIDENCE
+    srv, _ = broker
+    g = _session(srv)
+    body = g.attestation(additional="x" * (MAX_ADDITIONAL_EVIDENCE + 1))
+    r = g.attest(body)
+    assert r.status == 401 and "longer than 11250348 characters" in r.detail
+    body["tee-evidence"]["additional_evidence"] = ""
+    again = g.attest(body)  # refused for its evidence ({}), not for a spent nonce: the cap ran first
+    assert again.status == 401 and "already used" not in again.detail and "evidence rejected" in again.detail
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.characters(codec="utf-8"), max_size=64),
+       st.text(max_size=8).filter(lambda s: all(not 0xD800 <= ord(c) <= 0xDFFF for c in s)))
+def test_report_data_hash_is_sha384_of_the_rfc8785_form(additional: str, nonce: str) -> None:
+    """The broker hashes member by member with orjson for the big string; the result must be RFC 8785
+    (the rfc8785 package) and what a guest computes (json.dumps with sorted keys, test_broker_support)."""
+    from broker.runtime_data import expected_report_data
+    jwk = {"kty": "EC", "crv": "P-256", "x": "AQ", "y": "Ag", "alg": "ECDH-ES+A256KW"}
+    want = hashlib.sha384(rfc8785.dumps({"additional-evidence": additional, "nonce": nonce,
+                                         "tee-pubkey": jwk})).digest().ljust(64, b"\0")
+    assert expected_report_data(nonce, jwk, additional) == want == guest_report_data(nonce, jwk, additional)
+
+
+# -- REVIEW-3: the wrong master key -------------------------------------------------------------------
+def _fg(*argv: str) -> subprocess.CompletedProcess[bytes]:
+    """The `firmgate` console script in its own process, as an operator runs it (~2 s a call here)."""
+    return subprocess.run([FIRMGATE, *argv], capture_output=True, timeout=120, check=False)
+
+
+def _cli(*argv: str) -> Any:
+    """`firmgate ARGV` in this process: the console script's main(), output captured."""
+    from test_broker_units import _fg as in_process
+    return in_process(*argv)
+
+
+def test_secret_put_and_rm_with_the_wrong_master_key_change_nothing(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'b.db'}"
+    right, wrong = tmp_path / "right.key", tmp_path / "wrong.key"
+    right.write_bytes(b"\x11" * 32)
+    wrong.write_bytes(b"\x22" * 32)
+    assert _cli("tenant", "add", "acme", "--db", db).returncode == 0
+    assert _cli("secret", "put", "acme/key/disk", "--value", "LIVE", "--db", db,
+               "--master-key-file", str(right)).returncode == 0
+    for run, argv in ((_fg, ["secret", "put", "acme/key/disk", "--value", "X"]),  # the console script once
+                      (_cli, ["secret", "rm", "acme/key/disk"])):
+        r = run(*argv, "--db", db, "--master-key-file", str(wrong))
+        assert r.returncode == 2, r
+        assert r.stderr.decode().startswith("error: the master key does not open this database") and \
+            r.stderr.count(b"\n") == 1, r.stderr
+    from sqlalchemy.orm import Session
+
+    from broker import vault
+    from broker.db import make_engine
+    from broker.secretbox import SecretBox
+    engine = make_engine(db)
+    with Session(engine) as orm:
+        assert vault.get_secret(orm, SecretBox(b"\x11" * 32), "acme",
+                                vault.ResourcePath.parse("acme/key/disk")) == b"LIVE"
+    engine.dispose()
+
+
+def test_a_value_that_does_not_decrypt_is_a_generic_500(tmp_path: Path) -> None:
+    """A broker whose stored value was sealed under another key (what the old CLI let happen):
+    /resource answers 500 with a generic detail, never a 401 that sends the guest round the loop."""
+    from test_broker_protocol import GOOD_FW, FakeAppraiser, fake_evidence
+    from test_broker_support import LiveServer
+
+    from broker import vault
+    from broker.secretbox import SecretBox
+    fake = FakeAppraiser()
+    fake.policies["acme"] = {"rev": 1, "measurements": {GOOD_FW: "fw"}, "resources": {"acme/key/disk": ["fw"]}}
+    srv = LiveServer(create_app({"DATABASE_URL": f"sqlite:///{tmp_path / 'b.db'}", "MASTER_KEY": b"\x11" * 32,
+                                 "OPERATOR_TOKEN": OP, "APPRAISER": fake}))
+    try:
+        admin(srv.url, "POST", "/tenants", OP, {"name": "acme"})
+        with srv.app.extensions["firmgate"].sessions() as orm:
+            vault.put_secret(orm, SecretBox(b"\x22" * 32), "acme", vault.ResourcePath.parse("acme/key/disk"), b"v")
+        g = Guest(srv.url, fake_evidence())
+        g.auth()
+        assert g.attest().status == 200
+        r = g.resource("acme/key/disk")
+        assert r.status == 500 and r.body == {"type": KBS_ERR + "HTTPFailed",
+                                              "detail": "internal error; see the broker log"}, r.body
+    finally:
+        srv.stop()
+
+
+# -- REVIEW-4: one name rule, fullmatch, everywhere ----------------------------------------------------
+@pytest.mark.parametrize("name", ["acme\n", "Acme.Corp", "ACME", "a" * 64, ".acme", "acme/x"])
+def test_names_outside_the_policy_files_rule_are_refused(broker: Any, name: str) -> None:
+    srv, _tokens = broker
+    r = admin(srv.url, "POST", "/tenants", OP, {"name": name})
+    assert r.status == 400, (name, r.body)
+    r = http("POST", srv.url + "/kbs/v0/auth", {"version": "0.4.0", "tee": "snp", "extra-params": {"tenant": name}})
+    assert r.status == 401 and "not a valid tenant name" in r.body["detail"]
+
+
+def test_trailing_newline_paths_are_refused_over_http_and_cli(broker: Any, tmp_path: Path) -> None:
+    srv, tokens = broker
+    r = admin(srv.url, "PUT", "/secrets/acme/key/disk%0A", tokens["acme"], raw=b"v")
+    assert r.status == 404
+    r = http("GET", srv.url + "/kbs/v0/resource/acme/key/disk%0A")
+    assert r.status == 404 and r.body["type"] == KBS_ERR + "InvalidRequestPath"
+    db = f"sqlite:///{tmp_path / 'cli.db'}"
+    assert _cli("tenant", "add", "acme\n", "--db", db).returncode == 2
+    assert _cli("tenant", "add", "acme", "--db", db).returncode == 0
+    key = tmp_path / "k"
+    key.write_bytes(b"\x11" * 32)
+    ran = _cli("secret", "put", "acme/key/disk\n", "--value", "v", "--db", db, "--master-key-file", str(key))
+    assert ran.returncode == 2 and b"must be TENANT/TYPE/TAG" in ran.stderr
+
+
+def test_an_older_database_with_other_names_keeps_working(tmp_path: Path) -> None:
+    """Rows an older broker stored under names the rule now refuses: the broker starts, the operator
+    lists and removes them; nothing new is created under such a name."""
+    from sqlalchemy import text
+
+    from broker.db import make_engine, migrate
+    from broker.secretbox import SecretBox
+    db = f"sqlite:///{tmp_path / 'old.db'}"
+    key = tmp_path / "k"
+    key.write_bytes(b"\x11" * 32)
+    assert _cli("tenant", "add", "acme", "--db", db).returncode == 0
+    assert _cli("secret", "put", "acme/key/disk", "--value", "v", "--db", db, "--master-key-file", str(key)).returncode == 0
+    engine = make_engine(db)
+    migrate(engine)
+    nonce, sealed = SecretBox(b"\x11" * 32).seal("Acme.Corp", "Acme.Corp/key/disk", b"old")
+    with engine.begin() as conn:  # what an older broker stored: tenant "Acme.Corp" and its secret
+        conn.execute(text("INSERT INTO fg_tenants (name, created_at) VALUES ('Acme.Corp', 0)"))
+        conn.execute(text("INSERT INTO fg_secrets (tenant, path, nonce, ciphertext, created_at, updated_at) "
+                          "VALUES ('Acme.Corp', 'Acme.Corp/key/disk', :n, :c, 0, 0)"), {"n": nonce, "c": sealed})
+    engine.dispose()
+    r = _cli("secret", "list", "Acme.Corp", "--db", db)
+    assert r.returncode == 0 and b"Acme.Corp/key/disk" in r.stdout
+    assert _cli("secret", "put", "Acme.Corp/key/new", "--value", "v", "--db", db,
+               "--master-key-file", str(key)).returncode == 2
+    r = _cli("secret", "rm", "Acme.Corp/key/disk", "--db", db, "--master-key-file", str(key))
+    assert r.returncode == 0, r.stderr
+    assert _cli("secret", "list", "acme", "--db", db).stdout.startswith(b"acme/key/disk")
+
+
+# -- REVIEW-6: policy firmware files: regular, inside the tree, non-blocking ------------------------------
+def _policy_with_bytes(d: Path, location: str, digest: str) -> Path:
+    p = d / "acme.toml"
+    p.write_text(f'''version = 1
+[firmware]
+[[firmware.allowed]]
+id = "fw"
+sha384 = "{digest}"
+svn = 1
+bytes = "{location}"
+
+[[shapes]]
+vmm = "qemu"
+vcpus = [1]
+vcpu_types = ["EPYC-v4"]
+''')
+    return p
+
+
+def test_policy_bytes_symlink_out_of_the_tree_is_refused_without_reading_it(tmp_path: Path) -> None:
+    outside = tmp_path / "outside.txt"
+    outside.write_bytes(b"host-name-of-the-broker\n")
+    tree = tmp_path / "policies"
+    tree.mkdir()
+    (tree / "fw.fd").symlink_to(outside)
+    policy = _policy_with_bytes(tree, "fw.fd", "00" * 48)
+    r = _cli("policy", "check", str(policy))
+    assert r.returncode == 1, r
+    out = (r.stdout + r.stderr).decode()
+    assert "resolves outside the policy's directory" in out
+    assert hashlib.sha384(outside.read_bytes()).hexdigest()[:16] not in out  # nothing of the file leaks
+
+
+def test_policy_bytes_fifo_fails_at_once(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "fw.fd")
+    policy = _policy_with_bytes(tmp_path, "fw.fd", "00" * 48)
+    r = _fg("policy", "check", str(policy))  # blocked for ever before the fix (timeout=120 s here)
+    assert r.returncode == 1 and b"not a regular file" in r.stdout + r.stderr, r
+
+
+def test_policy_bytes_symlink_inside_the_tree_still_works(tmp_path: Path, firmware_dir: Path) -> None:
+    import shutil
+    fw = firmware_dir / "edk2-2026.08-OVMF.amdsev.fd"
+    (tmp_path / "store").mkdir()
+    shutil.copyfile(fw, tmp_path / "store" / "ovmf.fd")
+    (tmp_path / "fw.fd").symlink_to("store/ovmf.fd")
+    policy = _policy_with_bytes(tmp_path, "fw.fd", hashlib.sha384(fw.read_bytes()).hexdigest())
+    r = _cli("policy", "check", str(policy))
+    assert r.returncode == 0, r
+
+
+# -- REVIEW-7: an RSA tee-pubkey with an even modulus --------------------------------------------------
+def test_rsa_tee_pubkey_with_an_even_modulus_is_refused_at_attest(broker: Any, sim: Any) -> None:
+    srv, _ = broker
+    _key, jwk = new_tee_key("RSA")
+    n = int.from_bytes(base64.urlsafe_b64decode(jwk["n"] + "=="), "big") & ~1
+    g = _session(srv)
+    g.jwk = dict(jwk, n=b64url(n.to_bytes(256, "big")))
+    g.evidence_for = lambda rd: sim.trustee_json(sim.sign_report(report_data=rd), include=("ARK", "ASK", "LEAF"))
+    r = g.attest()
+    assert r.status == 401 and "RSA modulus is even" in r.detail, r.body
+
+
+# -- REVIEW-9: state outside the source tree, files 0600 ----------------------------------------------
+def test_serve_without_db_keeps_its_state_in_the_state_dir_0600(tmp_path: Path) -> None:
+    state = tmp_path / "xdg"
+    (tmp_path / "policies").mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FIRMGATE_")}
+    env["XDG_STATE_HOME"] = str(state)
+    proc = subprocess.Popen([FIRMGATE, "serve", "--policies", str(tmp_path / "policies"),
+                             "--port", str(port)], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if http("GET", f"http://127.0.0.1:{port}/healthz").status == 200:
+                    break
+            except OSError:
+                time.sleep(0.2)
+        d = state / "firmgate"
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700
+        files = sorted(p.name for p in d.iterdir())
+        assert "firmgate.db" in files and "master.key" in files, files
+        for f in d.iterdir():
+            assert stat.S_IMODE(f.stat().st_mode) == 0o600, (f.name, oct(f.stat().st_mode))
+        assert not (tmp_path / "instance").exists()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        if proc.stderr:
+            proc.stderr.close()
+    r = _cli("serve", "--help")
+    assert b"XDG_STATE_HOME" in r.stdout and b"FIRMGATE_STATE_DIR" in r.stdout
+    assert "instance/" in (REPO / ".gitignore").read_text().split()
+
+
+def test_an_explicit_sqlite_file_is_created_0600(tmp_path: Path) -> None:
+    db = tmp_path / "b.db"
+    app = create_app({"DATABASE_URL": f"sqlite:///{db}", "MASTER_KEY": secrets.token_bytes(32), "APPRAISER": object()})
+    try:
+        files = [p for p in tmp_path.iterdir() if p.name.startswith("b.db")]
+        assert {p.name for p in files} >= {"b.db", "b.db-wal", "b.db-shm"}, files  # WAL: the pool holds a connection
+        assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in files), [(p.name, oct(p.stat().st_mode)) for p in files]
+    finally:
+        app.extensions["firmgate"].engine.dispose()
+
+
+# -- REVIEW-10: the update channel's version is the integer 1 --------------------------------------------
+@pytest.mark.parametrize("version", [True, 1.0, "1"])
+def test_update_channel_version_must_be_the_integer_1(tmp_path: Path, version: Any) -> None:
+    from host_install.channel import (
+        ANSWER_MAGIC,
+        REQUEST_MAGIC,
+        Listener,
+        encode_frame,
+        read_frame,
+    )
+    from host_install.vm import VmDir
+    vm = VmDir.create(tmp_path / "vm", snp=True)
+    listener = Listener(vm, launch=False)
+    t = threading.Thread(target=listener.serve, daemon=True)
+    t.start()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(10)
+            s.connect(str(vm.channel_path))
+            s.sendall(encode_frame(REQUEST_MAGIC, {"version": version, "op": "install", "fwid": None}, b"MZ"))
+            header, _ = read_frame(s, ANSWER_MAGIC)
+        assert header["exit_code"] == 2 and "unsupported request version" in header["error"], header
+    finally:
+        listener.close()
+        t.join(5)
