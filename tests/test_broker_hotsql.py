@@ -90,3 +90,45 @@ def test_empty_many_runs_nothing(tmp_path: object) -> None:
             assert not conn.in_transaction()
     finally:
         engine.dispose()
+
+
+@pytest.mark.postgres
+def test_idle_connection_is_pinged_and_a_used_one_fails_once(db: DbSpec, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """PostgreSQL: a pooled connection idle past PING_IDLE_S is pinged and replaced if dead; one
+    reused sooner is not pinged, so its death costs that one request a DBAPIError (a 503), then
+    the pool hands out a live connection."""
+    if db.kind != "postgres":
+        pytest.skip("server connections only")
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import DBAPIError
+
+    from broker import db as dbmod
+    from tests.test_broker_support import PG_URL
+    assert PG_URL is not None
+    engine = make_engine(db.url)
+    migrate(engine)
+    killer = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+
+    def kill_pooled() -> int:
+        with engine.connect() as conn:
+            pid = int(conn.execute(text("SELECT pg_backend_pid()")).scalar_one())
+        with killer.connect() as k:
+            assert k.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid}).scalar_one() is True
+        return pid
+
+    try:
+        monkeypatch.setattr(dbmod, "PING_IDLE_S", 0.0)  # every checkout counts as idle: pinged
+        dead = kill_pooled()
+        with engine.connect() as conn:
+            assert int(conn.execute(text("SELECT pg_backend_pid()")).scalar_one()) != dead
+        monkeypatch.setattr(dbmod, "PING_IDLE_S", 3600.0)  # never idle long enough: not pinged
+        kill_pooled()
+        with pytest.raises(DBAPIError) as lost, engine.connect() as conn:
+            run(conn, Hot(select(AuditRecord.id).limit(1)), {}, fetch=True)
+        assert lost.value.connection_invalidated is True  # seen as a lost connection, not bad SQL
+        with engine.connect() as conn:  # the dead one was discarded
+            assert run(conn, Hot(select(AuditRecord.id).limit(1)), {}, fetch=True) == []
+            assert conn.execute(text("SELECT 1")).scalar_one() == 1
+    finally:
+        engine.dispose()
+        killer.dispose()
