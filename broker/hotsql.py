@@ -18,11 +18,12 @@ of the Core statement: no dialect is written by hand.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy.engine import Connection, Dialect
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, StatementError
 from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.sql.expression import Executable
 
@@ -57,6 +58,35 @@ def _args(order: tuple[str, ...] | None, defaults: dict[str, Any], params: Mappi
     return tuple(merged[k] for k in order) if order is not None else merged
 
 
+def _wrap(db: Connection, exc: Any, sql: str, args: Any, raw: Any, cursor: Any) -> StatementError:
+    """The exception `Connection.execute` would raise for the driver's `exc` (a lost connection invalidated)."""
+    lost = db.dialect.is_disconnect(exc, raw, cursor)
+    if lost:
+        db.invalidate(exc)
+    err: StatementError = DBAPIError.instance(sql, args, exc, db.dialect.loaded_dbapi.Error,
+                                              connection_invalidated=lost, dialect=db.dialect)
+    return err
+
+
+@contextmanager
+def one_round_trip(db: Connection | OrmSession) -> Iterator[None]:
+    """On PostgreSQL (psycopg), what `run` sends inside the block, and a `db.commit()` ending it, go
+    to the server in one round trip (psycopg's pipeline mode); a statement's error surfaces at
+    that commit, as the same SQLAlchemy exception. Elsewhere the block runs as written."""
+    if not isinstance(db, Connection) or db.dialect.driver != "psycopg":
+        yield
+        return
+    if not db.in_transaction():
+        db.begin()
+    raw = db.connection.dbapi_connection
+    assert raw is not None
+    try:
+        with raw.pipeline():
+            yield
+    except db.dialect.loaded_dbapi.Error as exc:
+        raise _wrap(db, exc, "(pipeline)", None, raw, None) from exc
+
+
 def run(db: Connection | OrmSession, hot: Hot, params: Mapping[str, Any] | Sequence[Mapping[str, Any]] = (),
         fetch: bool = False) -> list[tuple[Any, ...]]:
     """Execute `hot` with one parameter set, or many (a list: executemany); the rows if `fetch`."""
@@ -82,10 +112,6 @@ def run(db: Connection | OrmSession, hot: Hot, params: Mapping[str, Any] | Seque
             cursor.execute(sql, args)
         return list(cursor.fetchall()) if fetch else []
     except db.dialect.loaded_dbapi.Error as exc:
-        lost = db.dialect.is_disconnect(exc, raw, cursor)
-        if lost:
-            db.invalidate(exc)
-        raise DBAPIError.instance(sql, args, exc, db.dialect.loaded_dbapi.Error,
-                                  connection_invalidated=lost, dialect=db.dialect) from exc
+        raise _wrap(db, exc, sql, args, raw, cursor) from exc
     finally:
         cursor.close()

@@ -30,6 +30,7 @@ from . import audit, metrics, nonces, vault
 from .appraisal import Attested
 from .db import now_ms
 from .errors import ApiError
+from .hotsql import one_round_trip
 from .jwe import encrypt, load_tee_pubkey
 from .limits import json_body, valid_resource, valid_tenant
 from .release import decide, public_denial, summarize_failures
@@ -89,10 +90,11 @@ def auth() -> Response:
     if now_ms() % 50 == 0:  # now and then, not on every request
         cfg = current_app.config
         nonces.purge_expired(db, int(cfg["AUDIT_RETENTION_DAYS"]), int(cfg["AUTH_AUDIT_RETENTION_HOURS"]))
-    # The session and its audit row in one transaction.
-    new = nonces.new_session(db, str(tee), int(current_app.config["SESSION_TTL"]), hint, commit=False)
-    # Operator-only: the hint is the caller's word, not a fact a tenant should find in its log.
-    audit.record(db, event="auth", outcome="ok", reason="challenge issued", tenant=None, session_id=new.id)
+    # The session and its audit row in one transaction (one round trip on PostgreSQL).
+    with one_round_trip(db):
+        new = nonces.new_session(db, str(tee), int(current_app.config["SESSION_TTL"]), hint, commit=False)
+        # Operator-only: the hint is the caller's word, not a fact a tenant should find in its log.
+        audit.record(db, event="auth", outcome="ok", reason="challenge issued", tenant=None, session_id=new.id)
     metrics.count_event("auth", "ok")
     resp = jsonify({"nonce": new.nonce, "extra-params": ""})
     _set_cookie(resp, new.id, new.expires_at)
@@ -269,17 +271,19 @@ def attest() -> Response:
                         init_data=init_data, host_data=attested.host_data, snp=attested.snp_claims, ttl_s=ttl)
     token = st.token_key.sign(claims)
     expires_at = max(consumed.expires_at, claims["exp"] * 1000)
-    # The session's new state, its verdicts and the audit rows: one transaction.
-    nonces.mark_attested(db, sid, {
-        "evidence_json": _stored_evidence(parsed.handle, primary),
-        "tee_pubkey_json": orjson.dumps(jwk).decode(),
-        "expected_report_data": expected.hex(),
-        "expected_host_data": host_expected.hex() if host_expected is not None else None,
-        "measurement": measurement, "token_jti": sid, "expires_at": expires_at})
-    nonces.add_verdicts(db, verdict_rows)
+    # The session's new state, its verdicts and the audit rows: one transaction (one round trip on PostgreSQL).
     audit_rows.append(audit.row(event="attest", outcome="ok", reason=f"evidence verified; token status {status}",
                                 tenant=None, session_id=sid, measurement=measurement))
-    audit.write(db, audit_rows)
+    stored = _stored_evidence(parsed.handle, primary)
+    with one_round_trip(db):
+        nonces.mark_attested(db, sid, {
+            "evidence_json": stored,
+            "tee_pubkey_json": orjson.dumps(jwk).decode(),
+            "expected_report_data": expected.hex(),
+            "expected_host_data": host_expected.hex() if host_expected is not None else None,
+            "measurement": measurement, "token_jti": sid, "expires_at": expires_at})
+        nonces.add_verdicts(db, verdict_rows)
+        audit.write(db, audit_rows)
     metrics.count_event("attest", status)
     resp = jsonify({"token": token})
     _set_cookie(resp, sid, expires_at)
@@ -407,8 +411,10 @@ def resource(repo: str, rtype: str, tag: str) -> Response:
     except FirmgateError as exc:
         raise _deny(db, "JweError", exc.diagnostics(), event="deny", tenant=tenant, session_id=row.id,
                     resource=path) from None
-    audit.record(db, event="release", outcome="ok", reason=decision.reason, tenant=tenant, session_id=row.id,
-                 resource=path, verdict=verdict, verdict_text=text, measurement=row.measurement)
+    with one_round_trip(db):  # the row and its commit
+        audit.record(db, event="release", outcome="ok", reason=decision.reason, tenant=tenant,
+                     session_id=row.id, resource=path, verdict=verdict, verdict_text=text,
+                     measurement=row.measurement)
     metrics.count_event("release", "ok")
     return jsonify(body)
 

@@ -132,3 +132,31 @@ def test_idle_connection_is_pinged_and_a_used_one_fails_once(db: DbSpec, monkeyp
     finally:
         engine.dispose()
         killer.dispose()
+
+
+def test_one_round_trip_commits_together_or_not_at_all(db: DbSpec) -> None:  # noqa: F811 - the fixture
+    """The block's statements and its commit: all written, or (a failing statement) none, with
+    SQLAlchemy's IntegrityError; on PostgreSQL this is psycopg's pipeline mode."""
+    from broker.hotsql import one_round_trip
+    engine = make_engine(db.url)
+    migrate(engine)
+    try:
+        with engine.connect() as conn:
+            new = nonces.new_session(conn, "snp", 60, None)
+            assert nonces.consume(conn, new.id).ok
+            with one_round_trip(conn):
+                nonces.mark_attested(conn, new.id, {"measurement": "cd" * 48})
+                nonces.add_verdicts(conn, [_verdict_row(new.id)])
+                audit.write(conn, [audit.row(event="attest", outcome="ok", reason="one", session_id=new.id)])
+            with pytest.raises(IntegrityError), one_round_trip(conn):
+                nonces.mark_failed(conn, new.id)
+                nonces.add_verdicts(conn, [_verdict_row(new.id)])  # the same (session, tenant, policy) again
+                audit.write(conn, [audit.row(event="attest", outcome="ok", reason="two", session_id=new.id)])
+            conn.rollback()
+        with engine.connect() as conn:
+            row = nonces.load(conn, new.id, "acme", "p1")
+            assert row is not None and row.state == "attested" and row.measurement == "cd" * 48
+            reasons = conn.execute(select(AuditRecord.reason).where(AuditRecord.session_id == new.id)).scalars()
+            assert list(reasons) == ["one"]
+    finally:
+        engine.dispose()
