@@ -206,8 +206,9 @@ class ServerError(Exception):
 
 def gunicorn_cmd(args: argparse.Namespace, port: int, app: str) -> list[str]:
     gunicorn = str(Path(sys.executable).parent / "gunicorn")
-    return [gunicorn, "-w", str(args.workers), "--threads", str(args.threads), "-b", f"127.0.0.1:{port}",
-            "--log-level", "warning", app]
+    # The production command line: broker.gunicorn_conf sets up the multiprocess metrics.
+    return [gunicorn, "-c", "python:broker.gunicorn_conf", "-w", str(args.workers), "--threads", str(args.threads),
+            "-b", f"127.0.0.1:{port}", "--log-level", "warning", app]
 
 
 def wait_healthy(port: int, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:

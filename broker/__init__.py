@@ -1,12 +1,13 @@
 """firmgate key broker (Trustee KBS protocol 0.4.0 compatible).
 
 `create_app(test_config)` is the application factory; production runs it under
-gunicorn: `gunicorn -w 4 -b 0.0.0.0:8080 'broker:create_app()'` with FIRMGATE_*
+gunicorn: `gunicorn -c python:broker.gunicorn_conf -w 4 -b 0.0.0.0:8080 'broker:create_app()'` with FIRMGATE_*
 environment variables (see docs/protocol.md), development via `firmgate serve`.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from flask import Flask
 
@@ -34,4 +35,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(kbs.bp)
     app.register_blueprint(admin.bp)
     app.register_blueprint(ops.bp)
+    if app.config.get("CONSOLE_ENABLED", True):
+        from . import console
+        app.register_blueprint(console.bp)
     return app

@@ -11,7 +11,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from verifier.errors import FirmgateError, FirmwareError
+from verifier.errors import FirmgateError, FirmwareError, TrustError
 
 from . import audit, vault
 from .errors import ApiError
@@ -88,7 +88,7 @@ def _path(repo: str, rtype: str, tag: str, tenant: str, legacy: bool = False) ->
 def put_secret(repo: str, rtype: str, tag: str) -> tuple[Response, int]:
     tenant = _tenant()
     path = _path(repo, rtype, tag, tenant)
-    request.max_content_length = int(current_app.config["SECRET_MAX_BYTES"])
+    request.max_content_length = vault.MAX_SECRET_BYTES
     value = request.get_data(cache=False)
     if not value:
         raise ApiError("BadRequest", "the request body (the secret value) is empty", 400)
@@ -116,6 +116,9 @@ def rm_secret(repo: str, rtype: str, tag: str) -> Response:
     return jsonify({"path": str(path), "removed": True})
 
 
+ENDORSEMENT_MAX_BYTES = 64 * 1024   # verifier.endorse.corim.MAX_ENDORSEMENT_SIZE
+
+
 @bp.post("/firmware")
 def upload_firmware() -> tuple[Response, int]:
     tenant = _tenant()
@@ -140,6 +143,32 @@ def upload_firmware() -> tuple[Response, int]:
     audit.record(orm, event="admin", outcome="ok", reason="firmware uploaded: " + ", ".join(digests),
                  tenant=tenant)
     return jsonify({"sha384": digests}), 201
+
+
+@bp.post("/endorsements")
+def upload_endorsement() -> tuple[Response, int]:
+    """A firmware publisher's signed endorsement (CoRIM in COSE_Sign1), kept for the firmware it
+    endorses; refused unless the caller's own policy trusts its signer (docs/endorsements.md)."""
+    tenant = _tenant()
+    request.max_content_length = ENDORSEMENT_MAX_BYTES
+    blob = request.get_data(cache=False)
+    if blob[:1] != b"\xd2":
+        raise ApiError("BadRequest", "the request body must be an endorsement (a tagged COSE_Sign1)", 400)
+    orm = get_orm()
+    st = state()
+    try:
+        # As for firmware: the caller's own policy must trust the signer, so an upload cannot probe
+        # whether some other tenant trusts a publisher (the same answer for "someone else" and "nobody").
+        if st.appraiser is not None and not st.appraiser.trusts_endorsement(tenant, blob):
+            raise TrustError("the endorsement is not signed by a publisher your policy trusts "
+                             "(list the publisher under [[firmware.publishers]] first)")
+        taken = store_firmware(st, orm, blob, source=f"tenant:{tenant}")
+    except FirmgateError as exc:
+        audit.record(orm, event="admin", outcome="denied", reason=f"endorsement refused: {exc.diagnostics()}",
+                     tenant=tenant)
+        raise ApiError("EndorsementNotTrusted", exc.diagnostics(), 422) from None
+    audit.record(orm, event="admin", outcome="ok", reason="endorsement uploaded: " + ", ".join(taken), tenant=tenant)
+    return jsonify({"endorsement": taken[0].removeprefix("endorsement:")}), 201
 
 
 @bp.get("/audit")

@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from verifier.appraise.appraise import snp_claims  # the Trustee claim names, one source for EAR and token
 from verifier.errors import EvidenceError, FirmgateError
 from verifier.verdict import Verdict
-from verifier.appraise.appraise import snp_claims  # the Trustee claim names, one source for EAR and token
 
 log = logging.getLogger(__name__)
+ENDORSEMENT_MAGIC = b"\xd2"   # CBOR tag 18 (COSE_Sign1): no PE add-on (MZ) or OVMF image starts so
 
 
 @dataclass(frozen=True)
@@ -63,11 +64,17 @@ class Appraiser(Protocol):
 
     def add_firmware(self, data: bytes) -> list[str]:
         """Make firmware bytes (a UKI add-on or an image) available to appraisal; returns the
-        sha384 digests of the firmware images taken. Raises FirmwareError when no policy allows them."""
+        sha384 digests of the firmware images taken. Raises FirmwareError when no policy allows them.
+        A publisher's endorsement (a COSE_Sign1, CBOR tag 18) is taken the same way: kept for the
+        firmware it endorses; returns ["endorsement:<id>"]; raises TrustError when no policy trusts it."""
 
     def lists_firmware(self, tenant: str, data: bytes) -> bool:
         """Whether `tenant`'s own policy allows (lists, not revoked) the firmware in `data`; raises
         FirmwareError for bytes that hold no firmware. Other tenants' policies play no part."""
+
+    def trusts_endorsement(self, tenant: str, data: bytes) -> bool:
+        """Whether `tenant`'s own policy trusts the publisher that signed the endorsement `data` (and
+        its signature holds). Other tenants' policies play no part."""
 
 
 class VerifierAppraiser:
@@ -157,8 +164,34 @@ class VerifierAppraiser:
         loaded = self._loaded(tenant)
         return loaded is not None and bool(loaded.allows_firmware_digest(hashlib.sha384(payload).hexdigest()))
 
+    def loaded_policy(self, tenant: str) -> tuple[Any | None, list[str]]:
+        """For the console: the tenant's LoadedPolicy in force (or None) and the errors of a newer file
+        that was refused (the last good version stays in force meanwhile)."""
+        loaded = self._loaded(tenant)
+        return loaded, [e.diagnostics() for e in self._store.last_errors(tenant)]
+
+    def policy_status(self) -> dict[str, Any]:
+        """For the operator's console: every tenant's policy id, commit and refused errors."""
+        self._store.refresh()
+        return dict(self._store.status())
+
+    def trusts_endorsement(self, tenant: str, data: bytes) -> bool:
+        from verifier.endorse.admit import EndorsementRefused, verify_with
+        self._store.refresh()  # the owner may have just added the publisher
+        loaded = self._loaded(tenant)
+        if loaded is None:
+            return False
+        try:
+            verify_with(data, loaded.policy.publishers)
+        except EndorsementRefused:
+            return False
+        return True
+
     def add_firmware(self, data: bytes) -> list[str]:
         from verifier.appraise.reference import extract_firmware
+        if data[:1] == ENDORSEMENT_MAGIC:
+            self._store.refresh()
+            return [f"endorsement:{self._store.add_endorsement(data)}"]
         payload = extract_firmware(data)  # FirmwareError for something that is no firmware
         # Policies first (at most one re-read a second): the owner may have just listed this digest.
         self._store.refresh()

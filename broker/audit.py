@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, cast
 
 import orjson
-from sqlalchemy import and_, insert, or_, select
+from sqlalchemy import Table, and_, insert, or_, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session as OrmSession
 
@@ -14,7 +14,7 @@ from verifier.verdict import Verdict
 from .db import AuditRecord, now_ms
 from .hotsql import Hot, run
 
-_A = AuditRecord.__table__
+_A = cast(Table, AuditRecord.__table__)
 _INSERT = Hot(insert(_A))  # built once: it runs on every request
 
 

@@ -78,11 +78,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         cfg["SESSION_TTL"] = args.session_ttl
     if not Path(args.policies).is_dir():
         raise UsageError(f"--policies {args.policies}: no such directory")
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port {args.port} is not a TCP port (0-65535)")
+    from .devserver import bind, serve
+    sock = bind(args.host, args.port)  # before the app exists: a port in use changes nothing on disk
     app = create_app(cfg)
-    print(f"firmgate broker on http://{args.host}:{args.port} (development server; production: "
-          "gunicorn 'broker:create_app()')", file=sys.stderr)
-    from werkzeug.serving import run_simple
-    run_simple(args.host, args.port, app, threaded=True, use_reloader=False)
+    serve(sock, app, args.host, "firmgate serve: key broker on {url} (development server; production: "
+          "gunicorn -c python:broker.gunicorn_conf 'broker:create_app()' as firmgate-broker.service, docs/host.md)")
     return 0
 
 
@@ -97,14 +99,25 @@ def cmd_tenant_add(args: argparse.Namespace) -> int:
 
 
 def _read_value(args: argparse.Namespace) -> bytes:
+    """The value to store, read no further than one byte past the limit (the vault enforces it)."""
+    from .vault import MAX_SECRET_BYTES
+
     if args.value is not None:
-        return args.value.encode()
+        return str(args.value).encode()
     if args.file:
         try:
-            return Path(args.file).read_bytes()
+            with open(args.file, "rb") as f:
+                return f.read(MAX_SECRET_BYTES + 1)
         except OSError as exc:
             raise UsageError(f"cannot read {args.file}: {exc.strerror}") from exc
-    return sys.stdin.buffer.read()
+    return sys.stdin.buffer.read(MAX_SECRET_BYTES + 1)
+
+
+def _require_tenant(orm: Any, tenant: str) -> None:
+    from . import vault
+
+    if not vault.tenant_exists(orm, tenant):
+        raise UsageError(f"no tenant {tenant}: run `firmgate tenant add {tenant}` first")
 
 
 def cmd_secret_put(args: argparse.Namespace) -> int:
@@ -115,8 +128,7 @@ def cmd_secret_put(args: argparse.Namespace) -> int:
         raise UsageError("empty secret value")
     orm = _orm(args)
     box = _box(args, orm)
-    if not vault.tenant_exists(orm, path.repo):
-        raise UsageError(f"no tenant {path.repo}: run `firmgate tenant add {path.repo}` first")
+    _require_tenant(orm, path.repo)
     replaced = vault.put_secret(orm, box, path.repo, path, value)
     audit.record(orm, event="admin", outcome="ok", reason="secret stored (cli)", tenant=path.repo,
                  resource=str(path))
@@ -128,7 +140,9 @@ def cmd_secret_list(args: argparse.Namespace) -> int:
     from verifier.cli import print_json
 
     from . import vault
-    rows = vault.list_secrets(_orm(args), args.tenant)
+    orm = _orm(args)
+    _require_tenant(orm, args.tenant)  # the same answer as `secret put` for a tenant that does not exist
+    rows = vault.list_secrets(orm, args.tenant)
     if args.json:
         print_json(rows)
     else:
@@ -141,6 +155,7 @@ def cmd_secret_rm(args: argparse.Namespace) -> int:
     from . import audit, vault
     path = vault.ResourcePath.parse(args.path, legacy=True)  # an older broker's name can still be removed
     orm = _orm(args)
+    _require_tenant(orm, path.repo)
     if not any(r["path"] == str(path) for r in vault.list_secrets(orm, path.repo)):
         raise UsageError(f"no secret {path}")
     _box(args, orm)  # the operator must hold the key of what they remove
@@ -152,14 +167,19 @@ def cmd_secret_rm(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: "argparse._SubParsersAction[Any]") -> None:
-    p = sub.add_parser("serve", help="run the key broker (development server)")
-    p.add_argument("--policies", default=os.environ.get("FIRMGATE_POLICIES", "policies"), metavar="DIR")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8080)
+def register(sub: argparse._SubParsersAction[Any]) -> None:
+    p = sub.add_parser("serve", help="run the key broker (development server; production: gunicorn)",
+                       description="Run the key broker on werkzeug's development server. Production: gunicorn "
+                                   "'broker:create_app()' (firmgate-broker.service, docs/host.md).")
+    p.add_argument("--policies", default=os.environ.get("FIRMGATE_POLICIES", "policies"), metavar="DIR",
+                   help="the owners' policy repo checkout, one <tenant>.toml each "
+                        "(default: %(default)s; env FIRMGATE_POLICIES)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8080, help="TCP port (default: %(default)s; 0: any free port)")
     p.add_argument("--trust-root", metavar="PEM", default=os.environ.get("FIRMGATE_TRUST_ROOT"),
-                   help="also trust this (simulated) ARK; for demos and tests only")
-    p.add_argument("--session-ttl", type=int, metavar="S", help="session and nonce lifetime (default 300)")
+                   help="also trust this (simulated) ARK; demos and tests only (env FIRMGATE_TRUST_ROOT)")
+    p.add_argument("--session-ttl", type=int, metavar="S",
+                   help="session and nonce lifetime in seconds (default: 300; env FIRMGATE_SESSION_TTL)")
     _db_args(p)
     p.set_defaults(func=cmd_serve)
 

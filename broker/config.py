@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 DEFAULTS: dict[str, Any] = {
     "DATABASE_URL": None,            # None: sqlite file firmgate.db in STATE_DIR
@@ -16,6 +17,7 @@ DEFAULTS: dict[str, Any] = {
     "MASTER_KEY": None,              # 32 bytes; or MASTER_KEY_FILE; or FIRMGATE_MASTER_KEY
     "MASTER_KEY_FILE": None,
     "OPERATOR_TOKEN": None,          # bearer token for tenant creation over the admin API
+    "METRICS_TOKEN": None,           # bearer token for /metrics; None: the operator token; neither: open
     "SESSION_TTL": 300,              # seconds a session (its nonce, its cookie) lives: Trustee's 5 min
     "TOKEN_TTL": 300,                # EAR token lifetime
     "AUDIT_RETENTION_DAYS": 90,      # audit rows are deleted after this many days ...
@@ -23,8 +25,10 @@ DEFAULTS: dict[str, Any] = {
     "MAX_CONTENT_LENGTH": 64 * 1024,  # every route, except the two below
     "ATTEST_MAX_BYTES": 16 * 1024 * 1024,  # evidence may carry a firmware add-on (OVMF is 2-4 MiB)
     "UPLOAD_MAX_BYTES": 16 * 1024 * 1024,  # firmware upload over the admin API
-    "SECRET_MAX_BYTES": 1024 * 1024,
     "APPRAISER": None,               # an appraisal.Appraiser; None: the real verifier over POLICIES_DIR
+    "CONSOLE_ENABLED": True,         # the read-only web console at /console/ (docs/console.md)
+    "CONSOLE_SESSION_TTL": 8 * 3600,  # seconds a console sign-in lasts
+    "CONSOLE_COOKIE_SECURE": None,   # None: Secure when the request came over TLS; True behind a TLS proxy
 }
 
 # Environment variable -> (key, converter)
@@ -38,10 +42,14 @@ ENV: dict[str, tuple[str, Any]] = {
     "FIRMGATE_KDS_OFFLINE": ("KDS_OFFLINE", lambda v: v.lower() not in ("0", "false", "no")),
     "FIRMGATE_MASTER_KEY_FILE": ("MASTER_KEY_FILE", str),
     "FIRMGATE_OPERATOR_TOKEN": ("OPERATOR_TOKEN", str),
+    "FIRMGATE_METRICS_TOKEN": ("METRICS_TOKEN", str),
     "FIRMGATE_SESSION_TTL": ("SESSION_TTL", int),
     "FIRMGATE_TOKEN_TTL": ("TOKEN_TTL", int),
     "FIRMGATE_AUDIT_RETENTION_DAYS": ("AUDIT_RETENTION_DAYS", int),
     "FIRMGATE_AUTH_AUDIT_RETENTION_HOURS": ("AUTH_AUDIT_RETENTION_HOURS", int),
+    "FIRMGATE_CONSOLE": ("CONSOLE_ENABLED", lambda v: v.lower() not in ("0", "false", "no")),
+    "FIRMGATE_CONSOLE_SESSION_TTL": ("CONSOLE_SESSION_TTL", int),
+    "FIRMGATE_CONSOLE_COOKIE_SECURE": ("CONSOLE_COOKIE_SECURE", lambda v: v.lower() not in ("0", "false", "no")),
 }
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any, cast
 
 from sqlalchemy import (
     BigInteger,
@@ -17,6 +18,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     String,
+    Table,
     Text,
     UniqueConstraint,
     create_engine,
@@ -241,7 +243,7 @@ def migrate(engine: Engine) -> int:
         _lock(conn)
         if not inspect(conn).has_table(SchemaVersion.__tablename__):
             Base.metadata.create_all(conn)
-            conn.execute(SchemaVersion.__table__.insert().values(id=1, version=SCHEMA_VERSION, migrated_at=now_ms()))
+            conn.execute(cast(Table, SchemaVersion.__table__).insert().values(id=1, version=SCHEMA_VERSION, migrated_at=now_ms()))
             return 0
         found = conn.execute(select(SchemaVersion.version).where(SchemaVersion.id == 1)).scalar_one()
         if found > SCHEMA_VERSION:
@@ -254,7 +256,7 @@ def migrate(engine: Engine) -> int:
             version += 1
         # New tables added since are created; existing ones are left to the steps above.
         Base.metadata.create_all(conn)
-        conn.execute(SchemaVersion.__table__.update().where(SchemaVersion.id == 1)
+        conn.execute(cast(Table, SchemaVersion.__table__).update().where(SchemaVersion.id == 1)
                      .values(version=SCHEMA_VERSION, migrated_at=now_ms()))
         return int(found)
 

@@ -9,7 +9,7 @@ for unknown types.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from flask import Response
@@ -40,4 +40,5 @@ class OrjsonProvider(JSONProvider):
 
     def response(self, *args: Any, **kwargs: Any) -> Response:
         body = _encode(self._prepare_response_obj(args, kwargs)) + b"\n"
-        return self._app.response_class(body, mimetype=self.mimetype)
+        response_class = cast("type[Response]", self._app.response_class)  # Flask's, typed as werkzeug's base
+        return response_class(body, mimetype=self.mimetype)

@@ -33,10 +33,10 @@ from .errors import ApiError
 from .hotsql import one_round_trip
 from .jwe import encrypt, load_tee_pubkey
 from .limits import json_body, valid_resource, valid_tenant
-from .release import decide, public_denial, summarize_failures
 from .nonces import Db
-from .secretbox import SecretDecryptError
+from .release import decide, public_denial, summarize_failures
 from .runtime_data import check_host_data, check_report_data, expected_report_data, initdata_host_data
+from .secretbox import SecretDecryptError
 from .state import BrokerState, get_db, get_orm, state, sync_firmware
 from .tokens import TokenError, ear_claims, tee_pubkey_from_claims
 
@@ -68,7 +68,7 @@ def _deny(db: Db, variant: str, reason: str, *, event: str, tenant: str | None =
     """Audit a denial (committing whatever the caller wrote with it) and return the error to raise."""
     audit.record(db, event=event, outcome="denied", reason=reason, tenant=tenant, session_id=session_id,
                  resource=resource, verdict=verdict, verdict_text=verdict_text, measurement=measurement)
-    metrics.count_event(event, "denied")
+    metrics.denied(event, variant, tenant)
     return ApiError(variant, reason)
 
 
@@ -143,13 +143,22 @@ def _guest_firmware(st: BrokerState, additional: str, session_id: str) -> None:
     blob_b64 = item.get("addon") if isinstance(item, dict) else None
     if not isinstance(blob_b64, str):
         raise ApiError("AttestationError", f"additional_evidence.{FIRMWARE_KEY} must be {{\"addon\": base64}}")
+    # Optional: a publisher's endorsement of the add-on's firmware, when the add-on does not carry it.
+    end_b64 = item.get("endorsement")
+    if end_b64 is not None and not isinstance(end_b64, str):
+        raise ApiError("AttestationError", f"additional_evidence.{FIRMWARE_KEY}.endorsement must be base64")
     try:
         blob = base64.b64decode(blob_b64, validate=True)
+        endorsement = base64.b64decode(end_b64, validate=True) if end_b64 else None
     except (binascii.Error, ValueError):
-        raise ApiError("AttestationError", f"additional_evidence.{FIRMWARE_KEY}.addon is not base64") from None
+        raise ApiError("AttestationError", f"additional_evidence.{FIRMWARE_KEY} is not base64") from None
     if st.appraiser is None:
         return
     from .firmware_store import store_firmware
+    if endorsement is not None:
+        if endorsement[:1] != b"\xd2":
+            raise ApiError("AttestationError", f"additional_evidence.{FIRMWARE_KEY}.endorsement is no COSE_Sign1")
+        store_firmware(st, get_orm(), endorsement, source=f"guest:{session_id}")
     store_firmware(st, get_orm(), blob, source=f"guest:{session_id}")
 
 
@@ -231,13 +240,14 @@ def attest() -> Response:
     except FirmgateError as exc:
         raise reject(f"evidence rejected: {exc.diagnostics()}") from None
     measurement = attested.measurement.hex()  # a fact from here on: the signature covers it
+    # Others' uploads first (an endorsement kept through another replica may admit the guest's firmware).
+    sync_firmware(st, db)
     try:
         _guest_firmware(st, additional, sid)
     except FirmgateError as exc:
         nonces.mark_failed(db, sid)
         raise _deny(db, "AttestationError", exc.diagnostics(), event="attest", session_id=sid, tenant=hint,
                     measurement=measurement) from None
-    sync_firmware(st, db)
 
     # Appraise for the hinted tenant, or for every tenant (an unmodified guest names none).
     candidates = [hint] if hint else st.appraiser.tenants()
@@ -253,6 +263,7 @@ def attest() -> Response:
         verdict_rows.append(vrow)
         if verdict.accepted or tenant == hint:
             # A tenant sees attestations its policy accepted, or that named it; not other VMs' noise.
+            metrics.appraised(tenant, verdict)
             audit_rows.append(audit.row(
                 event="attest", outcome="ok" if verdict.accepted else "denied",
                 reason="accepted by policy" if verdict.accepted else summarize_failures(verdict),
@@ -284,7 +295,7 @@ def attest() -> Response:
             "measurement": measurement, "token_jti": sid, "expires_at": expires_at})
         nonces.add_verdicts(db, verdict_rows)
         audit.write(db, audit_rows)
-    metrics.count_event("attest", status)
+    metrics.attested(status)
     resp = jsonify({"token": token})
     _set_cookie(resp, sid, expires_at)
     return resp
@@ -385,6 +396,8 @@ def resource(repo: str, rtype: str, tag: str) -> Response:
     # Audit rows of a tenant-less denial go to the operator only: no tenant learns of other tenants' probes.
     audit_tenant = tenant if policy_id is not None else None
     if not decision.allowed:
+        if verdict is not None and audit_tenant is not None:
+            metrics.appraised(audit_tenant, verdict)
         denial = _deny(db, decision.variant, decision.reason, event="deny", tenant=audit_tenant,
                        session_id=row.id, resource=path, verdict=verdict, verdict_text=text,
                        measurement=row.measurement)
@@ -415,7 +428,7 @@ def resource(repo: str, rtype: str, tag: str) -> Response:
         audit.record(db, event="release", outcome="ok", reason=decision.reason, tenant=tenant,
                      session_id=row.id, resource=path, verdict=verdict, verdict_text=text,
                      measurement=row.measurement)
-    metrics.count_event("release", "ok")
+    metrics.released(tenant)
     return jsonify(body)
 
 

@@ -16,9 +16,9 @@ import base64
 import secrets
 import uuid
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, cast
 
-from sqlalchemy import and_, bindparam, delete, insert, select, update
+from sqlalchemy import Table, and_, bindparam, delete, insert, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session as OrmSession
 
@@ -26,14 +26,14 @@ from . import audit
 from .db import AuditRecord, Secret, Session, SessionVerdict, now_ms
 from .hotsql import Hot, run
 
-Db = Union[Connection, OrmSession]
+Db = Connection | OrmSession
 
 # Sessions are kept this long after they expire (audit has the history), then deleted.
 GRACE_MS = 3600 * 1000
 
-_S = Session.__table__
-_V = SessionVerdict.__table__
-_SEC = Secret.__table__
+_S = cast(Table, Session.__table__)
+_V = cast(Table, SessionVerdict.__table__)
+_SEC = cast(Table, Secret.__table__)
 
 # The per-handshake statements, built once (SQLAlchemy then only looks up their compiled form).
 _INSERT_SESSION = Hot(insert(_S))
@@ -159,7 +159,7 @@ def purge_expired(db: Db, audit_days: int = 90, auth_audit_hours: int = 24) -> N
     if old:
         db.execute(delete(_V).where(_V.c.session_id.in_(old)))
         db.execute(delete(_S).where(_S.c.id.in_(old)))
-    a = AuditRecord.__table__
+    a = cast(Table, AuditRecord.__table__)
     for cutoff, only_auth in ((t - auth_audit_hours * 3600 * 1000, True), (t - audit_days * 86400 * 1000, False)):
         q = select(a.c.id).where(a.c.at < cutoff)
         if only_auth:

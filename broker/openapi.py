@@ -20,7 +20,7 @@ def _json(schema: dict[str, Any], desc: str = "OK") -> dict[str, Any]:
     return {"description": desc, "content": {"application/json": {"schema": schema}}}
 
 
-_BEARER = [{"apiToken": []}]
+_BEARER: list[dict[str, list[str]]] = [{"apiToken": []}]
 # The policy file's name rule (verifier.appraise.policy TENANT_RE, RESOURCE_PART_RE), anchored.
 TENANT_PATTERN = "^[a-z0-9][a-z0-9_-]{0,62}$"
 PART_PATTERN = "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -29,7 +29,18 @@ _RES_PARAMS = [{"name": n, "in": "path", "required": True,
                for n in ("repository", "type", "tag")]
 
 
-def openapi_document() -> dict[str, Any]:
+def openapi_document(console: bool = True) -> dict[str, Any]:
+    """The document; `console`: the app serves the web console (CONSOLE_ENABLED)."""
+    doc = _document()
+    if console:
+        from .console import openapi_paths as console_paths
+        doc["paths"].update(console_paths())
+        doc["components"]["securitySchemes"]["consoleSession"] = {"type": "apiKey", "in": "cookie",
+                                                                  "name": "firmgate-console"}
+    return doc
+
+
+def _document() -> dict[str, Any]:
     obj = {"type": "object"}
     return {
         "openapi": "3.1.0",
@@ -64,9 +75,12 @@ def openapi_document() -> dict[str, Any]:
                                                "responses": {"200": _json({"$ref": "#/components/schemas/Jwks"})}}},
             "/healthz": {"get": {"summary": "Liveness and database reachability",
                                  "responses": {"200": _json(obj), "503": _err("database unreachable")}}},
-            "/metrics": {"get": {"summary": "Prometheus metrics (text format 0.0.4)",
+            "/metrics": {"get": {"summary": "Prometheus metrics (text format 0.0.4); the metrics (else operator) "
+                                            "token when one is configured",
+                                 "security": [{"metricsToken": []}],
                                  "responses": {"200": {"description": "OK",
-                                                       "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+                                                       "content": {"text/plain": {"schema": {"type": "string"}}}},
+                                               "401": _err("no or wrong metrics token")}}},
             "/openapi.json": {"get": {"summary": "This document", "responses": {"200": _json(obj)}}},
             "/admin/v0/tenants": {"post": {
                 "summary": "Create a tenant (operator token); returns its first API token",
@@ -98,6 +112,13 @@ def openapi_document() -> dict[str, Any]:
                     "schema": {"type": "string", "format": "binary"}}}},
                 "responses": {"201": _json(obj), "400": _err("empty"), "401": _err("no or bad token"),
                               "413": _err("too large"), "422": _err("no policy allows this firmware")}}},
+            "/admin/v0/endorsements": {"post": {
+                "summary": "Upload a firmware publisher's signed endorsement (CoRIM in COSE_Sign1) some policy trusts",
+                "security": _BEARER,
+                "requestBody": {"required": True, "content": {"application/octet-stream": {
+                    "schema": {"type": "string", "format": "binary"}}}},
+                "responses": {"201": _json(obj), "400": _err("not an endorsement"), "401": _err("no or bad token"),
+                              "413": _err("too large"), "422": _err("no policy trusts its signer")}}},
             "/admin/v0/audit": {"get": {
                 "summary": "The calling tenant's audit records (the operator sees all)",
                 "security": _BEARER,
@@ -111,6 +132,7 @@ def openapi_document() -> dict[str, Any]:
                 "sessionCookie": {"type": "apiKey", "in": "cookie", "name": "kbs-session-id"},
                 "earToken": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
                 "apiToken": {"type": "http", "scheme": "bearer"},
+                "metricsToken": {"type": "http", "scheme": "bearer"},
             },
             "schemas": {
                 "Error": {"type": "object", "required": ["type", "detail"],

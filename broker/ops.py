@@ -1,7 +1,7 @@
 """Operations routes: health, Prometheus metrics, the OpenAPI document, the token JWKS."""
 from __future__ import annotations
 
-from flask import Blueprint, Response, jsonify
+from flask import Blueprint, Response, current_app, jsonify
 from sqlalchemy import text
 
 from . import metrics
@@ -24,12 +24,13 @@ def healthz() -> Response:
 
 @bp.get("/metrics")
 def prometheus() -> Response:
-    return Response(metrics.render(), mimetype="text/plain; version=0.0.4")
+    metrics.check_scrape_token()
+    return Response(metrics.render(), content_type=metrics.content_type())
 
 
 @bp.get("/openapi.json")
 def openapi() -> Response:
-    return jsonify(openapi_document())
+    return jsonify(openapi_document(console="console" in current_app.blueprints))
 
 
 @bp.get("/.well-known/jwks.json")

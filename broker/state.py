@@ -135,8 +135,9 @@ def sync_firmware(st: BrokerState, db: Connection | OrmSession, min_interval: fl
     if now - st.firmware_checked_at < min_interval:
         return
     st.firmware_checked_at = now
-    digests = set(db.execute(select(FirmwareBlob.sha384)).scalars())
-    for digest in digests - st.firmware_seen:
+    sizes = {d: n for d, n in db.execute(select(FirmwareBlob.sha384, FirmwareBlob.size)).all()}
+    # Smallest first: an endorsement (a few KiB) must be known before the firmware it admits.
+    for digest in sorted(set(sizes) - st.firmware_seen, key=lambda d: (sizes[d], d)):
         data = db.execute(select(FirmwareBlob.data).where(FirmwareBlob.sha384 == digest)).scalar()
         if data is not None:
             try:

@@ -14,7 +14,7 @@ tenant, policy or firmware names, so a VM learns nothing about other tenants.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, cast
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -30,6 +30,7 @@ from verifier.errors import FirmgateError
 
 from .db import KeyMaterial, now_ms
 from .secretbox import SecretBox
+
 KEY_NAME = "ear-es256"
 TOKEN_MAX_LEN = 64 * 1024
 # Where Trustee looks for the tee-pubkey in a token (api_server.rs), in order.
@@ -55,11 +56,11 @@ class TokenKey:
         self._key = ECKey.import_key(private)
         pub = self._key.as_dict(private=False)
         self.kid = self._key.thumbprint()
-        self.public_jwk: dict[str, str] = {"kty": "EC", "crv": "P-256", "x": pub["x"], "y": pub["y"],
+        self.public_jwk: dict[str, str] = {"kty": "EC", "crv": "P-256", "x": cast(str, pub["x"]), "y": cast(str, pub["y"]),
                                            "alg": "ES256", "kid": self.kid}
 
     @classmethod
-    def load_or_create(cls, orm: OrmSession, box: SecretBox) -> "TokenKey":
+    def load_or_create(cls, orm: OrmSession, box: SecretBox) -> TokenKey:
         row = orm.get(KeyMaterial, KEY_NAME)
         if row is None:
             private = ec.generate_private_key(ec.SECP256R1())
@@ -74,10 +75,10 @@ class TokenKey:
                 orm.rollback()
                 row = orm.execute(select(KeyMaterial).where(KeyMaterial.name == KEY_NAME)).scalar_one()
         der = box.open("", "key:" + KEY_NAME, row.nonce, row.ciphertext)
-        private = serialization.load_der_private_key(der, password=None)
-        if not isinstance(private, ec.EllipticCurvePrivateKey):
+        stored = serialization.load_der_private_key(der, password=None)
+        if not isinstance(stored, ec.EllipticCurvePrivateKey):
             raise TokenError("stored token key is not an EC key")
-        return cls(private)
+        return cls(stored)
 
     def jwks(self) -> dict[str, Any]:
         return {"keys": [dict(self.public_jwk, use="sig")]}

@@ -9,9 +9,10 @@ import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
+from typing import Any, cast
 
-from sqlalchemy import bindparam, delete, select
-from sqlalchemy.engine import Connection
+from sqlalchemy import Table, bindparam, delete, select
+from sqlalchemy.engine import Connection, CursorResult
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session as OrmSession
 
@@ -22,6 +23,8 @@ from .limits import legacy_name, valid_resource, valid_tenant
 from .secretbox import SecretBox
 
 TOKEN_PREFIX = "fgt_"
+# The one limit on a secret value, for the admin API and `firmgate secret put` alike (docs/protocol.md).
+MAX_SECRET_BYTES = 1024 * 1024
 
 
 class VaultError(UsageError):
@@ -95,6 +98,8 @@ def put_secret(orm: OrmSession, box: SecretBox, tenant: str, path: ResourcePath,
     """Store (or replace) a secret; returns True if it replaced one."""
     if path.repo != tenant:
         raise VaultError(f"resource repository {path.repo!r} is not tenant {tenant!r}")
+    if len(value) > MAX_SECRET_BYTES:
+        raise VaultError(f"secret value is {len(value)} bytes; at most {MAX_SECRET_BYTES} (1 MiB)")
     nonce, ct = box.seal(tenant, str(path), value)
     t = now_ms()
     row = orm.execute(select(Secret).where(Secret.tenant == tenant, Secret.path == str(path))).scalar_one_or_none()
@@ -108,7 +113,7 @@ def put_secret(orm: OrmSession, box: SecretBox, tenant: str, path: ResourcePath,
 
 # Built once from the table's columns: /resource runs it on every release (ORM attributes would
 # send it through the ORM's compile path each time).
-_S = Secret.__table__
+_S = cast(Table, Secret.__table__)
 _GET_SECRET = select(_S.c.nonce, _S.c.ciphertext).where(_S.c.tenant == bindparam("tenant"), _S.c.path == bindparam("path"))
 
 
@@ -150,4 +155,4 @@ def list_secrets(orm: OrmSession, tenant: str) -> list[dict[str, object]]:
 def rm_secret(orm: OrmSession, tenant: str, path: ResourcePath) -> bool:
     res = orm.execute(delete(Secret).where(Secret.tenant == tenant, Secret.path == str(path)))
     orm.commit()
-    return bool(res.rowcount)
+    return bool(cast("CursorResult[Any]", res).rowcount)  # a DELETE returns a CursorResult

@@ -213,7 +213,59 @@ def run_addon(data: bytes) -> None:
 def seeds_addon() -> list[bytes]:
     from verifier.firmware.addon import build_addon
     return [bytes(build_addon([("edk2-fuzz.1", b"\xaa" * 64)])),
-            bytes(build_addon([("a", b"\x01" * 16), ("b", b"\x02" * 32)]))]
+            bytes(build_addon([("a", b"\x01" * 16), ("b", b"\x02" * 32)])),
+            bytes(build_addon([("edk2-fuzz.1", b"\xaa" * 64)], extra_sections=[(".corim", b"\xd2\x84")]))]
+
+
+# -- endorsements: CoRIM in COSE_Sign1, publisher revocation lists --------------------------------
+def _publisher_key() -> Any:
+    """A fixed P-256 key (the same in every process: cached seeds must verify with it)."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+    return ec.derive_private_key(0x5EED_F1E1_D0C5, ec.SECP256R1())
+
+
+def run_endorsement(data: bytes) -> None:
+    """First byte: 0 full admission (signature first), 1 the strict payload reader on unverified input
+    (as if the signature had passed), 2 a revocation list."""
+    from verifier.endorse.admit import PublisherRule, admit
+    from verifier.endorse.corim import (
+        parse_revocations,
+        parse_signed,
+        read_payload,
+        read_revocations,
+    )
+    from verifier.endorse.cose import key_id
+
+    if not data:
+        return
+    mode, body = data[0] % 3, data[1:]
+    try:
+        if mode == 0:
+            key = _publisher_key().public_key()
+            admit([PublisherRule("fuzz", key_id(key).hex(), key=key)], body, "00" * 48)
+        elif mode == 1:
+            read_payload(parse_signed(body)).endorsement.to_dict()
+        else:
+            read_revocations(parse_revocations(body))
+    except FirmgateError:
+        return
+
+
+def seeds_endorsement() -> list[bytes]:
+    import time
+
+    from verifier.endorse.corim import Endorsement, Provenance, Revocations
+    from verifier.endorse.corim import sign_endorsement as sign_e
+    from verifier.endorse.corim import sign_revocations as sign_r
+
+    key = _publisher_key()
+    now = int(time.time())
+    e = Endorsement("fuzz-1", "edk2-fuzz.1", "00" * 48, 3, "Fuzz", now - 60, now + 10 * 365 * 86400,
+                    Provenance("https://example.com/x.git", "0123abcd", "make"),
+                    (("vcpus=1,vcpu_type=EPYC-v4,vmm=qemu,guest_features=0x1", b"\x11" * 48),))
+    raw = sign_e(e, key)
+    rev = sign_r(Revocations("Fuzz", now, frozenset({"fuzz-0"}), frozenset({"11" * 48})), key)
+    return [b"\x00" + raw, b"\x01" + raw, b"\x02" + rev]
 
 
 # -- OVMF footer table and SEV metadata -----------------------------------------------------------
@@ -399,13 +451,15 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("addon", run_addon, seeds_addon, "verifier.firmware.addon: UKI add-on PE, .efifw/.hwids"),
     Target("ovmf", run_ovmf, seeds_ovmf, "verifier.firmware.image: OVMF footer table, SEV metadata"),
     Target("igvm", run_igvm, seeds_igvm, "verifier.firmware.igvm + measure.igvm: IGVM file, SNP launch digest"),
+    Target("endorsement", run_endorsement, seeds_endorsement,
+           "verifier.endorse: CoRIM in COSE_Sign1 endorsements, revocation lists (CBOR)"),
     Target("policy", run_policy, seeds_policy, "verifier.appraise.policy: tenant TOML policy"),
     Target("channel", run_channel, seeds_channel, "host_install.channel.read_frame: guest -> host update frames"),
     Target("broker", run_broker, seeds_broker, "broker: KBS and admin JSON endpoints (no 500, JSON errors)"),
 )}
 
 
-SEED_CACHE = Path(os.environ.get("FIRMGATE_FUZZ_SEEDS", REPO / "fuzz" / "corpus" / ".seeds-v2"))  # v2: CRL
+SEED_CACHE = Path(os.environ.get("FIRMGATE_FUZZ_SEEDS", REPO / "fuzz" / "corpus" / ".seeds-v3"))  # v3: endorsements
 
 
 def cached_seeds(name: str) -> list[bytes]:

@@ -77,7 +77,7 @@ def cmd_request_update(args: argparse.Namespace) -> int:
     return code if isinstance(code, int) and code in (1, 2, 3) else 1
 
 
-def register(sub: "argparse._SubParsersAction[Any]") -> None:
+def register(sub: argparse._SubParsersAction[Any]) -> None:
     g = sub.add_parser("guest", help="the guest's side: attest and fetch a secret; ask the host for a firmware update")
     gsub = g.add_subparsers(dest="guest_cmd", metavar="ACTION")
     gsub.required = True

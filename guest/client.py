@@ -52,14 +52,19 @@ class Attestation:
 
 
 def report_data_for(nonce: str, tee_pubkey: dict[str, Any], additional_evidence: str) -> bytes:
-    obj = {"additional-evidence": additional_evidence, "nonce": nonce, "tee-pubkey": tee_pubkey}
+    obj: dict[str, Any] = {"additional-evidence": additional_evidence, "nonce": nonce, "tee-pubkey": tee_pubkey}
     return hashlib.sha384(rfc8785.dumps(obj)).digest().ljust(64, b"\0")
 
 
-def additional_for(addon: bytes | None) -> str:
+def additional_for(addon: bytes | None, endorsement: bytes | None = None) -> str:
+    """additional_evidence carrying our add-on and, optionally, a publisher's endorsement of its firmware
+    (when the add-on has no `.corim` section of its own; docs/endorsements.md)."""
     if addon is None:
         return ""
-    return json.dumps({FIRMWARE_KEY: {"addon": base64.b64encode(addon).decode()}}, separators=(",", ":"))
+    item = {"addon": base64.b64encode(addon).decode()}
+    if endorsement is not None:
+        item["endorsement"] = base64.b64encode(endorsement).decode()
+    return json.dumps({FIRMWARE_KEY: item}, separators=(",", ":"))
 
 
 def token_claims(token: str) -> dict[str, Any]:
@@ -95,10 +100,10 @@ def auth(session: KbsSession, *, tenant: str | None = None) -> str:
 
 
 def attest(session: KbsSession, source: ReportSource, key: TeeKey, *, addon: bytes | None = None,
-           evidence_shape: str = "snp", tenant: str | None = None, init_data: dict[str, str] | None = None
-           ) -> Attestation:
+           evidence_shape: str = "snp", tenant: str | None = None, init_data: dict[str, str] | None = None,
+           endorsement: bytes | None = None) -> Attestation:
     nonce = auth(session, tenant=tenant)
-    additional = additional_for(addon)
+    additional = additional_for(addon, endorsement)
     report_data = report_data_for(nonce, key.jwk, additional)
     report, table = source.get(report_data)
     check_report(report, report_data)

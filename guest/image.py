@@ -51,7 +51,7 @@ APPEND = "console=ttyS0 quiet"
 # The client's own modules (paths relative to the source root) and what it imports from them.
 CLIENT_ENTRY = ("guest.boot", "guest.update", "verifier.firmware.addon")
 CLIENT_SOURCES = ("guest/__init__.py", "guest/boot.py", "guest/update.py", "guest/errors.py",
-                  "host_install/__init__.py", "host_install/channel.py", "host_install/errors.py",
+                  "host_install/__init__.py", "host_install/channel.py", "host_install/errors.py", "host_install/listen_log.py",
                   "host_install/vm.py", "verifier/__init__.py", "verifier/errors.py", "verifier/verdict.py",
                   "verifier/firmware/__init__.py", "verifier/firmware/addon.py")
 # hashlib falls back to the interpreter's built-in _sha512 etc.; _hashlib would bring libcrypto (4 MiB)
@@ -304,8 +304,8 @@ def _libs(binary: str) -> list[str]:
 
 
 def _client_inputs(src_root: Path) -> dict[str, bytes]:
-    import ordlookup  # type: ignore[import-untyped]
-    import pefile  # type: ignore[import-untyped]
+    import ordlookup
+    import pefile
     files = {rel: (src_root / rel).read_bytes() for rel in CLIENT_SOURCES}
     files["pefile.py"] = Path(pefile.__file__).read_bytes()
     for p in sorted(Path(ordlookup.__file__).parent.glob("*.py")):

@@ -13,7 +13,7 @@ import base64
 import binascii
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from joserfc import jwe
 from joserfc.errors import JoseError
@@ -46,18 +46,18 @@ class TeeKey:
         if kind == "RSA":
             rkey = RSAKey.generate_key(2048, private=True)
             pub = rkey.as_dict(private=False)
-            return cls(kind, rkey, {"kty": "RSA", "alg": RSA_ALG, "n": pub["n"], "e": pub["e"]})
+            return cls(kind, rkey, {"kty": "RSA", "alg": RSA_ALG, "n": cast(str, pub["n"]), "e": cast(str, pub["e"])})
         ekey = ECKey.generate_key(kind, private=True)
         pub = ekey.as_dict(private=False)
         # Only kty/crv/alg/x/y: the server re-serialises the typed key and hashes that (KBS-FACTS section 3).
-        return cls(kind, ekey, {"kty": "EC", "crv": kind, "alg": ECDH_ALG, "x": pub["x"], "y": pub["y"]})
+        return cls(kind, ekey, {"kty": "EC", "crv": kind, "alg": ECDH_ALG, "x": cast(str, pub["x"]), "y": cast(str, pub["y"])})
 
     def decrypt(self, body: Any) -> bytes:
         """The plaintext of the broker's flattened JWE, after the checks the Trustee guest makes."""
         header = validate_jwe(body, self)
         alg = header["alg"]
         try:
-            obj = jwe.decrypt_json({k: body[k] for k in JWE_FIELDS}, self.key, algorithms=[alg, ENC])
+            obj = jwe.decrypt_json(cast(jwe.FlattenedJSONSerialization, {k: body[k] for k in JWE_FIELDS}), self.key, algorithms=[alg, ENC])
         except (JoseError, ValueError, KeyError, TypeError) as exc:
             raise BadResponse(f"resource JWE does not decrypt with this run's key: {exc}") from None
         return bytes(obj.plaintext or b"")

@@ -43,6 +43,7 @@ from typing import Any
 from verifier.errors import FirmgateError
 
 from .errors import BootFailed, ChannelError, InstallFailed
+from .listen_log import log_answer
 from .vm import VmDir
 
 REQUEST_MAGIC = b"FGUR"
@@ -200,6 +201,7 @@ class Listener:
             return None, False
         deadline = time.monotonic() + FRAME_DEADLINE  # the whole frame, however it is split
         keep = True
+        body_len: int | None = None
         try:
             header, body = read_frame(conn, REQUEST_MAGIC, first, deadline)
         except ChannelError as exc:
@@ -208,8 +210,10 @@ class Listener:
             answer, keep = _answer_for_error(ChannelError(f"request not received: {exc}", "resend the request")), False
         else:
             conn.settimeout(None)  # an install with a relaunch takes as long as the boot timeout
+            body_len = len(body)
             with self._install_lock:
                 answer = handle_request(self.vm, header, body, launch=self.launch)
+        log_answer(answer, body_len)
         try:
             conn.sendall(encode_frame(ANSWER_MAGIC, answer))
         except OSError:
@@ -279,6 +283,10 @@ class Listener:
                              name="fg-channel-conn").start()
 
     def close(self) -> None:
+        try:  # wakes a thread blocked in accept(): close() alone leaves it waiting for the next peer
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.sock.close()
         with self._done:
             conns = list(self._conns)

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from verifier.cli import print_json, run
 
+from . import progress
 from .errors import BootFailed, InstallError
 
 if TYPE_CHECKING:  # the work modules load QEMU/QMP support; `firmgate` startup should not pay for it
@@ -32,13 +32,27 @@ def _read_addon(path: str) -> bytes:
         raise InstallError(f"add-on {path} is a directory", "pass the add-on file itself") from None
 
 
-def _print_result(args: argparse.Namespace, result: "InstallResult") -> int:
+def _print_result(args: argparse.Namespace, result: InstallResult) -> int:
     if args.json:
         print_json(result.to_dict())
     else:
         digest = (result.in_force or "")[:16]
-        print(f"{result.status.upper()}: {args.vm} firmware {result.fwid!r} sha384:{digest}…"
+        print(f"{result.status.upper().replace('-', ' ')}: {args.vm} firmware {result.fwid!r} sha384:{digest}…"
               + (f" ({result.reason})" if result.reason else ""))
+    return 0
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    from .init_vm import init_vm
+
+    given = {"snp": args.snp or None, "vcpus": args.vcpus, "memory_mib": args.memory, "cpu": args.cpu,
+             "accel": args.accel, "qemu": args.qemu, "update_port": args.update_port or None,
+             "launch_mode": args.launch_mode, "extra_args": args.extra_arg}
+    vm = init_vm(args.vm, **{k: v for k, v in given.items() if v is not None})
+    if args.json:
+        print_json({"vm": str(vm.path), "config": str(vm.path / "vm.toml")})
+    else:
+        print(f"CREATED: {vm.path / 'vm.toml'} (edit it to add disks and network: extra_args)")
     return 0
 
 
@@ -46,6 +60,7 @@ def _cmd_install(args: argparse.Namespace) -> int:
     from .install import install, plan
     from .vm import VmDir
 
+    progress.enable()
     vm = VmDir.open(args.vm)
     data = _read_addon(args.addon)
     if args.dry_run:
@@ -88,13 +103,30 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _cmd_rollback(args: argparse.Namespace) -> int:
     from .install import rollback
 
+    progress.enable()
     return _print_result(args, rollback(args.vm, launch=not args.no_launch))
 
 
 def _cmd_recover(args: argparse.Namespace) -> int:
     from .install import recover
 
+    progress.enable()
     return _print_result(args, recover(args.vm, relaunch=not args.no_launch))
+
+
+def _log_requests_to_stderr() -> None:
+    """Each served request as one line on stderr (journald adds its own timestamp under systemd)."""
+    import logging
+
+    from .listen_log import log
+
+    if not any(getattr(h, "_firmgate_listen", False) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("host-install listen: %(message)s"))
+        handler._firmgate_listen = True  # type: ignore[attr-defined]
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
 
 
 def _cmd_listen(args: argparse.Namespace) -> int:
@@ -103,6 +135,8 @@ def _cmd_listen(args: argparse.Namespace) -> int:
 
     vm = VmDir.open(args.vm)
     listener = Listener(vm, launch=not args.no_launch)
+    progress.enable()
+    _log_requests_to_stderr()
     print(f"listening on {listener.path}", flush=True)
     try:
         listener.serve(args.max_requests)
@@ -111,12 +145,28 @@ def _cmd_listen(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_commands(sub: "argparse._SubParsersAction[Any]") -> None:
+def _add_commands(sub: argparse._SubParsersAction[Any]) -> None:
     def common(p: argparse.ArgumentParser, launch_help: str) -> None:
         p.add_argument("--vm", required=True, metavar="DIR", help="the VM directory (holds vm.toml)")
         p.add_argument("--json", action="store_true", help="print JSON")
         p.add_argument("--no-launch", action="store_true", help=launch_help)
 
+    p = sub.add_parser("init", help="create a VM directory with a commented vm.toml")
+    p.add_argument("--vm", required=True, metavar="DIR", help="the new VM directory (created if missing)")
+    p.add_argument("--snp", action="store_true", help="an SEV-SNP guest: images must carry SEV metadata")
+    p.add_argument("--launch-mode", choices=("snp", "plain"),
+                   help="plain: run the ROM as an ordinary VM (hosts without SNP); default follows --snp")
+    p.add_argument("--vcpus", type=int, metavar="N", help="virtual CPUs (default 1)")
+    p.add_argument("--memory", type=int, metavar="MIB", help="guest memory in MiB (default 2048)")
+    p.add_argument("--cpu", metavar="MODEL", help="QEMU -cpu model, e.g. EPYC (default: QEMU's)")
+    p.add_argument("--accel", choices=("auto", "kvm", "tcg"), help="default auto: KVM when /dev/kvm opens")
+    p.add_argument("--qemu", metavar="BINARY", help="QEMU binary (default qemu-system-x86_64)")
+    p.add_argument("--update-port", action="store_true",
+                   help="give the guest the org.firmgate.update port (for host-install listen)")
+    p.add_argument("--extra-arg", action="append", metavar="ARG",
+                   help="one more QEMU argument (repeat; e.g. --extra-arg=-drive --extra-arg=file=d.qcow2)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_init)
     p = sub.add_parser("install", help="install the firmware from a guest's UKI add-on and relaunch the VM")
     common(p, "switch the ROM without stopping or starting QEMU")
     p.add_argument("--addon", required=True, metavar="ADDON", help="UKI add-on with .efifw section(s)")
@@ -138,7 +188,7 @@ def _add_commands(sub: "argparse._SubParsersAction[Any]") -> None:
     p.set_defaults(func=_cmd_listen)
 
 
-def register(sub: "argparse._SubParsersAction[Any]") -> None:
+def register(sub: argparse._SubParsersAction[Any]) -> None:
     """Add `firmgate host-install ...`."""
     p = sub.add_parser("host-install", help="install guest-supplied firmware into a VM's ROM and relaunch it")
     inner = p.add_subparsers(dest="host_install_command", metavar="ACTION", parser_class=type(p))
@@ -150,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     from verifier.cli import _Parser
 
     parser = _Parser(prog="host-install", description="install guest-supplied firmware into a VM's ROM")
-    parser.add_argument("--verbose", "-v", action="store_true", help="show tracebacks")
+    parser.add_argument("--verbose", "-v", action="store_true",
+                        help="also show the traceback of an error (the exit code stays the same)")
     sub = parser.add_subparsers(dest="host_install_command", metavar="ACTION", parser_class=_Parser)
     sub.required = True
     _add_commands(sub)

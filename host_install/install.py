@@ -24,11 +24,12 @@ import secrets
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from . import qemu
+from . import progress, qemu
 from .errors import BootFailed, InstallError, InstallFailed, RecoveryNeeded, VmBusy
 from .guest_status import write_guest_status
 from .image import CandidateImage, candidate_from_addon
@@ -63,7 +64,7 @@ class InstalledFirmware:
 
 @dataclass(frozen=True)
 class InstallResult:
-    status: str                   # "installed" | "unchanged" | "rolled-back" | "recovered"
+    status: str                   # "installed" | "unchanged" | "rolled-back" (rollback, or a failed install's) | "recovered"
     tx: str | None
     fwid: str | None
     digest: str | None            # the firmware that was asked for
@@ -117,13 +118,29 @@ def _launch_and_confirm(vm: VmDir, journal: Journal, tx: str, checkpoint: str | 
     accel = qemu.resolve_accel(vm.config.accel)
     try:
         write_guest_status(vm, journal)  # the answer a relaunch loses, told to the guest through fw_cfg
-        pid = qemu.launch(vm, accel)
+        with progress.step(f"launching QEMU ({accel})") as s:
+            pid = qemu.launch(vm, accel)
+            s.outcome = f"pid {pid}"
     except InstallFailed as exc:
         return qemu.BootCheck(False, exc.diagnostics(), 0.0, None)
     journal.append("launched", tx, pid=pid, accel=accel)
     if checkpoint:
         _checkpoint(checkpoint)
-    return qemu.confirm_boot(vm)
+    with progress.step(f"waiting for the firmware to boot (up to {vm.config.boot_timeout:g} s)") as s:
+        check = qemu.confirm_boot(vm)
+        s.outcome = "booted" if check.ok else f"not booted: {check.reason}"
+    return check
+
+
+def _stop(vm: VmDir, *, graceful: bool = True) -> str:
+    if graceful and qemu.can_power_down(vm):
+        what = f"stopping QEMU (ACPI power-down, up to {vm.config.stop_timeout:g} s)"
+    else:
+        what = "stopping QEMU"
+    with progress.step(what) as s:
+        how = qemu.stop(vm, graceful=graceful)
+        s.outcome = how
+    return how
 
 
 def _transition(vm: VmDir, new: CandidateImage | None, target: str, fwid: str | None, *,
@@ -144,27 +161,29 @@ def _transition(vm: VmDir, new: CandidateImage | None, target: str, fwid: str | 
     journal.append("stored", tx, digest=target)
     _checkpoint("stored")
     if launch:
-        how = qemu.stop(vm)
+        how = _stop(vm)
         journal.append("stopped", tx, how=how)
         _checkpoint("stopped")
     switch_link(vm.firmware_link, target, _checkpoint)
     journal.append("switched", tx, to=target, frm=old)
     _checkpoint("switched")
+    # An operator's rollback that lands says so; a failed install's automatic one is raised below.
+    done = "rolled-back" if kind == "rollback" else "installed"
     if not launch:
         journal.append("committed", tx, in_force=target, fwid=fwid, confirmed=False)
-        return InstallResult("installed", tx, fwid, target, target, old, launched=False)
+        return InstallResult(done, tx, fwid, target, target, old, launched=False)
     check = _launch_and_confirm(vm, journal, tx, "launched")
     accel = qemu.resolve_accel(vm.config.accel)
     if check.ok:
         journal.append("confirmed", tx, seconds=round(check.seconds, 3), status=check.status)
         _checkpoint("confirmed")
         journal.append("committed", tx, in_force=target, fwid=fwid, confirmed=True)
-        return InstallResult("installed", tx, fwid, target, target, old, True, accel, round(check.seconds, 3),
+        return InstallResult(done, tx, fwid, target, target, old, True, accel, round(check.seconds, 3),
                              check.reason)
     # The new firmware did not come back: put the old one back and relaunch it.
     journal.append("boot-failed", tx, reason=check.reason, status=check.status, seconds=round(check.seconds, 3))
     _checkpoint("boot-failed")
-    qemu.stop(vm, graceful=False)  # a firmware that did not boot will not honour ACPI power-down
+    _stop(vm, graceful=False)  # a firmware that did not boot will not honour ACPI power-down
     if old is None:
         os.unlink(vm.firmware_link)
         journal.append("aborted", tx, in_force=None, reason=check.reason)
@@ -305,7 +324,7 @@ def _recover_locked(vm: VmDir, *, relaunch: bool) -> InstallResult:
     relaunched, reason = False, ""
     vm_touched = "stopped" in events or "launched" in events
     if relaunch and launched_tx and vm_touched and not (action == "finish" and qemu.running_pid(vm)):
-        qemu.stop(vm, graceful=False)  # it runs an unconfirmed firmware, or nothing
+        _stop(vm, graceful=False)  # it runs an unconfirmed firmware, or nothing
         check = _launch_and_confirm(vm, journal, tx)
         relaunched, reason = check.ok, check.reason
     journal.append("recovered", tx, in_force=target, fwid=fwid, action=action, interrupted_after=events[-1],

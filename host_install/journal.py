@@ -98,7 +98,8 @@ class Journal:
         """The last terminal record that names a firmware (what `firmware` should point at)."""
         for rec in reversed(self.records()):
             if rec.get("event") in TERMINAL and rec.get("in_force"):
-                return rec
+                found: dict[str, Any] = rec
+                return found
         return None
 
     def open_transaction(self) -> list[dict[str, Any]]:

@@ -187,7 +187,7 @@ def launch(vm: VmDir, accel: str | None = None) -> int:
     vm.pid_path.unlink(missing_ok=True)
     cmd = build_command(vm, accel)
     try:
-        proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True,
                               timeout=LAUNCH_TIMEOUT, cwd=vm.path)
     except FileNotFoundError:
         raise InstallFailed(f"QEMU binary {vm.config.qemu!r} not found",
@@ -260,17 +260,46 @@ def _wait_gone(vm: VmDir, pid: int, timeout: float) -> bool:
     return running_pid(vm) != pid
 
 
+# QEMU options that give a guest something to boot an OS from (a disk, a CD, a kernel, a network).
+_BOOT_MEDIA_OPTIONS = frozenset({"-drive", "-blockdev", "-hda", "-hdb", "-hdc", "-hdd", "-cdrom", "-kernel",
+                                 "-nic", "-netdev", "-net"})
+_BOOT_MEDIA_DEVICES = ("virtio-blk", "scsi-hd", "scsi-cd", "ide-hd", "ide-cd", "nvme", "usb-storage",
+                       "virtio-net", "e1000")
+
+
+def can_power_down(vm: VmDir) -> bool:
+    """Whether an ACPI power-down can work: only an OS answers the power button, never the firmware alone.
+
+    "auto" looks for a boot medium in extra_args: without one the guest runs nothing but its firmware
+    (OVMF ignores the power button), and waiting stop_timeout for it would only delay every install.
+    """
+    mode = vm.config.acpi_shutdown
+    if mode != "auto":
+        return mode == "always"
+    if vm.config.kernel:  # direct kernel boot (vm.toml `kernel`): an OS runs
+        return True
+    args = vm.config.extra_args
+    for i, arg in enumerate(args):
+        if arg in _BOOT_MEDIA_OPTIONS:
+            return True
+        if arg == "-device" and i + 1 < len(args) and args[i + 1].split(",")[0].startswith(_BOOT_MEDIA_DEVICES):
+            return True
+    return False
+
+
 def stop(vm: VmDir, timeout: float | None = None, *, graceful: bool = True) -> str:
-    """Stop this VM's QEMU: ACPI power-down (when graceful), then QMP quit, then SIGKILL.
+    """Stop this VM's QEMU: ACPI power-down (when graceful and the guest can honour it), then QMP quit,
+    then SIGKILL.
 
     Returns how it stopped. A guest whose firmware did not boot cannot honour a
-    power-down, so rollback and recovery pass graceful=False.
+    power-down, so rollback and recovery pass graceful=False; neither can a VM
+    without a boot medium (can_power_down).
     """
     pid = running_pid(vm)
     if pid is None:
         return "not-running"
     grace = vm.config.stop_timeout if timeout is None else timeout
-    if graceful:
+    if graceful and can_power_down(vm):
         try:
             qmp(vm, "system_powerdown")
             if _wait_gone(vm, pid, grace):

@@ -11,8 +11,8 @@ import hashlib
 import os
 import re
 import secrets
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from .errors import InstallFailed
 

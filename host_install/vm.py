@@ -35,6 +35,7 @@ _SUN_PATH_MAX = 107
 _ACCELS = ("auto", "kvm", "tcg")
 _FORMATS = ("ovmf", "igvm")
 _LAUNCH_MODES = ("snp", "plain")
+_ACPI_SHUTDOWN = ("auto", "always", "never")
 _DEFAULT_ROM_MAX = 16 * 1024 * 1024  # largest OVMF builds are 4 MiB; leave room, but bound it
 
 
@@ -69,6 +70,9 @@ class VmConfig:
     boot_fail_marker: str = "!!!! X64 Exception Type"
     boot_timeout: float = 60.0       # seconds for QMP "running" + the marker
     stop_timeout: float = 30.0       # seconds for a guest to honour system_powerdown
+    # "auto": ACPI power-down only when extra_args give the guest a boot medium (an OS that can honour it);
+    # firmware alone never does, so its VM is quit at once. "always" / "never" force the choice.
+    acpi_shutdown: str = "auto"
 
     @property
     def effective_launch_mode(self) -> str:
@@ -122,6 +126,8 @@ def parse_config(text: str, path: str = CONFIG_NAME) -> VmConfig:
         raise bad("accel", f"accel must be one of {_ACCELS}, not {cfg.accel!r}")
     if cfg.firmware_format not in _FORMATS:
         raise bad("firmware_format", f"firmware_format must be one of {_FORMATS}, not {cfg.firmware_format!r}")
+    if cfg.acpi_shutdown not in _ACPI_SHUTDOWN:
+        raise bad("acpi_shutdown", f"acpi_shutdown must be one of {_ACPI_SHUTDOWN}, not {cfg.acpi_shutdown!r}")
     if cfg.launch_mode is not None and cfg.launch_mode not in _LAUNCH_MODES:
         raise bad("launch_mode", f"launch_mode must be one of {_LAUNCH_MODES}, not {cfg.launch_mode!r}")
     if cfg.launch_mode == "snp" and not cfg.snp:
@@ -191,11 +197,11 @@ class VmDir:
     config: VmConfig = field(default_factory=VmConfig)
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str]) -> "VmDir":
+    def open(cls, path: str | os.PathLike[str]) -> VmDir:
         p = Path(path).absolute()
         if not p.is_dir():
             raise VmDirError(f"VM directory {p} does not exist",
-                             "pass the directory that holds vm.toml (create one with VmDir.create)")
+                             "pass the directory that holds vm.toml (create one with `host-install init --vm DIR`)")
         cfg_path = p / CONFIG_NAME
         try:
             text = cfg_path.read_text(encoding="utf-8")
@@ -209,7 +215,7 @@ class VmDir:
         return vm
 
     @classmethod
-    def create(cls, path: str | os.PathLike[str], **config: Any) -> "VmDir":
+    def create(cls, path: str | os.PathLike[str], **config: Any) -> VmDir:
         """Make a VM directory with a vm.toml holding `config` (VmConfig's fields)."""
         p = Path(path).absolute()
         p.mkdir(parents=True, exist_ok=True)

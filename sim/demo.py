@@ -31,9 +31,10 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from verifier.errors import FirmgateError, UsageError
 
@@ -143,7 +144,7 @@ class LoopbackBroker:
         self.url = f"http://127.0.0.1:{self.server.server_port}"
         self.thread = threading.Thread(target=self.server.serve_forever, name="demo-broker", daemon=True)
 
-    def __enter__(self) -> "LoopbackBroker":
+    def __enter__(self) -> LoopbackBroker:
         self.thread.start()
         return self
 
@@ -180,8 +181,20 @@ def _git(repo: Path, *args: str) -> str:
 DEMO_BOOT_CHAIN = "demo: stands for an owner build that boots only the owner's signed code"
 
 
+# The owner trusts one firmware publisher: its endorsed builds need no policy commit (docs/endorsements.md).
+PUBLISHERS = f'''[[firmware.publishers]]
+name = "demo-publisher"
+key = "publishers/demo-publisher.pem"   # the publisher's public key, committed by the owner
+fwid = "ovmf-demo-*"
+min_svn = 3
+revocations = "publishers/demo-publisher.revoked"   # the publisher's signed revocation list
+enforces_boot_chain = "{DEMO_BOOT_CHAIN}"
+'''
+
+
 def policy_text(v1: tuple[str, str], v2: tuple[str, str] | None, vcpus: int, vcpu_type: str,
-                author_key: str = "", *, tenant: str = TENANT, v2_bytes: str = "uploaded") -> str:
+                author_key: str = "", *, tenant: str = TENANT, v2_bytes: str = "uploaded",
+                publishers: str = "") -> str:
     """The owner's policy: v1 (bytes in the repo); with v2, v2 (bytes from the guest's add-on) + min_svn 2.
     Bound form (docs/policy.md, "Release binding"): the firmware pins its boot chain, and only launches
     signed with the owner's author key (`author_key`: its SHA-384 digest) name this owner."""
@@ -210,6 +223,7 @@ description = "firmgate demo tenant {tenant}"
 min_svn = {2 if v2 else 1}
 
 {chr(10).join(fw)}
+{publishers}
 [[shapes]]
 vmm = "qemu"
 vcpus = [{vcpus}]
@@ -276,11 +290,14 @@ def run_demo(firmware: str | None = None, workdir: str | None = None, *, quiet: 
         fwids = {"v1": "ovmf-demo-v1", "v2": "ovmf-demo-v2", "bad": "ovmf-unlisted"}
         story.say(f"firmware v2    v1 with 16 bytes changed at {padding_page(base) + PAGE - 16:#x} (padding page; "
                   "same code and SEV metadata, different MEASUREMENT)")
-        story.say(f"unlisted       v1 with other 16 bytes there (an image the owner never listed)")
+        story.say("unlisted       v1 with other 16 bytes there (an image the owner never listed)")
         addons = {k: build_addon([(fwids[k], img)]) for k, img in (("v1", v1_img), ("v2", v2_img), ("bad", bad_img))}
         digests = {k: hashlib.sha384(img).hexdigest() for k, img in (("v1", v1_img), ("v2", v2_img), ("bad", bad_img))}
         for k, blob in addons.items():
             (ws / f"{fwids[k]}.efi").write_bytes(blob)
+        publisher = _publisher_builds(ws, base, addons, digests, fwids)
+        story.say("publisher      demo-publisher (P-384 key); builds v3 (svn 3, endorsed), v3 signed by another "
+                  "key, and a build the publisher revoked")
 
         # The simulated platform and its root (the broker trusts it only because we say so).
         platform = SimPlatform("Milan", "VCEK")
@@ -293,11 +310,15 @@ def run_demo(firmware: str | None = None, workdir: str | None = None, *, quiet: 
         (repo / "firmware").mkdir(parents=True)
         _git(repo, "init", "-q", "-b", "main")
         (repo / "firmware" / "v1.efi").write_bytes(addons["v1"])
+        (repo / "publishers").mkdir()
+        (repo / "publishers" / "demo-publisher.pem").write_bytes(publisher["public_pem"])
+        (repo / "publishers" / "demo-publisher.revoked").write_bytes(publisher["revocations"])
         vm_vcpus, vcpu_type = 1, "EPYC-v4"
         # Each tenant's owner keeps its ID and author keys (P-384) outside the policy repo.
         owners = {t: _owner_keys(ws / "owner-keys" / t, t) for t in (TENANT, OTHER)}
         pol = repo / f"{TENANT}.toml"
-        pol.write_text(policy_text((fwids["v1"], digests["v1"]), None, vm_vcpus, vcpu_type, owners[TENANT][2]))
+        pol.write_text(policy_text((fwids["v1"], digests["v1"]), None, vm_vcpus, vcpu_type, owners[TENANT][2],
+                                   publishers=PUBLISHERS))
         # A second tenant runs the very same firmware builds in the same shape, with its own key.
         (repo / "firmware" / "other-v2.efi").write_bytes(addons["v2"])
         (repo / f"{OTHER}.toml").write_text(policy_text(
@@ -369,7 +390,7 @@ def run_demo(firmware: str | None = None, workdir: str | None = None, *, quiet: 
                       "MASTER_KEY_FILE": str(mkey), "MEASURE_CACHE": str(ws / "measure-cache")}
         try:
             with LoopbackBroker(broker_cfg) as broker:
-                story.say(f"broker         {broker.url} (firmgate broker, SQLite, trusting the simulated root)")
+                story.say(f"broker         {broker.url} (the `firmgate serve` broker app, SQLite, trusting the simulated root)")
                 with UpdateChannel(vm, launch=have_qemu) as channel:
                     story.say(f"update channel {channel.path} (host-install listen; the guest's requests arrive here)")
                     _story(story, broker.url, vm, host, addons, digests, fwids, repo, pol, have_qemu,
@@ -380,7 +401,7 @@ def run_demo(firmware: str | None = None, workdir: str | None = None, *, quiet: 
                     qemu.stop(vm, timeout=1.0)
         elapsed = time.monotonic() - t_start
         result = {
-            "ok": all(s.ok for s in story.steps) and len(story.steps) == 8,
+            "ok": all(s.ok for s in story.steps) and len(story.steps) == 11,
             "seconds": round(elapsed, 1),
             "firmware": str(fw_path),
             "qemu": have_qemu,
@@ -405,7 +426,7 @@ class UpdateChannel:
     def _serve(self) -> None:
         self.listener.serve()  # as `host-install listen` does: every connection served; returns once closed
 
-    def __enter__(self) -> "UpdateChannel":
+    def __enter__(self) -> UpdateChannel:
         self.thread.start()
         return self
 
@@ -493,7 +514,8 @@ def _story(story: Story, url: str, vm: Any, host: Any, addons: dict[str, bytes],
                 st.outcome, st.detail = "wrong firmware", f"in force {r.get('in_force')}, wanted {digests[which]}"
                 return
             booted = (f"booted under QEMU ({r.get('accel')}, {r.get('boot_seconds') or 0:.1f}s)"
-                      if r.get("launched") else "not booted (no QEMU)")
+                      if r.get("launched") else
+                      "already in force, not relaunched" if have_qemu else "not booted (no QEMU)")
             if st.facts.get("real_guest"):
                 booted += ("; asked by the real guest over virtio-serial, which then printed the new firmware's "
                            "SMBIOS line and did not ask again")
@@ -553,7 +575,7 @@ def _story(story: Story, url: str, vm: Any, host: Any, addons: dict[str, bytes],
 
     def owner_commits_v2(st: Step) -> None:
         pol.write_text(policy_text((fwids["v1"], digests["v1"]), (fwids["v2"], digests["v2"]), vcpus, vcpu_type,
-                                   owner[2]))
+                                   owner[2], publishers=PUBLISHERS))
         code, out = _cli(["policy", "check", str(pol)])
         if code != 0:
             st.outcome, st.detail = "policy check failed", out
@@ -572,11 +594,17 @@ def _story(story: Story, url: str, vm: Any, host: Any, addons: dict[str, bytes],
                      "(`firmgate idblock sign`) and handed them to the host")
         st.facts.update(commit=commit)
 
+    def install_then_attest(name: str, by: str, send_addon: bool = False) -> Callable[[Step], None]:
+        def run(st: Step) -> None:
+            do_install(name, by=by)(st)
+            if st.outcome == "installed":
+                do_attest(name, send_addon=send_addon)(st)
+        return run
+
     story.step("guest asks host-install for its v1 add-on", "installed", do_install("v1", by="guest"))
     story.step("guest attests via configfs-tsm and asks for its disk key", "released",
                do_attest("v1"))
-    story.step("host swaps in an unlisted firmware; guest attests", "denied",
-               lambda st: (do_install("bad", by="host")(st), st.outcome == "installed" and do_attest("bad")(st)))
+    story.step("host swaps in an unlisted firmware; guest attests", "denied", install_then_attest("bad", by="host"))
     story.step("replay the step-2 attestation (same and new session)", "denied", replay)
     def look_alike(st: Step) -> None:
         do_attest("v2", on=other_host)(st)
@@ -595,11 +623,78 @@ def _story(story: Story, url: str, vm: Any, host: Any, addons: dict[str, bytes],
 
     story.step("owner commits v2 and min_svn 2 to the policy repo", "committed", owner_commits_v2)
     story.step("guest asks for v2, attests sending the v2 add-on", "released",
-               lambda st: (do_install("v2", by="guest")(st),
-                           st.outcome == "installed" and do_attest("v2", send_addon=True)(st)))
+               install_then_attest("v2", by="guest", send_addon=True))
     story.step("another tenant's VM (same v2, same shape) asks for this key", "denied", look_alike)
     story.step("guest asks for v1 again (a downgrade), attests", "denied",
-               lambda st: (do_install("v1", by="guest")(st), st.outcome == "installed" and do_attest("v1")(st)))
+               install_then_attest("v1", by="guest"))
+
+    # A fix rolls out with no commit to the owner's policy: the publisher's endorsement admits it.
+    def update_and_attest(which: str) -> Callable[[Step], None]:
+        def run(st: Step) -> None:
+            do_install(which, by="guest")(st)
+            if st.outcome == "installed":
+                do_attest(which, send_addon=True)(st)
+        return run
+
+    def untrusted_fix(st: Step) -> None:
+        # The publisher announces v3. The owner's launches must still name their owner: its automation
+        # signs an ID block for v3's launch digest (no policy change) and hands it to the host, as for
+        # any build. Then a copy of the same bytes arrives endorsed by another key.
+        signed = _sign_id_blocks(pol, owner, ws / f"{fwids['v2']}.efi", ws / "v3.efi")
+        shutil.copyfile(signed, vm.rel("owner.idblocks.json"))
+        update_and_attest("v3-rogue")(st)
+
+    def endorsed_fix(st: Step) -> None:
+        head = _git(repo, "rev-parse", "--short", "HEAD")
+        update_and_attest("v3")(st)
+        # The policy file and the publisher's files are untouched (the ID block set beside them is not policy).
+        unchanged = (_git(repo, "rev-parse", "--short", "HEAD") == head
+                     and not _git(repo, "status", "--porcelain", "--", pol.name, "publishers"))
+        st.facts.update(policy_commit=head, policy_unchanged=unchanged)
+        if st.outcome == "released":
+            st.detail += (f"; admitted on endorsement demo-v3 by demo-publisher, the policy repo still at {head}"
+                          if unchanged else "; BUT the policy repo changed")
+
+    story.step("the publisher's v3 build, signed by an untrusted key: guest updates, attests", "denied",
+               untrusted_fix)
+    story.step("publisher issues v3 (svn 3) with its endorsement: guest updates, attests", "released", endorsed_fix)
+    story.step("a build its publisher revoked: guest updates, attests", "denied", update_and_attest("revoked"))
+
+
+def _publisher_builds(ws: Path, base: bytes, addons: dict[str, bytes], digests: dict[str, str],
+                      fwids: dict[str, str]) -> dict[str, bytes]:
+    """The publisher's side: v3 endorsed (svn 3) in its add-on's .corim section; the same build endorsed
+    by an untrusted key; a build endorsed and then revoked. Adds the add-ons; returns the key and list."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from verifier.endorse.corim import (
+        Endorsement,
+        Provenance,
+        Revocations,
+        sign_endorsement,
+        sign_revocations,
+    )
+    from verifier.firmware.addon import build_addon
+
+    key, rogue = ec.generate_private_key(ec.SECP384R1()), ec.generate_private_key(ec.SECP384R1())
+    now = int(time.time())
+    prov = Provenance("https://example.com/demo-publisher/edk2.git", "0123456789abcdef", "make -C OvmfPkg")
+    builds = {"v3": (derive(base, b"firmgate-demo-v3"), "ovmf-demo-v3", key, "demo-v3"),
+              "v3-rogue": (derive(base, b"firmgate-demo-v3"), "ovmf-demo-v3", rogue, "demo-v3-rogue"),
+              "revoked": (derive(base, b"firmgate-demo-rv"), "ovmf-demo-rv", key, "demo-revoked")}
+    for name, (img, fwid, signer, eid) in builds.items():
+        digest = hashlib.sha384(img).hexdigest()
+        e = Endorsement(eid, fwid, digest, 3, "demo-publisher", now - 60, now + 30 * 86400, prov)
+        end = sign_endorsement(e, signer)
+        addons[name] = build_addon([(fwid, img)], extra_sections=[(".corim", end)])
+        digests[name], fwids[name] = digest, fwid
+        (ws / f"{name}.efi").write_bytes(addons[name])
+        (ws / f"{name}.corim").write_bytes(end)
+    revocations = sign_revocations(Revocations("demo-publisher", now, frozenset({"demo-revoked"}), frozenset()), key)
+    public_pem = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                               serialization.PublicFormat.SubjectPublicKeyInfo)
+    return {"public_pem": public_pem, "revocations": revocations}
 
 
 def _summary(story: Story, result: dict[str, Any]) -> None:
@@ -622,7 +717,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if result["ok"] else 1
 
 
-def register(sub: "argparse._SubParsersAction[Any]") -> None:
+def register(sub: argparse._SubParsersAction[Any]) -> None:
     p = sub.add_parser("demo", help="the whole flow end to end on this machine (simulated SEV-SNP hardware)")
     p.add_argument("--firmware", metavar="F", help="OVMF image with SEV metadata (default: Debian's OVMF.fd)")
     p.add_argument("--workdir", metavar="D", help="keep the workspace here (an empty directory); default: a temp dir")

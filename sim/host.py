@@ -113,7 +113,7 @@ class SimSnpHost:
         """The auxblob: the GUID certificate table, PEM entries as the kernel passes the host's blob."""
         return self.platform.cert_table(pem=True)
 
-    def tsm(self) -> "SimTsmBackend":
+    def tsm(self) -> SimTsmBackend:
         return SimTsmBackend(self)
 
 

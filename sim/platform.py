@@ -18,8 +18,9 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.asn1 import IA5String, encode_der
@@ -32,8 +33,17 @@ from cryptography.x509.oid import NameOID
 from verifier.abi.certtable import build_cert_table
 from verifier.abi.fields import Product, SigningKey, TcbVersion
 from verifier.abi.report import SIGNED_SIZE, encode_fields, signature_to_bytes
-from verifier.kds import (OID_BL_SPL, OID_CSP_ID, OID_FMC_SPL, OID_HWID, OID_PRODUCT_NAME, OID_SNP_SPL,
-                          OID_STRUCT_VERSION, OID_TEE_SPL, OID_UCODE_SPL)
+from verifier.kds import (
+    OID_BL_SPL,
+    OID_CSP_ID,
+    OID_FMC_SPL,
+    OID_HWID,
+    OID_PRODUCT_NAME,
+    OID_SNP_SPL,
+    OID_STRUCT_VERSION,
+    OID_TEE_SPL,
+    OID_UCODE_SPL,
+)
 
 PSS_SALT = 48
 RSA_BITS = 4096   # as AMD's; keygen is cached per process so tests pay it once per role
@@ -48,7 +58,7 @@ def _rsa_key(label: str) -> rsa.RSAPrivateKey:
     key = _KEYS.get(("rsa", label))
     if key is None:
         key = _KEYS[("rsa", label)] = rsa.generate_private_key(65537, RSA_BITS)
-    return key  # type: ignore[no-any-return]
+    return key
 
 
 def _ec_key(label: str, curve: ec.EllipticCurve | None = None) -> ec.EllipticCurvePrivateKey:
@@ -56,7 +66,7 @@ def _ec_key(label: str, curve: ec.EllipticCurve | None = None) -> ec.EllipticCur
     key = _KEYS.get(("ec", curve.name, label))
     if key is None:
         key = _KEYS[("ec", curve.name, label)] = ec.generate_private_key(curve)
-    return key  # type: ignore[no-any-return]
+    return key
 
 
 def _pss(salt: int = PSS_SALT) -> padding.PSS:
@@ -108,7 +118,7 @@ class SimPlatform:
         if signer not in ("VCEK", "VLEK"):
             raise ValueError("signer is VCEK or VLEK")
         self.signer = signer
-        self.now = now or dt.datetime.now(dt.timezone.utc)
+        self.now = now or dt.datetime.now(dt.UTC)
         self.tcb = tcb or Tcb()
         self.cert_tcb = cert_tcb or self.tcb
         hw_size = 8 if self.product is Product.TURIN else 64

@@ -79,6 +79,9 @@ class FakeAppraiser:
     def lists_firmware(self, tenant: str, data: bytes) -> bool:
         return hashlib.sha384(data).hexdigest() in self.policies.get(tenant, {}).get("firmware_digests", ())
 
+    def trusts_endorsement(self, tenant: str, data: bytes) -> bool:
+        return False
+
     def add_firmware(self, data: bytes) -> list[str]:
         digest = hashlib.sha384(data).hexdigest()
         if not any(digest in p.get("firmware_digests", ()) for p in self.policies.values()):
@@ -468,7 +471,8 @@ def test_healthz_and_metrics(broker: Any) -> None:
     g.attest()
     g.fetch("acme/key/disk")
     assert http("GET", srv.url + "/healthz").body["status"] == "ok"
-    m = http("GET", srv.url + "/metrics")
+    assert http("GET", srv.url + "/metrics").status == 401   # it names tenants: the operator's token
+    m = http("GET", srv.url + "/metrics", headers={"Authorization": f"Bearer {OP}"})
     text = m.body.decode()
     assert m.headers["Content-Type"].startswith("text/plain")
     assert 'firmgate_events_total{event="release",outcome="ok"}' in text

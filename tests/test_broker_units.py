@@ -299,7 +299,7 @@ def test_cli_tenant_and_secrets(tmp_path: Path) -> None:
 def test_cli_console_script_one_line_error(tmp_path: Path) -> None:
     r = subprocess.run([str(Path(sys.executable).parent / "firmgate"), "secret", "rm", "acme/key/x", "--db",
                         f"sqlite:///{tmp_path}/x.db"], capture_output=True, timeout=120)
-    assert r.returncode == 2 and r.stderr == b"error: no secret acme/key/x\n"
+    assert r.returncode == 2 and r.stderr == b"error: no tenant acme: run `firmgate tenant add acme` first\n"
 
 
 def test_cli_serve_bad_arguments(tmp_path: Path) -> None:

@@ -282,7 +282,7 @@ def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]
 @pytest.fixture
 def owner_repo(tmp_path: Path) -> tuple[Path, Owner]:
     o = Owner("cli")
-    (tmp_path / "ovmf.fd").symlink_to(FW)
+    (tmp_path / "ovmf.fd").write_bytes(FW.read_bytes())  # policy files live inside the policy tree
     digest = hashlib.sha384(FW.read_bytes()).hexdigest()
     from sim.owner import bound_policy
     (tmp_path / "acme.toml").write_text(bound_policy(o, "acme", [("ovmf", digest, 1, "ovmf.fd")],

@@ -388,4 +388,4 @@ def test_shape_count_is_bounded(tmp_path: Path) -> None:
 def test_a_policy_must_allow_some_firmware(tmp_path: Path, firmware: str) -> None:
     text = f'version = 1\n{firmware}[[shapes]]\nvcpus = [1]\nvcpu_types = ["EPYC-v4"]\n'
     _, errors = parse_policy(text, tmp_path / "acme.toml")
-    assert [(e.line, e.why) for e in errors] == [(2, "no [[firmware.allowed]] entry: nothing could ever match")]
+    assert [(e.line, e.why) for e in errors] == [(2, "no [[firmware.allowed]] or [[firmware.publishers]] entry: nothing could ever match")]

@@ -22,7 +22,9 @@ import hashlib
 import threading
 import warnings
 from collections import OrderedDict
-from typing import Any, Callable, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from functools import partial
+from typing import Any, TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -130,9 +132,8 @@ def _parsed_now(cert: x509.Certificate, what: str) -> x509.Certificate:
     """Force the lazily parsed parts (extensions, key) so that a malformed certificate fails here,
     as bad input, and not later inside verification (RFC 5280 4.2: no duplicate extensions)."""
     try:
-        cert.extensions
+        _ = cert.extensions, cert.issuer, cert.subject
         cert.public_key()
-        cert.issuer, cert.subject
     except LAZY_PARSE_ERRORS as exc:
         raise CertificateFormatError(f"{what}: malformed certificate ({exc})") from None
     return cert
@@ -154,11 +155,11 @@ def load_certificates(data: bytes, what: str = "certificates") -> list[x509.Cert
     if len(data) > MAX_BUNDLE_SIZE:
         raise CertificateFormatError(f"{what}: {len(data)} bytes is too large for a certificate bundle")
     if b"-----BEGIN" in data:
-        certs = []
+        certs: list[x509.Certificate] = []
         for block in _pem_blocks(data, b"CERTIFICATE"):
             if len(certs) >= MAX_CERTS:
                 raise CertificateFormatError(f"{what}: more than {MAX_CERTS} certificates")
-            certs.append(_memo("pem", block, lambda: _load_pem_block(block, what)))
+            certs.append(_memo("pem", block, partial(_load_pem_block, block, what)))
         if not certs:
             raise CertificateFormatError(f"{what}: PEM input holds no CERTIFICATE block")
         return certs
@@ -199,9 +200,9 @@ def _load_crl(data: bytes, what: str) -> x509.CertificateRevocationList:
             crl = x509.load_pem_x509_crl(data)
         else:
             crl = x509.load_der_x509_crl(data)
-        crl.issuer, crl.extensions, crl.next_update_utc  # parsed lazily: fail here, not inside verify
+        _ = crl.issuer, crl.extensions, crl.next_update_utc  # parsed lazily: fail here, not inside verify
         for revoked in crl:
-            revoked.serial_number
+            _ = revoked.serial_number
     except LAZY_PARSE_ERRORS as exc:
         raise CertificateFormatError(f"{what}: does not parse ({exc})") from exc
     return crl

@@ -21,7 +21,8 @@ tier integer (2 affirming, 32 warning, 96 contraindicated, 0 none).
 from __future__ import annotations
 
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any, cast
 
 import cbor2
 from cryptography.exceptions import InvalidSignature
@@ -132,7 +133,7 @@ def public_jwk(key: ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey, alg:
     """The public JWK a relying party verifies tokens with (what the broker publishes)."""
     pub = key.public_key() if isinstance(key, ec.EllipticCurvePrivateKey) else key
     d = ECKey.import_key(pub).as_dict(private=False)
-    return {"kty": "EC", "crv": d["crv"], "x": d["x"], "y": d["y"], "alg": alg}
+    return {"kty": "EC", "crv": cast(str, d["crv"]), "x": cast(str, d["x"]), "y": cast(str, d["y"]), "alg": alg}
 
 
 # -- JWT ------------------------------------------------------------------------------------

@@ -16,8 +16,9 @@ import functools
 import hashlib
 import itertools
 import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -169,7 +170,8 @@ _INT_BITS = {key: 8 * LAYOUT[field][1] for key, field in _INT_FIELDS.items()}
 _OPT_INT_BITS = {key: 8 * LAYOUT[key][1] for key in _OPT_INT_FIELDS}
 _BYTE_SIZES = {key: LAYOUT[key][1] for key in _BYTE_FIELDS}
 _BYTE_LENGTHS = list(_BYTE_SIZES.values())
-_BYTE_SPANS = tuple(zip(_BYTE_FIELDS, itertools.accumulate([0, *_BYTE_LENGTHS]), itertools.accumulate(_BYTE_LENGTHS)))
+_BYTE_SPANS = tuple(zip(_BYTE_FIELDS, itertools.accumulate([0, *_BYTE_LENGTHS]), itertools.accumulate(_BYTE_LENGTHS),
+                        strict=False))  # the running start has one more element than the fields
 
 
 

@@ -26,7 +26,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-from sevsnpmeasure import id_block as _sev  # type: ignore[import-untyped]
+from sevsnpmeasure import id_block as _sev
 
 from .errors import FirmgateError
 

@@ -3,8 +3,16 @@ from __future__ import annotations
 
 import hashlib
 
-from .errors import (ChainError, EvidenceError, ExpiredError, FetchError, FirmgateError, RevokedError,
-                     SignatureError, TrustError)
+from .errors import (
+    ChainError,
+    EvidenceError,
+    ExpiredError,
+    FetchError,
+    FirmgateError,
+    RevokedError,
+    SignatureError,
+    TrustError,
+)
 from .evidence import Evidence, load_evidence
 from .options import VerifyOptions
 from .verdict import CheckResult, Outcome, Verdict

@@ -32,8 +32,7 @@ from cryptography.x509.oid import SignatureAlgorithmOID
 
 from .abi.fields import Product, SigningKey, TcbVersion
 from .abi.report import SIGNED_SIZE, AttestationReport
-from .certs import (LAZY_PARSE_ERRORS, Lru, clear_parsed_cache, common_name, load_certificates, load_crl,
-                    serial_number)
+from .certs import LAZY_PARSE_ERRORS, Lru, clear_parsed_cache, common_name, load_certificates, load_crl, serial_number
 from .errors import CertificateFormatError, ChainError, ExpiredError, FetchError, RevokedError, SignatureError
 from .evidence import Evidence
 from .evidence import clear_caches as _clear_evidence_caches
@@ -344,7 +343,7 @@ def _select(evidence: Evidence, options: VerifyOptions) -> _Selected:
            report.cpuid_mod_id, report.key_info.raw, report.chip_id)
     hit = _SELECT_CACHE.get(key)
     if hit is not None and hit.store is options.trust_store and len(hit.pool) >= len(pool) and all(
-            a is b for a, b in zip(hit.pool, pool)):
+            a is b for a, b in zip(hit.pool, pool, strict=False)):
         return hit  # type: ignore[no-any-return]
 
     picked = _pick_leaf(pool, report)
@@ -428,9 +427,9 @@ def _check_windows(windows: tuple[tuple[str, str, dt.datetime, dt.datetime], ...
 def verify_report(evidence: Evidence, options: VerifyOptions) -> VerifiedReport:
     """Verify the chain and the signature (raising on failure), then run every consistency check."""
     report = evidence.report
-    now = options.now or dt.datetime.now(dt.timezone.utc)
+    now = options.now or dt.datetime.now(dt.UTC)
     if now.tzinfo is None:
-        now = now.replace(tzinfo=dt.timezone.utc)
+        now = now.replace(tzinfo=dt.UTC)
     sel = _select(evidence, options)
     leaf, info, inter, root, simulated, product = sel.leaf, sel.info, sel.inter, sel.root, sel.simulated, sel.product
     _check_windows(sel.windows, now)

@@ -60,7 +60,7 @@ def parse_cert_table(blob: bytes) -> tuple[CertTableEntry, ...]:
         pos += ENTRY_SIZE
     # Entries must not point into the header (including the terminator).
     header_end = pos + ENTRY_SIZE
-    for e, off in zip(entries, _offsets(blob, len(entries))):
+    for e, off in zip(entries, _offsets(blob, len(entries)), strict=True):
         if off < header_end:
             raise CertificateFormatError(f"certificate table entry {e.guid} overlaps the table header")
     return tuple(entries)

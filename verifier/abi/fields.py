@@ -18,7 +18,7 @@ from ..errors import MalformedReport
 from .flags import GUEST_POLICY, KEY_INFO, PLATFORM_INFO, FlagWord
 
 
-class Product(str, enum.Enum):
+class Product(str, enum.Enum):  # noqa: UP042 (StrEnum would change str(), which callers print)
     """An SEV-SNP processor generation whose AMD roots firmgate knows.
 
     A `str` enum so that `Product.MILAN == "Milan"` (the KDS path spelling).
@@ -29,7 +29,7 @@ class Product(str, enum.Enum):
     TURIN = "Turin"
 
     @classmethod
-    def parse(cls, name: str) -> "Product":
+    def parse(cls, name: str) -> Product:
         """From a user's or certificate's spelling: "milan", "Milan-B0", "Genoa"."""
         base = name.strip().split("-", 1)[0].lower()
         for p in cls:
@@ -77,11 +77,11 @@ class TcbVersion:
     raw: int = 0
 
     @classmethod
-    def from_u64(cls, value: int, product: Product | str) -> "TcbVersion":
+    def from_u64(cls, value: int, product: Product | str) -> TcbVersion:
         return _decode_tcb(value, _as_product(product))
 
     @classmethod
-    def _from_u64(cls, value: int, product: Product) -> "TcbVersion":
+    def _from_u64(cls, value: int, product: Product) -> TcbVersion:
         if not isinstance(value, int) or not 0 <= value < 1 << 64:
             raise MalformedReport(f"TCB_VERSION {value} does not fit in 64 bits")
         b = value.to_bytes(8, "little")
@@ -124,12 +124,12 @@ class TcbVersion:
     def _text(self) -> str:
         return " ".join(f"{k}={v}" for k, v in self._components)
 
-    def le(self, other: "TcbVersion") -> bool:
+    def le(self, other: TcbVersion) -> bool:
         """Every component of self <= the same component of other (a partial order, not u64 <)."""
         mine, theirs = self._components, other._components
-        return len(mine) == len(theirs) and all(a[0] == b[0] and a[1] <= b[1] for a, b in zip(mine, theirs))
+        return len(mine) == len(theirs) and all(a[0] == b[0] and a[1] <= b[1] for a, b in zip(mine, theirs, strict=True))
 
-    def same(self, other: "TcbVersion") -> bool:
+    def same(self, other: TcbVersion) -> bool:
         """Equal in every named component (raw bits outside the layout are not components)."""
         return self._components == other._components
 

@@ -13,12 +13,21 @@ from __future__ import annotations
 
 import functools
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from ..errors import MalformedReport, UnsupportedReportVersion
-from .fields import (BuildVersion, GuestPolicy, KeyInfo, PlatformInfo, Product, SigningKey, TcbVersion,
-                     product_from_cpuid)
+from .fields import (
+    BuildVersion,
+    GuestPolicy,
+    KeyInfo,
+    PlatformInfo,
+    Product,
+    SigningKey,
+    TcbVersion,
+    product_from_cpuid,
+)
 from .flags import set_bit_numbers
 
 REPORT_SIZE = 0x4A0               # 1184 bytes
@@ -141,7 +150,7 @@ class AttestationReport:
     signature_s: int
 
     @classmethod
-    def from_bytes(cls, raw: bytes) -> "AttestationReport":
+    def from_bytes(cls, raw: bytes) -> AttestationReport:
         if not isinstance(raw, (bytes, bytearray, memoryview)):
             raise MalformedReport(f"a report is bytes, not {type(raw).__name__}")
         raw = bytes(raw)

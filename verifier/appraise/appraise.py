@@ -16,10 +16,12 @@ import hashlib
 import logging
 from typing import Any
 
+from ..endorse.admit import recheck
 from ..errors import FirmgateError
 from ..verdict import CheckResult, Outcome, Verdict
 from .binding import launch_binding
 from .checks import RULES, Context
+from .reference import split_firmware
 from .report_rules import RULES as REPORT_RULES
 from .store import LoadedPolicy, PolicyStore
 
@@ -35,7 +37,7 @@ _CLAIM_OF: dict[str, str] = {
     "report.signature": "instance-identity", "report.chip_id": "instance-identity",
     "binding.report_data": "instance-identity", "report.report_data": "instance-identity",
     "firmware.measurement": "executables", "firmware.revoked": "executables", "firmware.min_svn": "executables",
-    "firmware.supplied": "executables",
+    "firmware.supplied": "executables", "firmware.endorsement": "executables",
     "guest.debug": "runtime-opaque",
     "guest.migrate_ma": "configuration", "guest.smt": "configuration", "guest.single_socket": "configuration",
     "guest.abi_min": "configuration", "guest.svn_min": "configuration", "guest.vmpl": "configuration",
@@ -116,9 +118,17 @@ def _root_name(verified: Any) -> str | None:
     return common_name(root) if root is not None else None
 
 
-def _supplied_check(loaded: LoadedPolicy, firmware: bytes) -> CheckResult:
-    """Firmware bytes that came with the evidence: extracted, accepted only if the policy lists their digest."""
+def _supplied_check(loaded: LoadedPolicy, firmware: bytes, endorsements: tuple[bytes, ...] = ()) -> CheckResult:
+    """Firmware bytes that came with the evidence: extracted, accepted if the policy lists their digest,
+    or if a publisher it trusts endorsed them (an add-on's `.corim` sections, or `endorsements`)."""
     try:
+        payload, carried = split_firmware(firmware)
+        if loaded.policy.firmware_by_digest(hashlib.sha384(payload).hexdigest()) is None and loaded.policy.publishers:
+            adm = loaded.table.add_endorsed(payload, carried + tuple(endorsements))
+            e = adm.endorsement
+            return CheckResult("firmware.supplied", Outcome.PASS, f"firmware sent with the evidence is {e.fwid} "
+                               f"(svn {e.svn}), endorsed by publisher {adm.publisher} (endorsement {e.id}); "
+                               "its measurements were recomputed and added", e.sha384, e.sha384)
         fw = loaded.add_firmware_bytes(firmware)
     except FirmgateError as exc:
         return CheckResult("firmware.supplied", Outcome.FAIL, f"firmware sent with the evidence refused: "
@@ -127,8 +137,25 @@ def _supplied_check(loaded: LoadedPolicy, firmware: bytes) -> CheckResult:
                        f"(svn {fw.svn}); its measurements were added", fw.sha384, fw.sha384)
 
 
+def _endorsement_check(loaded: LoadedPolicy, sha384: str) -> CheckResult | None:
+    """For a build admitted on an endorsement: is that admission still good NOW (validity, revocation,
+    the publisher's constraints under the policy in force)? None for a build listed by digest."""
+    entry = loaded.table.endorsed(sha384)
+    if entry is None:
+        return None
+    adm = entry[1]
+    e = adm.endorsement
+    why = recheck(loaded.policy.publishers, adm)
+    if why is not None:
+        return CheckResult("firmware.endorsement", Outcome.FAIL, why, "a valid endorsement", e.id)
+    return CheckResult("firmware.endorsement", Outcome.PASS, f"firmware {e.fwid} (svn {e.svn}) is endorsed by "
+                       f"publisher {adm.publisher} (endorsement {e.id}, valid until {adm.to_dict()['not_after']})",
+                       "a valid endorsement", e.id)
+
+
 def appraise(verified: Any, loaded: LoadedPolicy, *, expected_report_data: bytes | None = None,
-             expected_host_data: bytes | None = None, supplied_firmware: bytes | None = None) -> Verdict:
+             expected_host_data: bytes | None = None, supplied_firmware: bytes | None = None,
+             supplied_endorsements: tuple[bytes, ...] = ()) -> Verdict:
     """Every rule of `loaded`'s policy applied to `verified` (a verifier.verify.VerifiedReport).
 
     Never raises for a rejection: the reasons are the verdict's failed checks.
@@ -138,7 +165,7 @@ def appraise(verified: Any, loaded: LoadedPolicy, *, expected_report_data: bytes
     report = verified.report
     pre: list[CheckResult] = []
     if supplied_firmware is not None:
-        pre.append(_supplied_check(loaded, supplied_firmware))
+        pre.append(_supplied_check(loaded, supplied_firmware, supplied_endorsements))
     table = loaded.table
     match = table.lookup(report.measurement)
     ctx = Context(verified=verified, policy=loaded.policy, match=match, missing_firmware=dict(table.missing),
@@ -152,6 +179,9 @@ def appraise(verified: Any, loaded: LoadedPolicy, *, expected_report_data: bytes
             log.exception("rule %s raised", rule.__name__)
             results.append(CheckResult("rule." + rule.__name__.removeprefix("check_"), Outcome.FAIL,
                                        f"rule could not be evaluated: {type(exc).__name__}"))
+    endorsed = _endorsement_check(loaded, match.firmware.sha384) if match is not None else None
+    if endorsed is not None:
+        results.append(endorsed)
     checks = tuple(results)
     status = status_of(checks)
     tcb = getattr(verified, "tcb", {}) or {}
@@ -163,6 +193,7 @@ def appraise(verified: Any, loaded: LoadedPolicy, *, expected_report_data: bytes
                    "sha256": loaded.digest},
         "firmware": None if match is None else {"id": match.firmware.id, "svn": match.firmware.svn,
                                                 "sha384": match.firmware.sha384},
+        "endorsement": _endorsement_facts(loaded, match),
         "shape": None if match is None else match.shape.key(),
         "product": str(verified.product),
         "signer": str(verified.signer),
@@ -181,6 +212,12 @@ def appraise(verified: Any, loaded: LoadedPolicy, *, expected_report_data: bytes
     }
     return Verdict(checks=checks, evidence_sha384=hashlib.sha384(report.raw).hexdigest(),
                    policy_id=loaded.policy_id, facts=facts)
+
+
+def _endorsement_facts(loaded: LoadedPolicy, match: Any) -> dict[str, Any] | None:
+    """Which publisher and endorsement admitted the matched firmware (None: listed by digest, or no match)."""
+    entry = loaded.table.endorsed(match.firmware.sha384) if match is not None else None
+    return None if entry is None else entry[1].to_dict()
 
 
 def release_allowed(loaded: LoadedPolicy, verdict: Verdict, resource_path: str) -> tuple[bool, str]:
@@ -205,7 +242,13 @@ def release_allowed(loaded: LoadedPolicy, verdict: Verdict, resource_path: str) 
         return False, "the attestation matched no firmware"
     fw = loaded.policy.firmware_by_id(fid)
     if fw is None or fw.sha384 != digest:
-        return False, f"firmware {fid} is no longer allowed by the policy"
+        # Admitted on an endorsement: the admission is re-checked under the policy in force now.
+        endorsed = loaded.table.endorsed(digest)
+        if endorsed is None or endorsed[0].id != fid:
+            return False, f"firmware {fid} is no longer allowed by the policy"
+        fw, why = endorsed[0], recheck(loaded.policy.publishers, endorsed[1])
+        if why is not None:
+            return False, why
     if fw.id in loaded.policy.revoked:
         return False, f"firmware {fid} is revoked"
     if loaded.policy.min_firmware_svn is not None and fw.svn < loaded.policy.min_firmware_svn:
@@ -238,7 +281,7 @@ def _bound(verdict: Verdict) -> bool:
 
 def appraise_evidence(data: bytes, options: Any, store_or_loaded: PolicyStore | LoadedPolicy, tenant: str | None = None,
                       *, expected_report_data: bytes | None = None, expected_host_data: bytes | None = None,
-                      firmware: bytes | None = None) -> Verdict:
+                      firmware: bytes | None = None, endorsements: tuple[bytes, ...] = ()) -> Verdict:
     """Parse + verify (raising EvidenceError / TrustError / FetchError as verify_report does), then appraise.
 
     `data`: a raw report or any evidence JSON `verifier.evidence.load_evidence` reads.
@@ -257,4 +300,5 @@ def appraise_evidence(data: bytes, options: Any, store_or_loaded: PolicyStore | 
             raise FirmgateError(f"policy is for tenant {loaded.tenant!r}, not {tenant!r}")
     verified = verify_report(load_evidence(data), options)
     return appraise(verified, loaded, expected_report_data=expected_report_data,
-                    expected_host_data=expected_host_data, supplied_firmware=firmware)
+                    expected_host_data=expected_host_data, supplied_firmware=firmware,
+                    supplied_endorsements=endorsements)

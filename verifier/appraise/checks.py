@@ -10,8 +10,9 @@ Table 9: GUEST_POLICY).
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from ..abi.fields import TcbVersion
 from ..verdict import CheckResult, Outcome
@@ -29,7 +30,7 @@ HOST_DATA_SIZE = 32     # SNP ABI Table 23: HOST_DATA is 32 bytes
 
 @dataclass(frozen=True)
 class Context:
-    verified: "VerifiedReport"
+    verified: VerifiedReport
     policy: TenantPolicy
     match: Match | None
     missing_firmware: dict[str, str]     # firmware ids without measurements yet, and why
@@ -38,7 +39,7 @@ class Context:
     expected_host_data: bytes | None
 
     @property
-    def report(self) -> "AttestationReport":
+    def report(self) -> AttestationReport:
         return self.verified.report
 
 

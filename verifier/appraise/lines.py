@@ -15,7 +15,7 @@ tomllib rejects never reaches the index (its own error has a line number).
 from __future__ import annotations
 
 import re
-from typing import Iterator
+from collections.abc import Iterator
 
 Path = tuple[str | int, ...]
 

@@ -20,9 +20,10 @@ import os
 import re
 import stat
 import tomllib
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Collection, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..abi.fields import Product
 from ..errors import FirmgateError, PolicyErrors, PolicyFileError
@@ -31,6 +32,7 @@ from ..measure.launch import VMMS as _MEASURE_VMMS
 from .lines import LineIndex
 
 if TYPE_CHECKING:
+    from ..endorse.admit import PublisherRule
     from .report_rules import ReportRules
 
 FORMAT_VERSION = 1
@@ -121,7 +123,8 @@ class PlatformRules:
     host_data: bytes | Literal["initdata"] | None = None
 
     def floor(self, which: Literal["min_tcb", "min_launch_tcb"], product: Product) -> TcbFloor | None:
-        for p, f in getattr(self, which):
+        floors: tuple[tuple[Product, TcbFloor], ...] = getattr(self, which)
+        for p, f in floors:
             if p is product:
                 return f
         return None
@@ -177,6 +180,8 @@ class TenantPolicy:
     base_dir: str = field(default=".", compare=False)
     id_block: IdBlockRules = field(default_factory=IdBlockRules)
     report_rules: ReportRules | None = None   # [report] (verifier.appraise.report_rules); None: none checked
+    # [[firmware.publishers]] (publishers.py): admit builds not listed above, on a signed endorsement.
+    publishers: tuple[PublisherRule, ...] = ()
 
     def firmware_by_id(self, fwid: str) -> FirmwareEntry | None:
         return next((f for f in self.firmware if f.id == fwid), None)
@@ -330,14 +335,15 @@ def _firmware(errs: _Errors, doc: dict[str, Any]
     if "firmware" not in doc:
         errs.add(("firmware",), "missing [firmware] (with at least one [[firmware.allowed]] entry)")
         return [], None, frozenset()
-    fw = _table(errs, ("firmware",), doc["firmware"], {"allowed", "revoked", "min_svn"})
+    fw = _table(errs, ("firmware",), doc["firmware"], {"allowed", "revoked", "min_svn", "publishers"})
     min_svn = _int(errs, ("firmware", "min_svn"), fw["min_svn"], 0, 2**32 - 1) if "min_svn" in fw else None
     entries: list[tuple[int, FirmwareEntry]] = []   # (index in firmware.allowed, entry)
     seen_ids: dict[str, int] = {}
     seen_digests: dict[str, str] = {}
     allowed = fw.get("allowed")
     if allowed is None or allowed == []:
-        errs.add(("firmware",), "no [[firmware.allowed]] entry: nothing could ever match")
+        if not fw.get("publishers"):  # a policy may trust publishers only
+            errs.add(("firmware",), "no [[firmware.allowed]] or [[firmware.publishers]] entry: nothing could ever match")
     elif not isinstance(allowed, list):
         errs.add(("firmware", "allowed"), f"must be an array of tables ([[firmware.allowed]]), not {_tname(allowed)}")
     else:
@@ -422,7 +428,7 @@ def _shapes(errs: _Errors, doc: dict[str, Any]) -> tuple[ShapeRule, ...]:
             k = _table(errs, p + ("kernel",), t["kernel"], {"kernel", "initrd", "cmdline"})
             hs = {n: _hexbytes(errs, p + ("kernel", n), k[n], 32, f"{n} sha256") if n in k else None
                   for n in ("kernel", "initrd", "cmdline")}
-            for n, h in hs.items():
+            for n in hs:
                 if k and n not in k:
                     errs.add(p + ("kernel",), f"kernel hashes need {n!r} (sha256 of the {n})")
             if all(hs.values()):
@@ -468,7 +474,7 @@ def _platform(errs: _Errors, doc: dict[str, Any]) -> PlatformRules:
     if "host_data" in t:
         v = t["host_data"]
         if v == INITDATA:
-            host_data = INITDATA
+            host_data = "initdata"
         else:
             h = _hexbytes(errs, p + ("host_data",), v, 32, f'host_data (or "{INITDATA}")')
             host_data = bytes.fromhex(h) if h else None
@@ -634,8 +640,8 @@ def parse_policy(text: str | bytes, path: str | Path, *, tenant: str | None = No
     try:
         source = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        line = raw[:exc.start].count(b"\n") + 1
-        return None, [PolicyFileError(spath, line, None, "not valid UTF-8 (TOML files are UTF-8)")]
+        bad_line = raw[:exc.start].count(b"\n") + 1
+        return None, [PolicyFileError(spath, bad_line, None, "not valid UTF-8 (TOML files are UTF-8)")]
     if not TENANT_RE.fullmatch(tenant):
         errors.append(PolicyFileError(spath, None, None,
                                       f"tenant id {tenant!r} (the file name) must be 1-63 of a-z 0-9 _ - "
@@ -673,11 +679,16 @@ def parse_policy(text: str | bytes, path: str | Path, *, tenant: str | None = No
     platform = _platform(errs, top)
     guest = _guest(errs, top)
     secrets = _secrets(errs, top, tenant, {f.id for f in firmware})
+    from .publishers import parse_publishers  # its own module; imports this one's helpers
+    publishers = parse_publishers(errs, top.get("firmware"), Path(spath).parent, check_files=check_files)
     from .binding import id_block_rules, unbound_secrets
     id_rules = id_block_rules(errs, top)
     if not any(p[:1] == ("firmware",) or p[:1] == ("shapes",) or p[:1] == ("secrets",) for p, _ in errs.items):
         # Only a policy whose firmware, shapes and secrets parsed can be judged for binding.
         for p, why in unbound_secrets(firmware, shapes, platform, id_rules, secrets, revoked, min_svn):
+            errs.add(p, why)
+        from .publishers import unbound_publisher_secrets  # the same rule for builds publishers endorse
+        for p, why in unbound_publisher_secrets(publishers, shapes, secrets):
             errs.add(p, why)
     # Imported here: report_rules builds on this module's helpers.
     from .report_rules import parse_report_rules
@@ -696,7 +707,7 @@ def parse_policy(text: str | bytes, path: str | Path, *, tenant: str | None = No
         tenant=tenant, path=spath, digest=hashlib.sha256(raw).hexdigest(), description=description,
         firmware=firmware, min_firmware_svn=min_svn, revoked=revoked, shapes=shapes, platform=platform,
         guest=guest, secrets=secrets, base_dir=str(Path(spath).parent), id_block=id_rules,
-        report_rules=report_rules)
+        report_rules=report_rules, publishers=publishers)
     return policy, []
 
 

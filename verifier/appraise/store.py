@@ -24,13 +24,15 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import FirmgateError, FirmwareError, PolicyErrors, PolicyFileError, UsageError
+from ..observe import emit
 from .policy import FirmwareEntry, TenantPolicy, load_policy_file
-from .reference import ReferenceTable, extract_firmware
+from .reference import ReferenceTable, split_firmware
 
 log = logging.getLogger("firmgate.policy")
 
 GIT_TIMEOUT_S = 10
 MAX_UPLOADED = 64          # firmware images (bytes) the store keeps for "uploaded" entries
+MAX_ENDORSEMENTS = 256     # endorsements kept that arrived before their firmware (admin upload)
 
 
 class UnknownTenant(FirmgateError):
@@ -136,6 +138,10 @@ class PolicyStore:
         self._gitdir_checked = False
         self._checked_at = 0.0
         self._uploaded: dict[str, bytes] = {}   # sha384 hex -> firmware payload, survives reloads
+        # Builds admitted on an endorsement: sha384 -> (payload, endorsements); re-admitted on every
+        # reload, under the policy then in force (a revoked or expired one then drops out).
+        self._endorsed: dict[str, tuple[bytes, tuple[bytes, ...]]] = {}
+        self._endorsements: dict[str, list[bytes]] = {}   # firmware sha384 -> endorsements waiting for it
         self._gen: dict[str, int] = {}           # tenant -> number of the newest reload started
         self.refresh(force=True)
 
@@ -234,6 +240,8 @@ class PolicyStore:
     def _build(self, path: Path, uploaded: dict[str, bytes]
                ) -> tuple[TenantPolicy | None, ReferenceTable | None, list[PolicyFileError]]:
         """Parse, check and measure one policy file (no lock held)."""
+        with self._lock:
+            endorsed = dict(self._endorsed)
         policy, errors = load_policy_file(path)
         if policy is None:
             return None, None, errors
@@ -244,6 +252,8 @@ class PolicyStore:
                 fw = policy.firmware_by_digest(digest)
                 if fw is not None and fw.id not in policy.revoked:
                     table.add_payload(fw, payload)
+            for digest, (payload, ends) in endorsed.items():
+                _readmit(table, digest, payload, ends)
         except FirmgateError as exc:
             return None, None, [PolicyFileError(str(path), None, "firmware", exc.diagnostics())]
         return policy, table, []
@@ -252,6 +262,7 @@ class PolicyStore:
                  errors: list[PolicyFileError], commit: str | None, dirty: set[str]) -> None:
         if errors or policy is None or table is None:
             self._errors[tenant] = errors
+            emit("policy_reload", tenant=tenant, result="refused", fallback="yes" if tenant in self._loaded else "no")
             if tenant in self._loaded:
                 log.warning("policy change for tenant %s refused; keeping %s in force:\n%s", tenant,
                             self._loaded[tenant].policy_id, "\n".join(e.diagnostics() for e in errors))
@@ -264,32 +275,80 @@ class PolicyStore:
             fw = policy.firmware_by_digest(digest)
             if fw is not None and fw.id not in policy.revoked and not table.measured(fw.id):
                 table.add_payload(fw, payload)
+        for digest, (payload, ends) in self._endorsed.items():
+            _readmit(table, digest, payload, ends)
         self._errors.pop(tenant, None)
         lp = LoadedPolicy(policy, commit, str(path.resolve()) in dirty, table)
         previous = self._loaded.get(tenant)
         self._loaded[tenant] = lp
+        emit("policy_reload", tenant=tenant, result="loaded", fallback="no")
         log.info("policy for tenant %s loaded: %s (%d reference measurements)%s", tenant, lp.policy_id,
                  len(table), f", replacing {previous.policy_id}" if previous else "")
 
     # -- firmware arriving from outside ----------------------------------------------------
-    def add_firmware(self, data: bytes, fwid: str | None = None) -> list[str]:
-        """Firmware bytes (an add-on or an image) for every tenant whose policy allows their digest.
+    def add_firmware(self, data: bytes, fwid: str | None = None, endorsements: tuple[bytes, ...] = ()) -> list[str]:
+        """Firmware bytes (an add-on or an image) for every tenant whose policy allows their digest,
+        or admits them on an endorsement (carried in the add-on's `.corim` sections, given here, or
+        uploaded earlier) from a publisher it trusts.
 
-        Returns the tenants that accepted it; raises FirmwareError if none does.
+        Returns the tenants that accepted it; raises FirmwareError if none does, naming why each
+        endorsement was refused (never which tenant refused it).
         """
-        payload = extract_firmware(data, fwid)
+        from ..endorse.admit import EndorsementRefused
+        payload, carried = split_firmware(data, fwid)
         digest = hashlib.sha384(payload).hexdigest()
         accepted: list[str] = []
+        refusals: list[str] = []
+        admitted = False
         with self._lock:
+            ends = tuple(dict.fromkeys(carried + tuple(endorsements) + tuple(self._endorsements.get(digest, ()))))
             for t, lp in self._loaded.items():
                 if lp.allows_firmware_digest(digest):
                     lp.table.add_firmware_bytes(payload)
                     accepted.append(t)
+                elif lp.policy.publishers:
+                    try:   # admission, then measuring: reference.ReferenceTable.add_endorsed
+                        lp.table.add_endorsed(payload, ends)
+                    except EndorsementRefused as exc:
+                        refusals.append(exc.diagnostics())
+                        continue
+                    accepted.append(t)
+                    admitted = True
             if not accepted:
-                raise FirmwareError(f"firmware sha384 {digest[:16]}... is not allowed by any tenant's policy")
-            if digest not in self._uploaded and len(self._uploaded) < MAX_UPLOADED:
+                why = f"firmware sha384 {digest[:16]}... is not allowed by any tenant's policy"
+                if refusals:
+                    why += "; " + "; ".join(dict.fromkeys(refusals))
+                raise FirmwareError(why)
+            if admitted and digest not in self._endorsed and len(self._endorsed) < MAX_UPLOADED:
+                self._endorsed[digest] = (payload, ends)
+            elif not admitted and digest not in self._uploaded and len(self._uploaded) < MAX_UPLOADED:
                 self._uploaded[digest] = payload
         return accepted
+
+    def add_endorsement(self, data: bytes) -> str:
+        """An endorsement on its own (admin upload, or beside the guest's firmware): kept for when its
+        firmware arrives, if some tenant trusts its signer. Returns its id; EndorsementRefused otherwise."""
+        from ..endorse.admit import EndorsementRefused, verify_with
+        with self._lock:
+            publishers = [p for lp in self._loaded.values() for p in lp.policy.publishers]
+            _, signed = verify_with(data, publishers)
+            e = signed.endorsement
+            waiting = self._endorsements.setdefault(e.sha384, [])
+            if data not in waiting:
+                if sum(len(v) for v in self._endorsements.values()) >= MAX_ENDORSEMENTS:
+                    raise EndorsementRefused(f"at most {MAX_ENDORSEMENTS} endorsements are kept")
+                waiting.append(bytes(data))
+        return e.id
+
+
+def _readmit(table: ReferenceTable, digest: str, payload: bytes, ends: tuple[bytes, ...]) -> None:
+    """Admit an earlier endorsed build under a (re)loaded policy; one no longer admitted is left out."""
+    if table.policy.firmware_by_digest(digest) is not None or not table.policy.publishers:
+        return
+    try:
+        table.add_endorsed(payload, ends)
+    except FirmgateError as exc:
+        log.info("policy %s no longer admits firmware %s...: %s", table.policy.tenant, digest[:16], exc.diagnostics())
 
 
 def load_for_cli(path: str | Path, tenant: str | None = None, *, cache_dir: str | Path | None = None

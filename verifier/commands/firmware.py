@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..cli import print_json
 from ..errors import FirmwareError, UsageError
@@ -18,8 +19,17 @@ from ..firmware.addon import MAX_ADDON_SIZE, Addon, build_addon, read_addon
 from ..firmware.image import IGVM_MAGIC, MAX_FIRMWARE_SIZE, inspect_firmware, require_snp_firmware
 from ..measure.cache import MeasurementCache
 from ..measure.igvm import ZERO_RULES, measure_igvm
-from ..measure.launch import (SEV_SNP_MEASURE_VERSION, VCPU_TYPES, VMMS, KernelHashes, Shape, igvm_shape_matches,
-                              measure_prepared, prepare_firmware, shapes_product)
+from ..measure.launch import (
+    SEV_SNP_MEASURE_VERSION,
+    VCPU_TYPES,
+    VMMS,
+    KernelHashes,
+    Shape,
+    igvm_shape_matches,
+    measure_prepared,
+    prepare_firmware,
+    shapes_product,
+)
 
 # A table larger than this is a typo, not a policy (each shape is a few SHA-384s).
 MAX_SHAPES = 65536
@@ -204,7 +214,7 @@ def cmd_addon_build(args: argparse.Namespace) -> int:
     if not files or len(files) != len(fwids):
         raise UsageError("give one --fwid for each --firmware (in the same order)")
     entries = []
-    for path, fwid in zip(files, fwids):
+    for path, fwid in zip(files, fwids, strict=True):
         payload = read_bounded(path, MAX_FIRMWARE_SIZE, "firmware")
         if not args.unsafe_skip_firmware_check:
             try:
@@ -213,10 +223,32 @@ def cmd_addon_build(args: argparse.Namespace) -> int:
                 raise FirmwareError(f"{path}: {exc.diagnostics()} (--unsafe-skip-firmware-check to pack it anyway)"
                                     ) from exc
         entries.append((fwid, payload))
-    out = build_addon(entries)
+    out = build_addon(entries, extra_sections=[(".corim", e) for e in _endorsements(args.endorsement or [], entries)])
     write_file(args.output, out)
     print(f"wrote {args.output}: {len(out)} bytes, {len(entries)} firmware image(s): {', '.join(fwids)}")
     return 0
+
+
+def _endorsements(paths: list[str], entries: list[tuple[str, bytes]]) -> list[bytes]:
+    """Endorsement files to carry in `.corim` sections; each must be for one of the images packed.
+    (Its signature is the verifier's business: the builder may not even know the publisher's key.)"""
+    import hashlib
+
+    from ..endorse.corim import MAX_ENDORSEMENT_SIZE, parse_signed, read_payload
+    from ..firmware.addon import MAX_ENDORSEMENTS
+    if len(paths) > MAX_ENDORSEMENTS:
+        raise UsageError(f"at most {MAX_ENDORSEMENTS} --endorsement files")
+    digests = {hashlib.sha384(p).hexdigest(): f for f, p in entries}
+    out = []
+    for path in paths:
+        data = read_bounded(path, MAX_ENDORSEMENT_SIZE, "endorsement")
+        e = read_payload(parse_signed(data)).endorsement
+        if e.sha384 not in digests:
+            raise UsageError(f"{path} endorses sha384 {e.sha384[:16]}... ({e.fwid}), which is none of the images packed")
+        if digests[e.sha384] != e.fwid:
+            raise UsageError(f"{path} endorses fwid {e.fwid}, packed here as {digests[e.sha384]}")
+        out.append(data)
+    return out
 
 
 def _addon_facts(path: str, addon: Addon) -> dict[str, Any]:
@@ -240,7 +272,19 @@ def _addon_facts(path: str, addon: Addon) -> dict[str, Any]:
                      for s in addon.sections],
         "efifw": entries,
         "hwids": [{"chid": str(h.chid), "name": h.name, "fwid": h.fwid} for h in addon.hwids],
+        "endorsements": [_endorsement_facts(e) for e in addon.endorsements],
     }
+
+
+def _endorsement_facts(data: bytes) -> dict[str, Any]:
+    """What an endorsement section says (signature NOT checked here: `firmgate endorse verify` does)."""
+    from ..endorse.corim import parse_signed, read_payload
+    from ..errors import FirmgateError
+    try:
+        signed = read_payload(parse_signed(data))
+    except FirmgateError as exc:
+        return {"error": exc.diagnostics()}
+    return {"key_sha256": signed.kid_hex, "signature": "not checked", **signed.endorsement.to_dict()}
 
 
 def cmd_addon_inspect(args: argparse.Namespace) -> int:
@@ -261,6 +305,10 @@ def cmd_addon_inspect(args: argparse.Namespace) -> int:
         print(f"  snp: {e['snp']}")
     for h in facts["hwids"]:
         print(f".hwids uefi-fw chid {h['chid']} name {h['name']} fwid {h['fwid']}")
+    for e in facts["endorsements"]:
+        print(f".corim {e['error']}" if "error" in e else
+              f".corim endorsement {e['id']}: {e['fwid']} svn {e['svn']} by {e['publisher']} "
+              f"(key sha256:{e['key_sha256'][:16]}..., signature not checked)")
     return 0
 
 
@@ -272,7 +320,7 @@ def cmd_addon_extract(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: "argparse._SubParsersAction[Any]") -> None:
+def register(sub: argparse._SubParsersAction[Any]) -> None:
     m = sub.add_parser("measure", help="expected SNP launch measurements of a firmware for a set of VM shapes")
     m.add_argument("firmware", metavar="FIRMWARE", help="raw OVMF image, or a UKI add-on (see --fwid)")
     m.add_argument("--fwid", help="which firmware of an add-on (needed when it holds several)")
@@ -307,6 +355,9 @@ def register(sub: "argparse._SubParsersAction[Any]") -> None:
     b = asub.add_parser("build", help="write a PE add-on holding one .efifw section per firmware")
     b.add_argument("--firmware", action="append", metavar="FILE", help="firmware image (repeatable)")
     b.add_argument("--fwid", action="append", metavar="ID", help="its firmware id (one per --firmware)")
+    b.add_argument("--endorsement", action="append", metavar="FILE",
+                   help="a publisher's signed endorsement of one of the images, carried in a .corim section "
+                        "(repeatable; see firmgate endorse sign)")
     b.add_argument("-o", "--output", required=True, metavar="OUT.efi")
     b.add_argument("--unsafe-skip-firmware-check", action="store_true",
                    help="pack images that are not SNP-capable OVMF (for tests)")

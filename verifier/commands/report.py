@@ -14,13 +14,13 @@ from cryptography import x509
 from ..abi.certtable import parse_cert_table
 from ..abi.fields import Product
 from ..abi.flags import GUEST_POLICY, KEY_INFO, PLATFORM_INFO
+from ..appraise.appraise import appraise
 from ..certs import common_name, load_certificate, load_certificates, load_crl
 from ..errors import CertificateFormatError, EvidenceError, FetchError, FirmgateError, TrustError, UsageError
 from ..evidence import MAX_EVIDENCE_SIZE, Evidence, load_evidence
 from ..kds import parse_leaf
 from ..kds.fetch import HttpFetcher
 from ..options import VerifyOptions
-from ..appraise.appraise import appraise
 from ..pipeline import check_name_for, evidence_digest, verify_to_report
 from ..trust import DEFAULT_TRUST_STORE
 from ..verdict import CheckResult, Outcome, Verdict
@@ -28,7 +28,7 @@ from ..verdict import CheckResult, Outcome, Verdict
 MAX_CERT_FILES = 64
 
 
-def register(sub: "argparse._SubParsersAction[Any]") -> None:
+def register(sub: argparse._SubParsersAction[Any]) -> None:
     r = sub.add_parser("report", help="read SEV-SNP attestation reports")
     rsub = r.add_subparsers(dest="report_command", metavar="SUBCOMMAND")
     rsub.required = True
@@ -59,7 +59,10 @@ def register(sub: "argparse._SubParsersAction[Any]") -> None:
                    help="appraise against this owner policy (a tenant's TOML file, or a policy directory)")
     v.add_argument("--tenant", metavar="T", help="the tenant whose policy applies (needed with a directory)")
     v.add_argument("--firmware", action="append", default=[], metavar="FILE",
-                   help="firmware add-on or image the VM supplied (accepted only if the policy lists its digest)")
+                   help="firmware add-on or image the VM supplied (accepted only if the policy lists its digest, "
+                        "or a publisher it trusts endorsed it)")
+    v.add_argument("--endorsement", action="append", default=[], metavar="FILE",
+                   help="a publisher's endorsement of a --firmware (an add-on's .corim sections count too)")
     v.add_argument("--measure-cache", metavar="DIR", help="cache of expected measurements (protect like the policy)")
     v.add_argument("--ear-out", metavar="FILE", help="write the signed EAR attestation result (JWT) here")
     v.add_argument("--ear-key", metavar="PEM",
@@ -128,7 +131,7 @@ def _parse_at(text: str | None) -> dt.datetime | None:
         when = dt.datetime.fromisoformat(text)
     except ValueError:
         raise UsageError(f"--at {text!r} is not an ISO 8601 time (e.g. 2025-06-01T00:00:00Z)") from None
-    return when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)
+    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
 
 
 def _parse_hex(text: str | None) -> bytes | None:
@@ -202,7 +205,7 @@ def print_verdict(name: str, verdict: Verdict, out: Any = None) -> None:
 def verify_handler(args: argparse.Namespace) -> int:
     from ..cli import print_json
 
-    if not args.policy and (args.tenant or args.firmware or args.ear_out):
+    if not args.policy and (args.tenant or args.firmware or args.endorsement or args.ear_out):
         raise UsageError("--tenant, --firmware and --ear-out need --policy")
     if bool(args.ear_out) != bool(args.ear_key):
         raise UsageError("--ear-out and --ear-key go together")
@@ -234,8 +237,17 @@ def _load_policy(args: argparse.Namespace) -> Any:
     from ..appraise.store import load_for_cli
 
     loaded = load_for_cli(args.policy, args.tenant, cache_dir=args.measure_cache)
-    for path in args.firmware:      # the VM's own add-on/image: measured only if the policy lists its digest
-        loaded.add_firmware_bytes(_read(path, "--firmware", 64 * 1024 * 1024))
+    import hashlib
+
+    from ..appraise.reference import split_firmware
+    endorsements = tuple(_read(p, "--endorsement", 64 * 1024) for p in args.endorsement)
+    for path in args.firmware:      # the VM's own add-on/image: measured only if listed or endorsed
+        data = _read(path, "--firmware", 64 * 1024 * 1024)
+        payload, carried = split_firmware(data)
+        if loaded.policy.firmware_by_digest(hashlib.sha384(payload).hexdigest()) is None and loaded.policy.publishers:
+            loaded.table.add_endorsed(payload, carried + endorsements)   # EndorsementRefused names why (exit 1)
+        else:
+            loaded.add_firmware_bytes(data)
     return loaded
 
 

@@ -23,8 +23,8 @@ import hashlib
 import struct
 import sys
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import pefile
 
@@ -34,6 +34,11 @@ EFIFW_MAGIC = 0xFEEDDEAD
 EFIFW_BASE_HEADER = struct.Struct("<IIII")  # magic, header_len, fwid_len, payload_len
 EFIFW_SECTION = ".efifw"
 HWIDS_SECTION = ".hwids"
+# A firmgate section: a publisher's signed endorsement (CoRIM in COSE_Sign1) of a firmware in
+# this add-on (docs/firmware.md). The stub ignores it; a verifier checks it like any other input.
+ENDORSEMENT_SECTION = ".corim"
+MAX_ENDORSEMENTS = 8
+MAX_ENDORSEMENT_SECTION = 64 * 1024
 
 # Bounds (why each value):
 # 64 MiB: a few firmware images of at most image.MAX_FIRMWARE_SIZE (16 MiB) plus headers.
@@ -97,6 +102,7 @@ class Addon:
     hwids: tuple[HwidEntry, ...]
     sections: tuple[SectionInfo, ...]
     sha384: str  # of the whole add-on file
+    endorsements: tuple[bytes, ...] = ()  # contents of `.corim` sections, unchecked (verifier.endorse checks)
 
     @property
     def fwids(self) -> tuple[str, ...]:
@@ -257,6 +263,7 @@ def read_addon(data: bytes) -> Addon:
     sections: list[SectionInfo] = []
     entries: list[EfifwEntry] = []
     hwids: list[HwidEntry] = []
+    endorsements: list[bytes] = []
     seen_hwids = False
     for index, sec in enumerate(pe.sections):
         name = _section_name(sec.Name)
@@ -266,7 +273,7 @@ def read_addon(data: bytes) -> Addon:
         if rptr + rsize > len(data):
             raise FirmwareError(f"section {index} ({name}): raw data {rptr}+{rsize} runs past the end of "
                                 f"the file ({len(data)} bytes): truncated add-on")
-        if name not in (EFIFW_SECTION, HWIDS_SECTION):
+        if name not in (EFIFW_SECTION, HWIDS_SECTION, ENDORSEMENT_SECTION):
             continue
         # The stub sees VirtualSize bytes in memory; bytes beyond the raw data
         # would be zero-fill that is not in the file, so refuse that case.
@@ -279,6 +286,11 @@ def read_addon(data: bytes) -> Addon:
         blob = data[rptr:rptr + size]
         if name == EFIFW_SECTION:
             entries.append(parse_efifw(blob, index))
+        elif name == ENDORSEMENT_SECTION:
+            if len(endorsements) >= MAX_ENDORSEMENTS or len(blob) > MAX_ENDORSEMENT_SECTION:
+                raise FirmwareError(f"section {index} ({name}): at most {MAX_ENDORSEMENTS} endorsements of "
+                                    f"{MAX_ENDORSEMENT_SECTION} bytes each")
+            endorsements.append(blob)
         else:
             if seen_hwids:
                 raise FirmwareError(f"section {index}: more than one {HWIDS_SECTION} section")
@@ -291,7 +303,7 @@ def read_addon(data: bytes) -> Addon:
     if dupes:
         raise FirmwareError(f"add-on has several {EFIFW_SECTION} sections with fwid {_names(dupes)}")
     return Addon(entries=tuple(entries), hwids=tuple(hwids), sections=tuple(sections),
-                 sha384=hashlib.sha384(data).hexdigest())
+                 sha384=hashlib.sha384(data).hexdigest(), endorsements=tuple(endorsements))
 
 
 # -- building ----------------------------------------------------------------

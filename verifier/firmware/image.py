@@ -12,6 +12,7 @@ first and only hands sev-snp-measure what passed.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import struct
 import uuid
 from dataclasses import dataclass, field
@@ -192,7 +193,7 @@ def _check_sev_sections(sections: tuple[SevSection, ...], rom_gpa: int) -> None:
     if total > MAX_SEV_SECTION_BYTES:
         raise FirmwareError(f"SEV metadata sections cover {total} bytes, above the {MAX_SEV_SECTION_BYTES} limit")
     spans.sort()
-    for (a0, a1, ai), (b0, _b1, bi) in zip(spans, spans[1:]):
+    for (_a0, a1, ai), (b0, _b1, bi) in itertools.pairwise(spans):
         if b0 < a1:
             raise FirmwareError(f"SEV metadata sections {ai} and {bi} overlap at {b0:#x}")
 

@@ -18,6 +18,7 @@ from typing import Protocol
 from ..abi.fields import Product, TcbVersion
 from ..certs import load_certificates, load_crl
 from ..errors import CertificateFormatError, FetchError
+from ..observe import emit
 from . import KDS_BASE, chain_url, crl_url, vcek_url
 
 MAX_RESPONSE = 64 * 1024
@@ -52,16 +53,26 @@ class HttpFetcher:
         return self.cache_dir / (hashlib.sha256(url.encode()).hexdigest()[:40] + ".bin")
 
     def _get(self, url: str, max_age: float | None = None, *, crl: bool = False) -> bytes:
+        kind = "crl" if crl else "chain" if url.endswith("/cert_chain") else "vcek"
+        try:
+            data, source = self._get_counted(url, max_age, crl=crl)
+        except FetchError:
+            emit("kds_request", kind=kind, source="error")
+            raise
+        emit("kds_request", kind=kind, source=source)
+        return data
+
+    def _get_counted(self, url: str, max_age: float | None, *, crl: bool) -> tuple[bytes, str]:
         url = self.base_url + url.removeprefix(KDS_BASE)
         path = self._path(url)
         if path.is_file() and (max_age is None or self.offline or time.time() - path.stat().st_mtime < max_age):
-            return path.read_bytes()[:MAX_RESPONSE]
+            return path.read_bytes()[:MAX_RESPONSE], "cache"
         if self.offline:
             raise FetchError(f"offline, and {url} is not in the cache ({self.cache_dir})")
         req = urllib.request.Request(url, headers={"User-Agent": "firmgate"})
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310 (https URL we built)
-                body = resp.read(MAX_RESPONSE + 1)
+                body: bytes = resp.read(MAX_RESPONSE + 1)
         except urllib.error.HTTPError as exc:
             if exc.code == 429:
                 raise FetchError(f"AMD KDS rate limit (HTTP 429) for {url}; retry after "
@@ -82,7 +93,7 @@ class HttpFetcher:
         with os.fdopen(fd, "wb") as f:
             f.write(body)
         os.replace(tmp, path)
-        return body
+        return body, "network"
 
     def vcek(self, product: Product, chip_id: bytes, tcb: TcbVersion) -> bytes:
         return self._get(vcek_url(product, chip_id, tcb))
@@ -173,7 +184,7 @@ class FirstOf:
     def local_crl(self, product: Product, signer: str) -> bytes | None:
         for f in self.fetchers:
             local = getattr(f, "local_crl", None)
-            data = local(product, signer) if local is not None else None
+            data: bytes | None = local(product, signer) if local is not None else None
             if data is not None:
                 return data
         return None

@@ -39,8 +39,8 @@ import hmac
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from sevsnpmeasure.gctx import GCTX  # type: ignore[import-untyped]
-from sevsnpmeasure.vmsa import SevEsSaveArea  # type: ignore[import-untyped]
+from sevsnpmeasure.gctx import GCTX
+from sevsnpmeasure.vmsa import SevEsSaveArea
 
 from ..errors import FirmwareError, UsageError
 from ..firmware import igvm as ig

@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib.metadata import version as _dist_version
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Literal, get_args
+from typing import Literal, Protocol, get_args
 
 from sevsnpmeasure import guest as _ssm_guest
 from sevsnpmeasure.gctx import GCTX
-from sevsnpmeasure.ovmf import FOUR_GB, OVMF, SectionType
+from sevsnpmeasure.ovmf import FOUR_GB, OVMF
 from sevsnpmeasure.sev_hashes import SevHashes
 from sevsnpmeasure.sev_mode import SevMode
 from sevsnpmeasure.vcpu_types import CPU_SIGS
@@ -37,11 +38,20 @@ from ..errors import FirmwareError, UsageError
 from ..firmware.image import IGVM_MAGIC, PAGE, FirmwareImage, require_snp_firmware
 from .igvm import IgvmMeasurement, measure_igvm
 
-if TYPE_CHECKING:
-    from .cache import MeasurementCache
-
 SEV_SNP_MEASURE_VERSION = _dist_version("sev-snp-measure")
 MEASUREMENT_SIZE = 48  # SHA-384: MEASUREMENT field of the SNP report (ABI spec 56860, Table 23)
+
+
+class MeasurementCache(Protocol):
+    """What measurement_table needs of a cache (cache.MeasurementCache is the on-disk one).
+
+    A protocol here, so that launch.py does not import cache.py, which imports launch's constants.
+    """
+
+    def get(self, fw_sha384: str, shape_key: str) -> bytes | None: ...
+    def put(self, fw_sha384: str, shape_key: str, measurement: bytes) -> None: ...
+    def get_seed(self, fw_sha384: str) -> bytes | None: ...
+    def put_seed(self, fw_sha384: str, seed: bytes) -> None: ...
 
 Vmm = Literal["qemu", "ec2", "gce"]
 VMMS: tuple[str, ...] = get_args(Vmm)

@@ -18,8 +18,8 @@ zero); then one VP context per vCPU (BSP, then APs) at 0xFFFFFFFFF000.
 """
 from __future__ import annotations
 
-from sevsnpmeasure.sev_mode import SevMode  # type: ignore[import-untyped]
-from sevsnpmeasure.vmsa import VMSA  # type: ignore[import-untyped]
+from sevsnpmeasure.sev_mode import SevMode
+from sevsnpmeasure.vmsa import VMSA
 
 from ..firmware import igvm as ig
 from ..firmware.igvm_build import IgvmWriter

@@ -101,7 +101,7 @@ class TrustStore:
     # evidence, --certs, a trust directory or KDS (they still have to match the pins).
     bundled: bool = True
 
-    def with_simulated_root(self, root: x509.Certificate) -> "TrustStore":
+    def with_simulated_root(self, root: x509.Certificate) -> TrustStore:
         return TrustStore(pins=self.pins, simulated_roots=self.simulated_roots + (root,), bundled=self.bundled)
 
     def anchors(self) -> tuple[x509.Certificate, ...]:
