@@ -12,9 +12,10 @@ from sqlalchemy.orm import Session as OrmSession
 from verifier.verdict import Verdict
 
 from .db import AuditRecord, now_ms
+from .hotsql import Hot, run
 
 _A = cast(Table, AuditRecord.__table__)
-_INSERT = insert(_A)  # built once: it runs on every request
+_INSERT = Hot(insert(_A))  # built once: it runs on every request
 
 
 def verdict_facts(verdict: Verdict | None) -> tuple[str | None, str | None]:
@@ -74,7 +75,7 @@ def short_retention(table: Any) -> Any:
 def write(db: Connection | OrmSession, rows: list[dict[str, Any]], commit: bool = True) -> None:
     """Insert audit rows (one statement) in the caller's transaction; commit unless told not to."""
     if rows:
-        db.execute(_INSERT, rows)
+        run(db, _INSERT, rows)
     if commit:
         db.commit()
 

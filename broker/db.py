@@ -28,6 +28,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from verifier.errors import FirmgateError
@@ -176,8 +177,10 @@ def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
     else:
-        kwargs.update(pool_pre_ping=True, pool_size=10, max_overflow=20)
+        kwargs.update(pool_size=10, max_overflow=20)
     engine = create_engine(url, **kwargs)
+    if engine.dialect.name != "sqlite":
+        _ping_when_idle(engine)
     if engine.dialect.name == "sqlite":
         _private_sqlite_file(engine.url.database)
         @event.listens_for(engine, "connect")
@@ -188,6 +191,35 @@ def make_engine(url: str) -> Engine:
             cur.execute("PRAGMA busy_timeout=30000")
             cur.close()
     return engine
+
+
+# A pooled server connection idle longer than this is pinged before use. pool_pre_ping pings on
+# every checkout: a round trip per request, about a tenth of a handshake's broker CPU on
+# PostgreSQL (bench/broker.py). A connection back in use within the second is one that just
+# worked; if it died in between, its statement fails, the request gets a 503 and the connection
+# is discarded (hotsql.run / SQLAlchemy invalidate it), so an outage costs no restart.
+PING_IDLE_S = 1.0
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    @event.listens_for(engine.pool, "checkin")
+    def _checked_in(_dbapi_conn: Any, record: Any) -> None:
+        record.info["fg_idle_since"] = time.monotonic()
+
+    @event.listens_for(engine.pool, "checkout")
+    def _checkout(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.get("fg_idle_since")
+        if since is None or time.monotonic() - since < PING_IDLE_S:
+            return  # new (just connected), or used a moment ago
+        try:
+            cur = dbapi_conn.cursor()
+            try:
+                cur.execute("SELECT 1")
+            finally:
+                cur.close()
+            dbapi_conn.rollback()  # end the ping's transaction (psycopg begins one for any statement)
+        except Exception as exc:  # any failure is a dead connection: the pool reconnects
+            raise DisconnectionError("pooled connection failed its ping") from exc
 
 
 # Ordered migration steps: MIGRATIONS[n] upgrades a schema at version n to n+1.

@@ -24,12 +24,13 @@ from sqlalchemy.exc import IntegrityError
 
 from verifier.errors import FirmgateError
 from verifier.evidence import Evidence, firmgate_evidence_json
-from verifier.verdict import Verdict
+from verifier.verdict import CheckResult, Outcome, Verdict
 
 from . import audit, metrics, nonces, tenant_select, vault
 from .appraisal import Attested
 from .db import now_ms
 from .errors import ApiError
+from .hotsql import one_round_trip
 from .jwe import encrypt, load_tee_pubkey
 from .limits import json_body, valid_resource, valid_tenant
 from .nonces import Db
@@ -89,10 +90,11 @@ def auth() -> Response:
     if now_ms() % 50 == 0:  # now and then, not on every request
         cfg = current_app.config
         nonces.purge_expired(db, int(cfg["AUDIT_RETENTION_DAYS"]), int(cfg["AUTH_AUDIT_RETENTION_HOURS"]))
-    # The session and its audit row in one transaction.
-    new = nonces.new_session(db, str(tee), int(current_app.config["SESSION_TTL"]), hint, commit=False)
-    # Operator-only: the hint is the caller's word, not a fact a tenant should find in its log.
-    audit.record(db, event="auth", outcome="ok", reason="challenge issued", tenant=None, session_id=new.id)
+    # The session and its audit row in one transaction (one round trip on PostgreSQL).
+    with one_round_trip(db):
+        new = nonces.new_session(db, str(tee), int(current_app.config["SESSION_TTL"]), hint, commit=False)
+        # Operator-only: the hint is the caller's word, not a fact a tenant should find in its log.
+        audit.record(db, event="auth", outcome="ok", reason="challenge issued", tenant=None, session_id=new.id)
     metrics.count_event("auth", "ok")
     resp = jsonify({"nonce": new.nonce, "extra-params": ""})
     _set_cookie(resp, new.id, new.expires_at)
@@ -158,6 +160,20 @@ def _guest_firmware(st: BrokerState, additional: str, session_id: str) -> None:
             raise ApiError("AttestationError", f"additional_evidence.{FIRMWARE_KEY}.endorsement is no COSE_Sign1")
         store_firmware(st, get_orm(), endorsement, source=f"guest:{session_id}")
     store_firmware(st, get_orm(), blob, source=f"guest:{session_id}")
+
+
+def _public_firmware_refusal(exc: FirmgateError) -> str:
+    """What the guest (and the tenant it names) reads when its firmware or endorsement is refused:
+    refusals that name a policy's publisher rule, or say whether any tenant trusts a signer, become
+    words that depend only on what the guest sent (docs/security.md RT-3)."""
+    from verifier.appraise.store import FirmwareNotAdmitted
+    from verifier.endorse.admit import EndorsementRefused
+    if isinstance(exc, FirmwareNotAdmitted):
+        return exc.public
+    if isinstance(exc, EndorsementRefused):
+        return (f"the endorsement in additional_evidence.{FIRMWARE_KEY} is not admitted by any policy "
+                "(the reason is in the operator's audit log)")
+    return exc.diagnostics()
 
 
 def _appraisal(st: BrokerState, attested: Attested, session_id: str, tenant: str, policy_id: str,
@@ -244,8 +260,15 @@ def attest() -> Response:
         _guest_firmware(st, additional, sid)
     except FirmgateError as exc:
         nonces.mark_failed(db, sid)
-        raise _deny(db, "AttestationError", exc.diagnostics(), event="attest", session_id=sid, tenant=hint,
-                    measurement=measurement) from None
+        # The full reason may name tenants' publisher rules: the operator's rows only (RT-3).
+        public, full = _public_firmware_refusal(exc), exc.diagnostics()
+        if hint is not None and public != full:
+            audit.record(db, event="attest", outcome="denied", reason=full, tenant=None, session_id=sid,
+                         measurement=measurement, commit=False)
+        denial = _deny(db, "AttestationError", full if hint is None else public, event="attest",
+                       session_id=sid, tenant=hint, measurement=measurement)
+        denial.detail = public
+        raise denial from None
 
     # Appraise for the hinted tenant, or for the tenants whose reference tables hold this
     # MEASUREMENT (an unmodified guest names none; broker/tenant_select.py).
@@ -297,17 +320,19 @@ def attest() -> Response:
                         init_data=init_data, host_data=attested.host_data, snp=attested.snp_claims, ttl_s=ttl)
     token = st.token_key.sign(claims)
     expires_at = max(consumed.expires_at, claims["exp"] * 1000)
-    # The session's new state, its verdicts and the audit rows: one transaction.
-    nonces.mark_attested(db, sid, {
-        "evidence_json": _stored_evidence(parsed.handle, primary),
-        "tee_pubkey_json": orjson.dumps(jwk).decode(),
-        "expected_report_data": expected.hex(),
-        "expected_host_data": host_expected.hex() if host_expected is not None else None,
-        "measurement": measurement, "token_jti": sid, "expires_at": expires_at})
-    nonces.add_verdicts(db, verdict_rows)
+    # The session's new state, its verdicts and the audit rows: one transaction (one round trip on PostgreSQL).
     audit_rows.append(audit.row(event="attest", outcome="ok", reason=f"evidence verified; token status {status}",
                                 tenant=None, session_id=sid, measurement=measurement))
-    audit.write(db, audit_rows)
+    stored = _stored_evidence(parsed.handle, primary)
+    with one_round_trip(db):
+        nonces.mark_attested(db, sid, {
+            "evidence_json": stored,
+            "tee_pubkey_json": orjson.dumps(jwk).decode(),
+            "expected_report_data": expected.hex(),
+            "expected_host_data": host_expected.hex() if host_expected is not None else None,
+            "measurement": measurement, "token_jti": sid, "expires_at": expires_at})
+        nonces.add_verdicts(db, verdict_rows)
+        audit.write(db, audit_rows)
     metrics.attested(status)
     resp = jsonify({"token": token})
     _set_cookie(resp, sid, expires_at)
@@ -332,14 +357,14 @@ def _bearer() -> str | None:
     return h[7:].strip() if h[:7].lower() == "bearer " else None
 
 
-def _attested_session(db: Db, st: BrokerState, tenant: str,
-                      policy_id: str) -> tuple[nonces.AttestedSession, dict[str, Any]]:
+def _attested_session(db: Db, st: BrokerState, tenant: str, policy_id: str,
+                      path: str) -> tuple[nonces.AttestedSession, dict[str, Any]]:
     """The session this request proves (cookie first, then Bearer token, as Trustee) and its tee-pubkey;
-    loaded with its cached verdict for `tenant` under `policy_id`, if any."""
+    loaded with its cached verdict for `tenant` under `policy_id`, if any, and the sealed `path`."""
     t = now_ms()
     sid = _cookie_session_id()
     if sid is not None:
-        row = nonces.load(db, sid, tenant, policy_id)
+        row = nonces.load(db, sid, tenant, policy_id, path)
         if row is not None and row.state == "attested" and row.expires_at > t and row.tee_pubkey_json:
             return row, orjson.loads(row.tee_pubkey_json)
         if _bearer() is None:
@@ -352,7 +377,7 @@ def _attested_session(db: Db, st: BrokerState, tenant: str,
     except TokenError as exc:
         raise ApiError("TokenVerifierError", exc.diagnostics()) from None
     jwk = tee_pubkey_from_claims(claims)
-    row = nonces.load(db, claims["jti"], tenant, policy_id)
+    row = nonces.load(db, claims["jti"], tenant, policy_id, path)
     if row is None or row.state != "attested" or jwk is None:
         raise ApiError("TokenVerifierError", "the token's session is unknown or was purged; attest again")
     return row, jwk
@@ -380,10 +405,13 @@ def _verdict_for(st: BrokerState, db: Db, row: nonces.AttestedSession, tenant: s
     return verdict, text
 
 
+_OUTCOMES = {o.value: o for o in Outcome}  # a dict lookup: Outcome(value) costs several times more
+
+
 def verdict_from_dict(d: dict[str, Any]) -> Verdict:
-    from verifier.verdict import CheckResult, Outcome
-    checks = tuple(CheckResult(name=c["name"], outcome=Outcome(c["outcome"]), message=c["message"],
-                               expected=c.get("expected"), actual=c.get("actual")) for c in d.get("checks", []))
+    # Runs on every /resource (the cached verdict has ~50 checks): positional, no generator.
+    checks = tuple([CheckResult(c["name"], _OUTCOMES[c["outcome"]], c["message"], c.get("expected"),
+                                c.get("actual")) for c in d.get("checks", [])])
     return Verdict(checks=checks, evidence_sha384=d.get("evidence_sha384", ""),
                    policy_id=d.get("policy_id", ""), facts=d.get("facts") or {})
 
@@ -401,7 +429,7 @@ def resource(repo: str, rtype: str, tag: str) -> Response:
                                  event="deny", resource=path, tenant=None))
     policy_id = st.appraiser.policy_id(tenant) if st.appraiser is not None else None
     try:
-        row, jwk = _attested_session(db, st, tenant, policy_id or "")
+        row, jwk = _attested_session(db, st, tenant, policy_id or "", path)
     except ApiError as err:
         raise _deny(db, err.variant, err.detail, event="deny", resource=path, tenant=None) from None
     verdict: Verdict | None = None
@@ -430,7 +458,8 @@ def resource(repo: str, rtype: str, tag: str) -> Response:
         denial.detail = public_denial(decision, row.measurement)
         raise denial
     try:
-        value = vault.get_secret(db, st.box, tenant, vault.ResourcePath(repo, rtype, tag))
+        value = vault.open_secret(st.box, tenant, vault.ResourcePath(repo, rtype, tag), row.secret_nonce,
+                                  row.secret_ciphertext)
     except SecretDecryptError:
         # The broker's fault (wrong master key, or a tampered row), not the guest's: a 401 would send
         # it round the attest loop for ever. The operator gets the cause; the guest a generic 500.
@@ -449,8 +478,10 @@ def resource(repo: str, rtype: str, tag: str) -> Response:
     except FirmgateError as exc:
         raise _deny(db, "JweError", exc.diagnostics(), event="deny", tenant=tenant, session_id=row.id,
                     resource=path) from None
-    audit.record(db, event="release", outcome="ok", reason=decision.reason, tenant=tenant, session_id=row.id,
-                 resource=path, verdict=verdict, verdict_text=text, measurement=row.measurement)
+    with one_round_trip(db):  # the row and its commit
+        audit.record(db, event="release", outcome="ok", reason=decision.reason, tenant=tenant,
+                     session_id=row.id, resource=path, verdict=verdict, verdict_text=text,
+                     measurement=row.measurement)
     metrics.released(tenant)
     return jsonify(body)
 

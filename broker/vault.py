@@ -125,6 +125,14 @@ def get_secret(db: Connection | OrmSession, box: SecretBox, tenant: str, path: R
     return None if row is None else box.open(tenant, str(path), row.nonce, row.ciphertext)
 
 
+def open_secret(box: SecretBox, tenant: str, path: ResourcePath, nonce: bytes | None,
+                ciphertext: bytes | None) -> bytes | None:
+    """A sealed value read along with something else (/resource reads it with the session); None if absent."""
+    if path.repo != tenant or nonce is None or ciphertext is None:
+        return None
+    return box.open(tenant, str(path), bytes(nonce), bytes(ciphertext))
+
+
 def check_master_key(orm: OrmSession, box: SecretBox) -> None:
     """Raise SecretDecryptError unless `box` opens this database's sealed data: the token key if the
     broker ever ran on it, else one stored secret; a database with neither accepts any key. Every

@@ -462,15 +462,19 @@ def _sign_id_blocks(policy: Path, keys: tuple[Path, Path, str], *firmware: Path)
     return policy.with_name(policy.stem + ".idblocks.json")
 
 
-def _owner_audit_reason(ws: Path) -> str:
-    """The reason of the latest denial in the owner's audit log (the operator's database)."""
+def _owner_audit_reason(ws: Path, operator: bool = False) -> str:
+    """The reason of the latest denial in the owner's audit log (the operator's database); `operator`:
+    of the latest refused /attest in the operator's rows (a refused firmware's reason names publisher
+    rules, so only the operator's log has it, docs/security.md RT-3)."""
     from sqlalchemy import select
 
     from broker.db import AuditRecord, make_engine
     engine = make_engine(f"sqlite:///{ws / 'broker.db'}")
+    who = AuditRecord.tenant.is_(None) if operator else AuditRecord.tenant == TENANT
+    event = "attest" if operator else "deny"
     try:
         with engine.connect() as conn:
-            q = (select(AuditRecord.reason).where(AuditRecord.tenant == TENANT, AuditRecord.event == "deny")
+            q = (select(AuditRecord.reason).where(who, AuditRecord.event == event, AuditRecord.outcome == "denied")
                  .order_by(AuditRecord.id.desc()).limit(1))
             return str(conn.execute(q).scalar() or "")
     finally:
@@ -535,10 +539,12 @@ def _story(story: Story, url: str, vm: Any, host: Any, addons: dict[str, bytes],
                 secret = fetch_resource(s, RESOURCE, key)
             except BrokerDenied as exc:
                 # The guest reads only "not allowed for this resource"; the owner's audit log says why.
-                why = _owner_audit_reason(ws) if exc.variant == "PolicyDeny" else ""
+                # A refused firmware: the guest reads what it sent; the operator's log says why.
+                refused = exc.variant == "AttestationError" and "operator's audit log" in exc.detail
+                why = _owner_audit_reason(ws, operator=refused) if exc.variant == "PolicyDeny" or refused else ""
                 st.outcome, st.detail = "denied", f"{exc.status} {exc.variant}: {exc.detail}"
                 if why:
-                    st.detail += f"; the owner's audit log: {why}"
+                    st.detail += f"; the {'operator' if refused else 'owner'}'s audit log: {why}"
                 st.facts.update(variant=exc.variant, reason=why or exc.detail)
                 return
             if secret != SECRET:

@@ -100,7 +100,8 @@ path = "acme/key/disk"
 unsafe_unbound = true   # this test is about admission; release binding has its own tests
 ''')
         # A second tenant with the same build and shape that trusts no publisher.
-        (pol / "beta.toml").write_text(listed + shape_platform)
+        (pol / "beta.toml").write_text(listed + shape_platform
+                                       + '[[secrets]]\npath = "beta/key/disk"\nunsafe_unbound = true\n')
         (root / "ark.pem").write_bytes(self.platform.root_pem())
         mkey = root / "master.key"
         mkey.write_text(os.urandom(32).hex())
@@ -111,9 +112,9 @@ unsafe_unbound = true   # this test is about admission; release binding has its 
         code, out = _cli(["tenant", "add", "beta", "--db", db, "--master-key-file", str(mkey)])
         assert code == 0, out
         self.beta_token = next(w for w in out.split() if w.startswith("fgt_"))
-        code, out = _cli(["secret", "put", "acme/key/disk", "--value", SECRET.decode(), "--db", db,
-                          "--master-key-file", str(mkey)])
-        assert code == 0, out
+        for path, value in (("acme/key/disk", SECRET.decode()), ("beta/key/disk", "beta disk key")):
+            code, out = _cli(["secret", "put", path, "--value", value, "--db", db, "--master-key-file", str(mkey)])
+            assert code == 0, out
         self.config = {"POLICIES_DIR": str(pol), "DATABASE_URL": db, "TRUST_ROOT_PEM": str(root / "ark.pem"),
                        "MASTER_KEY_FILE": str(mkey)}
         self.broker = LoopbackBroker(self.config)
@@ -123,13 +124,13 @@ unsafe_unbound = true   # this test is about admission; release binding has its 
             install(vm, self.addons[k], launch=False)   # host-install ignores the .corim section
             self.hosts[k] = SimSnpHost(vm, self.platform)
 
-    def fetch(self, which: str, *, addon: bool = True, endorsement: bytes | None = None, url: str | None = None
-              ) -> bytes:
+    def fetch(self, which: str, *, addon: bool = True, endorsement: bytes | None = None, url: str | None = None,
+              resource: str = "acme/key/disk") -> bytes:
         key = TeeKey.generate()
         s = KbsSession(url or self.broker.url)
         host = self.hosts[which if which in self.hosts else "bad"]
         attest(s, TsmSource(host.tsm()), key, addon=self.addons[which] if addon else None, endorsement=endorsement)
-        return fetch_resource(s, "acme/key/disk", key)
+        return fetch_resource(s, resource, key)
 
     def admin(self, path: str, body: bytes, token: str | None = None) -> tuple[int, dict[str, Any]]:
         req = urllib.request.Request(f"{self.broker.url}/admin/v0{path}", data=body, method="POST",
@@ -166,19 +167,90 @@ def test_fixed_build_endorsed_by_trusted_publisher_is_released_without_policy_ch
     assert world.fetch("fix", addon=False) == SECRET
 
 
+NOT_ADMITTED = "no endorsement it came with admits it (the reasons are in the operator's audit log)"
+
+
+def _refused(w: World, which: str, **kw: Any) -> str:
+    """The guest reads words that depend only on what it sent (RT-3); the operator's audit row of
+    that refusal names the reason. Returns the operator's reason."""
+    detail = _denied(w, which, **kw)
+    assert detail.endswith(NOT_ADMITTED) and "publisher" not in detail.replace(NOT_ADMITTED, ""), detail
+    return _operator_reason(w)
+
+
+def _operator_reason(w: World) -> str:
+    from sqlalchemy import select
+
+    from broker.db import AuditRecord, make_engine
+    engine = make_engine(w.config["DATABASE_URL"])
+    try:
+        with engine.connect() as conn:
+            q = (select(AuditRecord.reason).where(AuditRecord.tenant.is_(None), AuditRecord.event == "attest",
+                                                  AuditRecord.outcome == "denied")
+                 .order_by(AuditRecord.id.desc()).limit(1))
+            return str(conn.execute(q).scalar() or "")
+    finally:
+        engine.dispose()
+
+
 def test_same_build_endorsed_by_untrusted_key_denied_by_name(world: World) -> None:
-    detail = _denied(world, "untrusted")
-    assert "no trusted publisher" in detail and "sha256:" in detail
+    reason = _refused(world, "untrusted")
+    assert "no trusted publisher" in reason and "sha256:" in reason
 
 
 def test_revoked_build_denied_by_name(world: World) -> None:
-    detail = _denied(world, "revoked")
-    assert "acme-bad-2" in detail and "revoked by the publisher's revocation list" in detail
+    reason = _refused(world, "revoked")
+    assert "acme-bad-2" in reason and "revoked by the publisher's revocation list" in reason
 
 
 def test_stale_svn_and_expired_endorsement_denied_by_name(world: World) -> None:
-    assert "below the publisher's minimum 2" in _denied(world, "stale")
-    assert "acme-expired" in _denied(world, "expired") and "expired at" in _denied(world, "expired")
+    assert "below the publisher's minimum 2" in _refused(world, "stale")
+    reason = _refused(world, "expired")
+    assert "acme-expired" in reason and "expired at" in reason
+
+
+def test_rt3_refusals_name_no_tenants_publisher_rules(world: World) -> None:
+    """A guest (any genuine SNP VM) naming beta sends a build acme's publisher endorsed below acme's
+    minimum svn: neither its answer nor beta's audit shows acme's publisher name or minimum, and the
+    answer is the one a key nobody trusts gets (no oracle for who trusts which publisher)."""
+    from sqlalchemy import select
+
+    from broker.db import AuditRecord, make_engine
+    answers = []
+    for case in ("stale", "untrusted"):
+        with pytest.raises(BrokerDenied) as ei:
+            attest(KbsSession(world.broker.url), TsmSource(world.hosts["bad"].tsm()), TeeKey.generate(),
+                   addon=world.addons[case], tenant="beta")
+        answers.append(ei.value.detail)
+        if case == "stale":
+            assert "publisher acme-firmware" in _operator_reason(world)      # the operator still learns why
+    assert answers[0] == answers[1] and answers[0].endswith(NOT_ADMITTED), answers
+    engine = make_engine(world.config["DATABASE_URL"])
+    try:
+        with engine.connect() as conn:
+            beta = [str(r) for r in conn.execute(select(AuditRecord.reason).where(AuditRecord.tenant == "beta"))]
+    finally:
+        engine.dispose()
+    assert len(beta) >= 2 and not any("acme-firmware" in r or "minimum" in r for r in beta), beta
+
+
+def test_a_build_admitted_for_one_tenant_is_not_admitted_for_another(world: World) -> None:
+    """acme's publisher endorsed "fix"; beta lists the stock build only and trusts no publisher. The
+    same VM gets acme's secret and not beta's, and beta's owner reads why in its own audit."""
+    assert world.fetch("fix") == SECRET
+    assert world.fetch("listed", resource="beta/key/disk") == b"beta disk key"
+    with pytest.raises(BrokerDenied) as ei:
+        world.fetch("fix", resource="beta/key/disk")
+    assert ei.value.variant == "PolicyDeny" and ei.value.detail.startswith("not allowed for this resource")
+    status, body = _get(world, "/audit?limit=1000", world.beta_token)
+    denials = [r["reason"] for r in body["records"] if r["event"] == "deny" and r["resource"] == "beta/key/disk"]
+    assert status == 200 and denials and "firmware.measurement" in denials[-1], denials
+
+
+def _get(w: World, path: str, token: str) -> tuple[int, dict[str, Any]]:
+    req = urllib.request.Request(f"{w.broker.url}/admin/v0{path}", headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return resp.status, json.loads(resp.read())
 
 
 def test_endorsement_uploaded_through_the_admin_api(world: World) -> None:

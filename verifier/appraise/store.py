@@ -42,7 +42,18 @@ log = logging.getLogger("firmgate.policy")
 GIT_TIMEOUT_S = 10
 FREEZE_GC_MIN_TENANTS = 500  # below this, a full collection over the policies costs little
 MAX_UPLOADED = 64          # firmware images (bytes) the store keeps for "uploaded" entries
+MAX_TREE_FILES = 4096      # files of the policy tree watched for changes (RT-5)
 MAX_ENDORSEMENTS = 256     # endorsements kept that arrived before their firmware (admin upload)
+
+
+class FirmwareNotAdmitted(FirmwareError):
+    """Firmware no policy allows. `diagnostics()` says why each endorsement was refused, naming the
+    refusing policies' publisher rules (their names, fwid patterns, minimum svn, trust expiry):
+    for the operator. `public` holds only the requester's own facts (docs/security.md RT-3)."""
+
+    def __init__(self, why: str, public: str) -> None:
+        super().__init__(why)
+        self.public = public
 
 
 class UnknownTenant(FirmgateError):
@@ -103,7 +114,10 @@ def git_state(directory: Path) -> tuple[str | None, set[str]]:
     top = _git(directory, "rev-parse", "--show-toplevel")
     if head is None or top is None:
         return None, set()
-    status = _git(directory, "status", "--porcelain=v1", "-z", "--untracked-files=all", "--", ".") or ""
+    # --ignored: a file git ignores never shows as changed, so its edits would keep the policy_id
+    # (the broker's verdict cache key) of the version first loaded; listed here, it counts as dirty (RT-2).
+    status = _git(directory, "status", "--porcelain=v1", "-z", "--untracked-files=all", "--ignored=traditional",
+                  "--", ".") or ""
     dirty: set[str] = set()
     root = Path(top.strip())
     entries = status.split("\0")
@@ -144,6 +158,7 @@ class PolicyStore:
         self._errors: dict[str, list[PolicyFileError]] = {}
         self._seen: dict[str, tuple[int, int, int] | None] = {}   # tenant -> stat key of the file last read
         self._head_seen: tuple[int, int, int] | None = None
+        self._tree_seen: frozenset[tuple[str, tuple[int, int, int] | None]] | None = None
         self._gitdir: Path | None = None
         self._gitdir_checked = False
         self._checked_at = 0.0
@@ -258,6 +273,22 @@ class PolicyStore:
         found.sort(key=lambda f: f[0])
         return {t: p for t, p, _ in found}, {t: k for t, _, k in found}
 
+    def _tree_key(self) -> frozenset[tuple[str, tuple[int, int, int] | None]]:
+        """Stat keys of the files a policy may reference (publisher keys, revocation lists, firmware
+        bytes): every file of the tree but the top-level *.toml, hidden directories left out. They are
+        read at load, so a change to one must reload the policies (RT-5). Bounded: a tree of more
+        files than that is watched through its first MAX_TREE_FILES."""
+        out: list[tuple[str, tuple[int, int, int] | None]] = []
+        for top, dirs, names in os.walk(self.directory):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for n in sorted(names):
+                if top == str(self.directory) and n.endswith(".toml"):
+                    continue
+                out.append((os.path.join(top, n), _stat_key(Path(top, n))))
+                if len(out) >= MAX_TREE_FILES:
+                    return frozenset(out)
+        return frozenset(out)
+
     def refresh(self, *, force: bool = False) -> bool:
         """Pick up changed, new and deleted policy files. Returns True if anything was (re)considered.
 
@@ -276,11 +307,17 @@ class PolicyStore:
             files, keys = scanned
             head_key = self._head_key()
             head_moved = head_key != self._head_seen
+            tree_key = self._tree_key()
             changed = [t for t in files if keys[t] != self._seen.get(t, ())]
+            if head_moved or tree_key != self._tree_seen:
+                # A new commit, or a referenced file changed (say, the publisher's new revocation list
+                # next to an unchanged <tenant>.toml): parse every policy again, not just relabel it (RT-5).
+                changed = list(files)
             removed = [t for t in list(self._loaded) + list(self._errors) if t not in files]
             if not changed and not removed and not head_moved:
                 return False
             self._head_seen = head_key
+            self._tree_seen = tree_key
             for t in set(removed):
                 self._loaded.pop(t, None)
                 self._index.remove(t)
@@ -398,9 +435,12 @@ class PolicyStore:
                     admitted = True
             if not accepted:
                 why = f"firmware sha384 {digest[:16]}... is not allowed by any tenant's policy"
+                # The same words whoever trusts which publisher: only what the requester sent.
+                public = why + ("; no endorsement it came with admits it (the reasons are in the operator's "
+                                "audit log)" if ends else "; it came with no endorsement")
                 if refusals:
                     why += "; " + "; ".join(dict.fromkeys(refusals))
-                raise FirmwareError(why)
+                raise FirmwareNotAdmitted(why, public)
             if admitted and digest not in self._endorsed and len(self._endorsed) < MAX_UPLOADED:
                 self._endorsed[digest] = (payload, ends)
             elif not admitted and digest not in self._uploaded and len(self._uploaded) < MAX_UPLOADED:
@@ -412,8 +452,20 @@ class PolicyStore:
         firmware arrives, if some tenant trusts its signer. Returns its id; EndorsementRefused otherwise."""
         from ..endorse.admit import EndorsementRefused, verify_with
         with self._lock:
-            publishers = [p for lp in self._loaded.values() for p in lp.policy.publishers]
-            _, signed = verify_with(data, publishers)
+            # Each tenant's publishers on their own: in one merged list the first rule with the signer's
+            # kid would decide, and another tenant's rule for the same key (say, pinned by fingerprint
+            # where this one has the key file) could refuse what the uploader's policy trusts (RT-4).
+            signed, refused = None, None
+            for lp in self._loaded.values():
+                if not lp.policy.publishers:
+                    continue
+                try:
+                    _, signed = verify_with(data, lp.policy.publishers)
+                    break
+                except EndorsementRefused as exc:
+                    refused = refused or exc
+            if signed is None:
+                raise refused or EndorsementRefused("no tenant's policy trusts a firmware publisher")
             e = signed.endorsement
             waiting = self._endorsements.setdefault(e.sha384, [])
             if data not in waiting:

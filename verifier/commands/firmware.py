@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import stat
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -39,7 +40,11 @@ PROGRESS_MIN_SHAPES = 32
 def read_bounded(path: str, limit: int, what: str) -> bytes:
     """Read a file of at most `limit` bytes; a missing or huge file is a usage/firmware error."""
     try:
-        with open(path, "rb") as fh:
+        # O_NONBLOCK: a FIFO given as the file would block the open for ever (RT-6); only regular files.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                raise UsageError(f"cannot read {what} {path}: not a regular file")
             data = fh.read(limit + 1)
     except OSError as exc:
         raise UsageError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc

@@ -1,0 +1,162 @@
+"""broker.hotsql: the handshake statements run on the driver's cursor behave as Connection.execute does.
+
+Real SQLite and (when FIRMGATE_TEST_PG_URL is set) real PostgreSQL: same rows, same
+transaction boundaries, and driver errors surface as SQLAlchemy's exception classes
+(the broker's error handlers and its IntegrityError handling depend on that).
+"""
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session as OrmSession
+
+from broker import audit, nonces
+from broker.db import AuditRecord, SessionVerdict, make_engine, migrate
+from broker.hotsql import Hot, run
+from tests.test_broker_support import DbSpec, db  # noqa: F401 - the fixture
+
+
+def _verdict_row(sid: str) -> dict[str, object]:
+    return {"session_id": sid, "tenant": "acme", "policy_id": "p1", "accepted": True, "verdict_json": "{}",
+            "created_at": 1}
+
+
+def test_session_lifecycle_and_rollback(db: DbSpec) -> None:  # noqa: F811 - the fixture
+    engine = make_engine(db.url)
+    migrate(engine)
+    try:
+        with engine.connect() as conn:
+            new = nonces.new_session(conn, "snp", 60, "acme")
+            won = nonces.consume(conn, new.id)
+            assert won.ok and won.nonce == new.nonce and won.tenant_hint == "acme"
+            again = nonces.consume(conn, new.id)
+            assert not again.ok and "replay" in again.reason and again.tenant_hint == "acme"
+            assert "unknown session" in nonces.consume(conn, "0" * 32).reason
+            # Written, then rolled back: neither the state nor the verdict may stay.
+            nonces.mark_attested(conn, new.id, {"measurement": "ab" * 48, "tee_pubkey_json": "{}"})
+            nonces.add_verdicts(conn, [_verdict_row(new.id)])
+            conn.rollback()
+            row = nonces.load(conn, new.id, "acme", "p1")
+            assert row is not None and row.state == "attesting" and row.verdict_json is None
+            nonces.mark_attested(conn, new.id, {"measurement": "ab" * 48, "tee_pubkey_json": "{}"})
+            nonces.add_verdicts(conn, [_verdict_row(new.id)])
+            audit.write(conn, [audit.row(event="attest", outcome="ok", reason="r", session_id=new.id)])
+        # A new connection sees what was committed.
+        with engine.connect() as conn:
+            row = nonces.load(conn, new.id, "acme", "p1")
+            assert row is not None and row.state == "attested" and row.verdict_json == "{}"
+            assert row.measurement == "ab" * 48 and row.secret_nonce is None
+            n = conn.execute(select(AuditRecord.id).where(AuditRecord.session_id == new.id)).all()
+            assert len(n) == 1
+            # The unique (session, tenant, policy) constraint: SQLAlchemy's IntegrityError, as before.
+            with pytest.raises(IntegrityError):
+                nonces.add_verdicts(conn, [_verdict_row(new.id)])
+            conn.rollback()
+            assert nonces.evidence_json(conn, new.id) is None
+            assert nonces.load(conn, "f" * 32) is None
+    finally:
+        engine.dispose()
+
+
+def test_orm_session_takes_the_ordinary_path(db: DbSpec) -> None:  # noqa: F811 - the fixture
+    engine = make_engine(db.url)
+    migrate(engine)
+    try:
+        with OrmSession(engine) as orm:
+            new = nonces.new_session(orm, "snp", 60, None)
+            assert nonces.consume(orm, new.id).ok
+            nonces.add_verdicts(orm, [_verdict_row(new.id)])
+            orm.commit()
+            got = orm.execute(select(SessionVerdict.tenant).where(SessionVerdict.session_id == new.id)).scalars()
+            assert list(got) == ["acme"]
+    finally:
+        engine.dispose()
+
+
+def test_expanding_parameters_are_refused() -> None:
+    from sqlalchemy.dialects import sqlite
+    hot = Hot(select(AuditRecord.id).where(AuditRecord.id.in_([1, 2])))
+    with pytest.raises(TypeError, match="expanding"):
+        hot.compiled(sqlite.dialect(), ())
+
+
+def test_empty_many_runs_nothing(tmp_path: object) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path}/x.db")
+    migrate(engine)
+    try:
+        with engine.connect() as conn:
+            assert run(conn, Hot(select(AuditRecord.id)), []) == []
+            assert not conn.in_transaction()
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.postgres
+def test_idle_connection_is_pinged_and_a_used_one_fails_once(db: DbSpec, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """PostgreSQL: a pooled connection idle past PING_IDLE_S is pinged and replaced if dead; one
+    reused sooner is not pinged, so its death costs that one request a DBAPIError (a 503), then
+    the pool hands out a live connection."""
+    if db.kind != "postgres":
+        pytest.skip("server connections only")
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import DBAPIError
+
+    from broker import db as dbmod
+    from tests.test_broker_support import PG_URL
+    assert PG_URL is not None
+    engine = make_engine(db.url)
+    migrate(engine)
+    killer = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+
+    def kill_pooled() -> int:
+        with engine.connect() as conn:
+            pid = int(conn.execute(text("SELECT pg_backend_pid()")).scalar_one())
+        with killer.connect() as k:
+            assert k.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid}).scalar_one() is True
+        return pid
+
+    try:
+        monkeypatch.setattr(dbmod, "PING_IDLE_S", 0.0)  # every checkout counts as idle: pinged
+        dead = kill_pooled()
+        with engine.connect() as conn:
+            assert int(conn.execute(text("SELECT pg_backend_pid()")).scalar_one()) != dead
+        monkeypatch.setattr(dbmod, "PING_IDLE_S", 3600.0)  # never idle long enough: not pinged
+        kill_pooled()
+        with pytest.raises(DBAPIError) as lost, engine.connect() as conn:
+            run(conn, Hot(select(AuditRecord.id).limit(1)), {}, fetch=True)
+        assert lost.value.connection_invalidated is True  # seen as a lost connection, not bad SQL
+        with engine.connect() as conn:  # the dead one was discarded
+            assert run(conn, Hot(select(AuditRecord.id).limit(1)), {}, fetch=True) == []
+            assert conn.execute(text("SELECT 1")).scalar_one() == 1
+    finally:
+        engine.dispose()
+        killer.dispose()
+
+
+def test_one_round_trip_commits_together_or_not_at_all(db: DbSpec) -> None:  # noqa: F811 - the fixture
+    """The block's statements and its commit: all written, or (a failing statement) none, with
+    SQLAlchemy's IntegrityError; on PostgreSQL this is psycopg's pipeline mode."""
+    from broker.hotsql import one_round_trip
+    engine = make_engine(db.url)
+    migrate(engine)
+    try:
+        with engine.connect() as conn:
+            new = nonces.new_session(conn, "snp", 60, None)
+            assert nonces.consume(conn, new.id).ok
+            with one_round_trip(conn):
+                nonces.mark_attested(conn, new.id, {"measurement": "cd" * 48})
+                nonces.add_verdicts(conn, [_verdict_row(new.id)])
+                audit.write(conn, [audit.row(event="attest", outcome="ok", reason="one", session_id=new.id)])
+            with pytest.raises(IntegrityError), one_round_trip(conn):
+                nonces.mark_failed(conn, new.id)
+                nonces.add_verdicts(conn, [_verdict_row(new.id)])  # the same (session, tenant, policy) again
+                audit.write(conn, [audit.row(event="attest", outcome="ok", reason="two", session_id=new.id)])
+            conn.rollback()
+        with engine.connect() as conn:
+            row = nonces.load(conn, new.id, "acme", "p1")
+            assert row is not None and row.state == "attested" and row.measurement == "cd" * 48
+            reasons = conn.execute(select(AuditRecord.reason).where(AuditRecord.session_id == new.id)).scalars()
+            assert list(reasons) == ["one"]
+    finally:
+        engine.dispose()
