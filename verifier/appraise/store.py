@@ -309,9 +309,11 @@ class PolicyStore:
             head_moved = head_key != self._head_seen
             tree_key = self._tree_key()
             changed = [t for t in files if keys[t] != self._seen.get(t, ())]
-            if head_moved or tree_key != self._tree_seen:
-                # A new commit, or a referenced file changed (say, the publisher's new revocation list
-                # next to an unchanged <tenant>.toml): parse every policy again, not just relabel it (RT-5).
+            if tree_key != self._tree_seen:
+                # A file a policy may reference changed (say, the publisher's new revocation list next to
+                # an unchanged <tenant>.toml): parse every policy again, not just relabel it (RT-5). A
+                # commit that changes only <tenant>.toml files re-reads just those (issue 21); one that
+                # changes no bytes only relabels the policies in force (below).
                 changed = list(files)
             removed = [t for t in list(self._loaded) + list(self._errors) if t not in files]
             if not changed and not removed and not head_moved:
