@@ -186,11 +186,27 @@ def make_engine(url: str) -> Engine:
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA busy_timeout=30000")
+            _journal_mode_wal(cur)
+            cur.execute("PRAGMA synchronous=NORMAL")
             cur.close()
     return engine
+
+
+def _journal_mode_wal(cur: Any) -> None:
+    """Switch a SQLite file to WAL. The switch needs the file to itself and SQLite answers "locked"
+    at once instead of waiting in busy_timeout, which workers opening a fresh file together hit:
+    retry for up to 30 s, like the busy timeout."""
+    import sqlite3
+    deadline = time.monotonic() + 30.0
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 # A pooled server connection idle longer than this is pinged before use. pool_pre_ping pings on
@@ -231,10 +247,14 @@ class SchemaError(FirmgateError):
 
 
 def _lock(conn: Connection) -> None:
-    # Replicas starting together: one migrates, the others wait (PostgreSQL advisory lock;
-    # SQLite serialises writers itself once the first write starts).
+    # Workers or replicas starting together: one migrates, the others wait. PostgreSQL: an advisory
+    # lock. SQLite: take the write lock before looking at the schema (BEGIN IMMEDIATE; the others
+    # wait in busy_timeout). pysqlite opens no transaction before a read or DDL by itself, so without
+    # it two gunicorn workers on a fresh file both saw no schema and one failed creating it.
     if conn.dialect.name == "postgresql":
         conn.execute(text("SELECT pg_advisory_xact_lock(7310255)"))
+    elif conn.dialect.name == "sqlite":
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def migrate(engine: Engine) -> int:
