@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: deps test demo fuzz bench lint clean guest-image
 
-# qemu-system-x86, ovmf, postgresql, git, python3-venv, chromium (scripts/deps.sh says why each).
+# qemu-system-x86, ovmf, postgresql, git, python3-venv, chromium, binutils (scripts/deps.sh says why each).
 deps:
 	@scripts/deps.sh
 

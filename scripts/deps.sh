@@ -19,6 +19,8 @@ python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
 # The tenant console's browser test (headless Chromium driven by selenium).
 command -v chromium >/dev/null || missing+=(chromium)
 command -v chromedriver >/dev/null || missing+=(chromium-driver)
+# objdump reads the add-ons firmgate builds in one PE test (an independent reader of the format).
+command -v objdump >/dev/null || missing+=(binutils)
 
 if ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
   echo "make deps: firmgate needs Python >= 3.11 as python3 (found: $(python3 --version 2>&1))" >&2

@@ -50,7 +50,7 @@ def test_deps_as_root_installs_the_missing_packages(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     lines = calls.read_text().splitlines()
     assert lines[0] == "update -qq"
-    assert lines[1].startswith("install -y -qq qemu-system-x86") and lines[1].endswith("git chromium chromium-driver")
+    assert lines[1].startswith("install -y -qq qemu-system-x86") and lines[1].endswith("git chromium chromium-driver binutils")
 
 
 def test_deps_without_apt_names_what_is_missing(tmp_path: Path) -> None:
