@@ -6,20 +6,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from verifier.commands.fileio import read_bounded
 from verifier.errors import UsageError
-
-MAX_ADDON = 64 * 1024 * 1024
-
-
-def _read(path: str, what: str) -> bytes:
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read(MAX_ADDON + 1)
-    except OSError as exc:
-        raise UsageError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
-    if len(data) > MAX_ADDON:
-        raise UsageError(f"{what} {path} is larger than {MAX_ADDON} bytes")
-    return data
+from verifier.firmware.addon import MAX_ADDON_SIZE
 
 
 def cmd_attest(args: argparse.Namespace) -> int:
@@ -30,11 +19,11 @@ def cmd_attest(args: argparse.Namespace) -> int:
         session = KbsSession(args.broker, cafile=args.cacert)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    addon = _read(args.addon, "add-on") if args.addon else None
+    addon = read_bounded(args.addon, MAX_ADDON_SIZE, "add-on") if args.addon else None
     init_data = None
     if args.init_data:
         try:
-            body = _read(args.init_data, "init-data").decode("utf-8")
+            body = read_bounded(args.init_data, MAX_ADDON_SIZE, "init-data").decode("utf-8")
         except UnicodeDecodeError:
             raise UsageError(f"init-data {args.init_data} is not UTF-8 TOML") from None
         init_data = {"format": "toml", "body": body}
@@ -57,7 +46,7 @@ def cmd_request_update(args: argparse.Namespace) -> int:
     from guest.http import printable
     from guest.update import request_update
     from verifier.cli import print_json
-    addon = _read(args.addon, "add-on")
+    addon = read_bounded(args.addon, MAX_ADDON_SIZE, "add-on")
     if not Path(args.socket).exists():
         raise UsageError(f"no update channel at {args.socket} (is the virtio-serial port configured and "
                          "`host-install listen` running for this VM?)")

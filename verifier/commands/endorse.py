@@ -54,7 +54,7 @@ def cmd_sign(args: argparse.Namespace) -> int:
     from ..firmware.addon import MAX_ADDON_SIZE, read_addon
     from ..firmware.image import require_snp_firmware
     from ..measure.launch import measurement_table
-    from .firmware import read_bounded, write_file
+    from .fileio import read_bounded, write_file
     data = read_bounded(args.firmware, MAX_ADDON_SIZE, "firmware")
     if data[:2] == b"MZ":   # an add-on: --fwid picks the entry, whose fwid is endorsed
         entry = read_addon(data).select(args.fwid)
@@ -95,7 +95,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from ..endorse.corim import MAX_ENDORSEMENT_SIZE, parse_signed
     from ..endorse.cose import key_id, load_public_key
     from ..measure.launch import Shape, measurement_table
-    from .firmware import _firmware_from_file, read_bounded
+    from .fileio import read_bounded
+    from .firmware import _firmware_from_file
     data = read_bounded(args.endorsement, MAX_ENDORSEMENT_SIZE, "endorsement")
     key = load_public_key(read_bounded(args.key, MAX_KEY_FILE, "key"), args.key)
     rule = PublisherRule(name=args.key, key_sha256=key_id(key).hex(), key=key)
@@ -153,7 +154,7 @@ def cmd_revoke(args: argparse.Namespace) -> int:
         sign_revocations,
     )
     from ..endorse.cose import load_private_key
-    from .firmware import read_bounded, write_file
+    from .fileio import read_bounded, write_file
     key = load_private_key(read_bounded(args.key, MAX_KEY_FILE, "key"), args.key)
     ids = set(args.id or [])
     digests = set()

@@ -7,11 +7,8 @@ the exit code (2 for a bad add-on or firmware).
 from __future__ import annotations
 
 import argparse
-import os
-import stat
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from ..cli import print_json
@@ -31,38 +28,11 @@ from ..measure.launch import (
     prepare_firmware,
     shapes_product,
 )
+from .fileio import read_bounded, write_file
 
 # A table larger than this is a typo, not a policy (each shape is a few SHA-384s).
 MAX_SHAPES = 65536
 PROGRESS_MIN_SHAPES = 32
-
-
-def read_bounded(path: str, limit: int, what: str) -> bytes:
-    """Read a file of at most `limit` bytes; a missing or huge file is a usage/firmware error."""
-    try:
-        # O_NONBLOCK: a FIFO given as the file would block the open for ever (RT-6); only regular files.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        with os.fdopen(fd, "rb") as fh:
-            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-                raise UsageError(f"cannot read {what} {path}: not a regular file")
-            data = fh.read(limit + 1)
-    except OSError as exc:
-        raise UsageError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
-    if len(data) > limit:
-        raise FirmwareError(f"{what} {path} is larger than {limit} bytes")
-    return data
-
-
-def write_file(path: str, data: bytes) -> None:
-    """Write through a temp file in the same directory, so a failed write leaves no half file."""
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, target)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
 def _is_pe(data: bytes) -> bool:

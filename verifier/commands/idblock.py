@@ -15,6 +15,11 @@ import re
 from pathlib import Path
 from typing import Any
 
+from .fileio import read_bounded, write_file
+
+MAX_KEY_FILE = 64 * 1024
+MAX_FIRMWARE_FILE = 256 * 1024 * 1024   # an add-on or image given with --firmware
+
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
     p = sub.add_parser("idblock", help="owner-signed SEV-SNP ID blocks for a policy's reference table")
@@ -50,18 +55,6 @@ def _hexarg(value: str, size: int, name: str) -> bytes:
     return bytes.fromhex(value)
 
 
-def _read(path: str, limit: int = 256 * 1024 * 1024) -> bytes:
-    from ..errors import UsageError
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read(limit + 1)
-    except OSError as exc:
-        raise UsageError(f"{path}: {exc.strerror or exc}") from exc
-    if len(data) > limit:
-        raise UsageError(f"{path}: larger than {limit} bytes")
-    return data
-
-
 def cmd_sign(args: argparse.Namespace) -> int:
     from ..appraise.policy import load_policy
     from ..appraise.reference import ReferenceTable
@@ -76,20 +69,20 @@ def cmd_sign(args: argparse.Namespace) -> int:
     if not 0 <= guest_policy < 2**64 or not 0 <= args.guest_svn < 2**32:
         raise UsageError("--guest-policy is a u64 and --guest-svn a u32")
     family, image = _hexarg(args.family_id, 16, "--family-id"), _hexarg(args.image_id, 16, "--image-id")
-    id_key = load_private_key(_read(args.id_key, 64 * 1024), "--id-key")
-    author = load_private_key(_read(args.author_key, 64 * 1024), "--author-key") if args.author_key else None
+    id_key = load_private_key(read_bounded(args.id_key, MAX_KEY_FILE, "--id-key"), "--id-key")
+    author = load_private_key(read_bounded(args.author_key, MAX_KEY_FILE, "--author-key"), "--author-key") if args.author_key else None
     policy = load_policy(args.policy)
     table = ReferenceTable(policy)
     table.load_files()
     for f in args.firmware:
-        _add_firmware(table, _read(f))
+        _add_firmware(table, read_bounded(f, MAX_FIRMWARE_FILE, "firmware"))
     if table.missing:
         raise UsageError("no bytes for firmware " + ", ".join(sorted(table.missing)) + ": pass --firmware FILE")
     entries = [(m, match.firmware.id, match.firmware.sha384, match.shape.key()) for m, match in table.entries()]
     s = sign_table(policy.tenant, policy.digest, entries, id_key, author, family_id=family, image_id=image,
                    guest_svn=args.guest_svn, guest_policy=guest_policy)
     out = Path(args.output) if args.output else Path(args.policy).with_name(f"{policy.tenant}.idblocks.json")
-    out.write_text(s.to_json())
+    write_file(str(out), s.to_json().encode())
     print(f"OK: {len(s.blocks)} ID block(s) for tenant {policy.tenant} -> {out}")
     print(f"id_key_digest     {s.id_key_digest.hex()}")
     if s.author_key_digest is not None:
@@ -112,7 +105,7 @@ def _expected_digest(value: str) -> bytes:
     from ..idblock import pem_key_digest
     if re.fullmatch(r"[0-9a-fA-F]{96}", value):
         return bytes.fromhex(value)
-    return pem_key_digest(_read(value, 64 * 1024))
+    return pem_key_digest(read_bounded(value, MAX_KEY_FILE, "key"))
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -132,7 +125,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
                                              else "(none)") + " is not the expected one")
     checked = 0
     for f in args.firmware:
-        payload = extract_firmware(_read(f))
+        payload = extract_firmware(read_bounded(f, MAX_FIRMWARE_FILE, "firmware"))
         digest = hashlib.sha384(payload).hexdigest()
         mine = [b for b in s.blocks if b.firmware_sha384 == digest]
         if not mine:

@@ -57,7 +57,7 @@ def export(args: argparse.Namespace) -> int:
     from ..appraise.store import load_for_cli
     from ..endorse.cose import load_private_key
     from ..endorse.export import export_bytes, rows_of, table_corim
-    from .firmware import read_bounded, write_file
+    from .fileio import read_bounded, write_file
 
     loaded = load_for_cli(args.policies, args.corim)
     rows = rows_of(loaded)
