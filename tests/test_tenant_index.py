@@ -314,16 +314,12 @@ def test_a_commit_of_one_policy_re_reads_that_policy_only(world: World, monkeypa
     """Issue 21: a commit that changes one <tenant>.toml parses that file again, not every tenant's;
     the others are only relabelled with the new commit (RT-5 re-reads all only when a file a policy may
     reference, such as a revocation list, changes)."""
-    import subprocess
-
-    def git(*args: str) -> None:
-        subprocess.run(["git", "-C", str(pol), "-c", "user.name=t", "-c", "user.email=t@example.invalid", *args],
-                       check=True, capture_output=True)
+    from test_policy_store import git
 
     pol = world.policies("commit-one", n=6)
-    git("init", "-q", "-b", "main")
-    git("add", "-A")
-    git("commit", "-q", "-m", "six tenants")
+    git(pol, "init", "-q", "-b", "main")
+    git(pol, "add", "-A")
+    git(pol, "commit", "-q", "-m", "six tenants")
     store = PolicyStore(pol, cache_dir=world.cache, min_interval=0)
     first = {t: store.get(t) for t in ("t00", "t01", "t02")}
     built: list[str] = []
@@ -335,7 +331,7 @@ def test_a_commit_of_one_policy_re_reads_that_policy_only(world: World, monkeypa
 
     monkeypatch.setattr(PolicyStore, "_build", counting)
     _write(pol, "t01", "a", 2, world.digests)   # t01 moves to the 2-vCPU shape
-    git("commit", "-q", "-am", "t01: two vCPUs")
+    git(pol, "commit", "-q", "-am", "t01: two vCPUs")
     assert store.refresh(force=True)
     assert built == ["t01"]
     t00, t01 = store.get("t00"), store.get("t01")
