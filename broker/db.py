@@ -71,14 +71,14 @@ class ApiToken(Base):
 
 
 class Session(Base):
-    """One KBS session: created by /auth, its nonce consumed by exactly one /attest."""
+    """One KBS session: inserted by the /attest that spends its nonce (/auth stores nothing; broker/nonces.py)."""
 
     __tablename__ = "fg_sessions"
     id: Mapped[str] = mapped_column(String(32), primary_key=True)  # uuid4 hex, the cookie
-    nonce: Mapped[str] = mapped_column(String(64))
+    nonce: Mapped[str] = mapped_column(String(64))  # SHA-256 (hex) of the nonce as issued
     tee: Mapped[str] = mapped_column(String(32))
     tenant_hint: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    # new -> attesting (nonce consumed) -> attested | failed
+    # attesting (nonce spent) -> attested | failed ("new": rows of brokers before stateless /auth)
     state: Mapped[str] = mapped_column(String(16), default="new")
     created_at: Mapped[int] = mapped_column(BigInteger)
     expires_at: Mapped[int] = mapped_column(BigInteger, index=True)
@@ -228,14 +228,19 @@ def _ping_when_idle(engine: Engine) -> None:
         if since is None or time.monotonic() - since < PING_IDLE_S:
             return  # new (just connected), or used a moment ago
         try:
-            cur = dbapi_conn.cursor()
-            try:
-                cur.execute("SELECT 1")
-            finally:
-                cur.close()
-            dbapi_conn.rollback()  # end the ping's transaction (psycopg begins one for any statement)
+            ping(dbapi_conn)
         except Exception as exc:  # any failure is a dead connection: the pool reconnects
             raise DisconnectionError("pooled connection failed its ping") from exc
+
+
+def ping(dbapi_conn: Any) -> None:
+    """One `SELECT 1` on a driver connection, its transaction ended; raises if the server is gone."""
+    cur = dbapi_conn.cursor()
+    try:
+        cur.execute("SELECT 1")
+    finally:
+        cur.close()
+    dbapi_conn.rollback()  # end the ping's transaction (psycopg begins one for any statement)
 
 
 # Ordered migration steps: MIGRATIONS[n] upgrades a schema at version n to n+1.

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hmac
 import json
 import logging
 import re
@@ -44,7 +43,7 @@ bp = Blueprint("kbs", __name__, url_prefix="/kbs/v0")
 log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = "0.4.0"
-SUPPORTED_TEES = ("snp",)
+SUPPORTED_TEES = nonces.TEES
 COOKIE = "kbs-session-id"
 SESSION_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 MAX_INITDATA_BYTES = 16 * 1024  # it goes into the token too
@@ -74,27 +73,20 @@ def _deny(db: Db, variant: str, reason: str, *, event: str, tenant: str | None =
 
 @bp.post("/auth")
 def auth() -> Response:
-    db = get_db()
     body = json_body()
     if body.get("version") != PROTOCOL_VERSION:
-        raise _deny(db, "AttestationError", f"KBS Client Protocol Version Mismatch: this broker speaks "
+        raise _deny(get_db(), "AttestationError", f"KBS Client Protocol Version Mismatch: this broker speaks "
                     f"{PROTOCOL_VERSION}, the client sent {str(body.get('version'))[:32]!r}", event="auth")
     tee = body.get("tee")
     if tee not in SUPPORTED_TEES:
-        raise _deny(db, "AttestationError", f"tee {str(tee)[:32]!r} is not supported (supported: "
+        raise _deny(get_db(), "AttestationError", f"tee {str(tee)[:32]!r} is not supported (supported: "
                     f"{', '.join(SUPPORTED_TEES)})", event="auth")
     extra = body.get("extra-params")
     hint = extra.get("tenant") if isinstance(extra, dict) else None
     if hint is not None and not valid_tenant(hint):
         raise ApiError("AttestationError", "extra-params.tenant is not a valid tenant name")
-    if now_ms() % 50 == 0:  # now and then, not on every request
-        cfg = current_app.config
-        nonces.purge_expired(db, int(cfg["AUDIT_RETENTION_DAYS"]), int(cfg["AUTH_AUDIT_RETENTION_HOURS"]))
-    # The session and its audit row in one transaction (one round trip on PostgreSQL).
-    with one_round_trip(db):
-        new = nonces.new_session(db, str(tee), int(current_app.config["SESSION_TTL"]), hint, commit=False)
-        # Operator-only: the hint is the caller's word, not a fact a tenant should find in its log.
-        audit.record(db, event="auth", outcome="ok", reason="challenge issued", tenant=None, session_id=new.id)
+    # Nothing is stored: the nonce carries the challenge, authenticated to the cookie (broker/nonces.py).
+    new = nonces.new_session(state().nonce_key, str(tee), int(current_app.config["SESSION_TTL"]), hint)
     metrics.count_event("auth", "ok")
     resp = jsonify({"nonce": new.nonce, "extra-params": ""})
     _set_cookie(resp, new.id, new.expires_at)
@@ -112,8 +104,8 @@ def _parse_attestation(body: dict[str, Any]) -> tuple[Any, dict[str, Any], str, 
     rd, te = body.get("runtime-data"), body.get("tee-evidence")
     if not isinstance(rd, dict) or not isinstance(rd.get("nonce"), str) or not isinstance(rd.get("tee-pubkey"), dict):
         raise ApiError("SerdeError", "runtime-data must be {\"nonce\": string, \"tee-pubkey\": JWK}")
-    if len(rd["nonce"]) > 64:  # ours are 44 characters
-        raise ApiError("SerdeError", "runtime-data.nonce is longer than 64 characters")
+    if len(rd["nonce"]) > nonces.MAX_NONCE_CHARS:  # ours: 44 characters, up to 128 with a tenant hint
+        raise ApiError("SerdeError", f"runtime-data.nonce is longer than {nonces.MAX_NONCE_CHARS} characters")
     if not isinstance(te, dict) or not isinstance(te.get("primary_evidence"), dict):
         raise ApiError("SerdeError", "tee-evidence must be {\"primary_evidence\": object, \"additional_evidence\"}")
     additional = te.get("additional_evidence", "")
@@ -214,7 +206,12 @@ def attest() -> Response:
     request.max_content_length = int(current_app.config["ATTEST_MAX_BYTES"])
     body = json_body()
     init_data, runtime_data, additional, jwk, primary = _parse_attestation(body)
-    consumed = nonces.consume(db, sid)  # committed: the nonce is spent whatever happens next
+    if now_ms() % 50 == 0:  # now and then, not on every request
+        cfg = current_app.config
+        nonces.purge_expired(db, int(cfg["AUDIT_RETENTION_DAYS"]), int(cfg["AUTH_AUDIT_RETENTION_HOURS"]))
+    # This session's nonce (its tag checks out for the cookie, not expired), spent and committed: the
+    # nonce is spent whatever happens next. runtime-data.nonce is then the session nonce.
+    consumed = nonces.consume(db, st.nonce_key, sid, runtime_data["nonce"])
     hint = consumed.tenant_hint
     if not consumed.ok:
         raise _deny(db, "AttestationError", consumed.reason, event="attest", session_id=sid)
@@ -226,10 +223,8 @@ def attest() -> Response:
         nonces.mark_failed(db, sid)  # committed by _deny, with the denial's audit row
         return _deny(db, "AttestationError", reason, event="attest", session_id=sid)
 
-    # Cheapest first: the nonce, the key, the init-data (16 KiB at most), the report's own size
-    # and shape; only then the REPORT_DATA binding, which hashes megabytes of additional evidence.
-    if not hmac.compare_digest(runtime_data["nonce"].encode(), consumed.nonce.encode()):
-        raise reject("runtime-data.nonce is not this session's nonce")
+    # Cheapest first: the key, the init-data (16 KiB at most), the report's own size and shape;
+    # only then the REPORT_DATA binding, which hashes megabytes of additional evidence.
     try:
         load_tee_pubkey(jwk)
         host_expected = initdata_host_data(init_data)

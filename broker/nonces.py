@@ -1,8 +1,23 @@
-"""KBS sessions and their nonces, all in the database (replicas share them).
+"""KBS sessions and their nonces: issued without state, spent in the database (replicas share it).
 
-A nonce is 32 random bytes (base64), bound to one session, single-use and
-expiring. `consume` is one conditional UPDATE, so of two requests racing with
-the same session exactly one sees its row back, on SQLite and PostgreSQL alike.
+/auth stores nothing. The session id (the cookie) is 16 random bytes; the nonce
+carries what /attest needs to know of the challenge and is authenticated to the
+session id with an HMAC under a key derived from the master key (every replica
+derives the same one):
+
+    nonce = base64(version 1 | tee | expires_at ms (6 bytes) | tenant hint | tag)
+    tag   = HMAC-SHA256(key, "firmgate kbs nonce" | session id | everything before it)[:24]
+
+32 bytes without a hint: 44 characters, Trustee's nonce length. The guest treats
+it as opaque (KBS-FACTS section 2). /attest checks the tag and the expiry, then
+spends the nonce: one INSERT of the session row, whose primary key is the
+session id, committed at once. Of two requests racing with the same session
+exactly one inserts it, on SQLite and PostgreSQL alike, and a spent nonce stays
+spent until its row is purged, an hour after it expired.
+
+So an unauthenticated /auth costs the broker no database write at all (before,
+a session row and an audit row each; docs/security.md). The row is created
+where the nonce is spent, and holds what the evidence proved.
 
 These run on every handshake, so they are SQLAlchemy Core statements built
 once and run by `hotsql.run` on the request's connection (`state.get_db()`):
@@ -13,13 +28,18 @@ connection's transaction. `db` may be a Core Connection or an ORM Session
 from __future__ import annotations
 
 import base64
+import binascii
+import hashlib
+import hmac
 import secrets
-import uuid
 from dataclasses import dataclass
 from typing import Any, cast
 
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from sqlalchemy import Table, and_, bindparam, delete, insert, select, update
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session as OrmSession
 
 from . import audit
@@ -35,11 +55,16 @@ _S = cast(Table, Session.__table__)
 _V = cast(Table, SessionVerdict.__table__)
 _SEC = cast(Table, Secret.__table__)
 
+TEES = ("snp",)          # the TEEs a nonce can name (its tee byte is the index)
+_VERSION = 1
+_TAG = 24                # bytes of HMAC-SHA256 kept
+_HEAD = 8                # version, tee, expires_at (6 bytes)
+MAX_HINT = 63            # a tenant name (limits.valid_tenant)
+MAX_NONCE_CHARS = 4 * -(-(_HEAD + MAX_HINT + _TAG) // 3)   # 128
+_DOMAIN = b"firmgate kbs nonce\0"
+
 # The per-handshake statements, built once (SQLAlchemy then only looks up their compiled form).
 _INSERT_SESSION = Hot(insert(_S))
-_CONSUME = Hot(update(_S).where(_S.c.id == bindparam("sid"), _S.c.state == "new", _S.c.expires_at > bindparam("now"))
-            .values(state="attesting").returning(_S.c.nonce, _S.c.tenant_hint, _S.c.expires_at))
-_WHY_NOT = Hot(select(_S.c.state, _S.c.tenant_hint).where(_S.c.id == bindparam("sid")))
 _SET_STATE = Hot(update(_S).where(_S.c.id == bindparam("sid")))
 _INSERT_VERDICTS = Hot(insert(_V))
 _EVIDENCE = Hot(select(_S.c.evidence_json).where(_S.c.id == bindparam("sid")))
@@ -90,33 +115,72 @@ class AttestedSession:
     secret_ciphertext: bytes | None = None
 
 
-def new_session(db: Db, tee: str, ttl_s: int, tenant_hint: str | None, commit: bool = True) -> NewSession:
+def nonce_key(master_key: bytes) -> bytes:
+    """The nonces' HMAC key, derived from the master key (HKDF-SHA256): the same on every replica."""
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"firmgate kbs nonce v1").derive(master_key)
+
+
+def _tag(key: bytes, session_id: bytes, body: bytes) -> bytes:
+    return hmac.new(key, _DOMAIN + session_id + body, hashlib.sha256).digest()[:_TAG]
+
+
+def new_session(key: bytes, tee: str, ttl_s: int, tenant_hint: str | None) -> NewSession:
+    """A challenge: a fresh session id and its nonce (nothing is stored). `tenant_hint` must be a
+    valid tenant name (the caller checked it), `tee` one of TEES."""
+    hint = (tenant_hint or "").encode("ascii")
+    if len(hint) > MAX_HINT:
+        raise ValueError("tenant hint longer than a tenant name")
+    sid = secrets.token_bytes(16)
+    expires_at = now_ms() + ttl_s * 1000
+    body = bytes((_VERSION, TEES.index(tee))) + expires_at.to_bytes(6, "big") + hint
+    return NewSession(sid.hex(), base64.b64encode(body + _tag(key, sid, body)).decode("ascii"), expires_at)
+
+
+@dataclass(frozen=True)
+class _Challenge:
+    tee: str
+    expires_at: int
+    tenant_hint: str | None
+
+
+def _read(key: bytes, session_id: str, nonce: str) -> _Challenge | None:
+    """What this broker put in `nonce` for `session_id` (a 32-hex cookie), or None if it did not issue it."""
+    if not isinstance(nonce, str) or not 0 < len(nonce) <= MAX_NONCE_CHARS:
+        return None
+    try:
+        raw = base64.b64decode(nonce, validate=True)
+        sid = bytes.fromhex(session_id)
+    except (binascii.Error, ValueError):
+        return None
+    if len(raw) < _HEAD + _TAG or len(sid) != 16:
+        return None
+    body, tag = raw[:-_TAG], raw[-_TAG:]
+    if not hmac.compare_digest(tag, _tag(key, sid, body)) or body[0] != _VERSION or body[1] >= len(TEES):
+        return None
+    hint = body[_HEAD:].decode("ascii", "replace")  # ours: ASCII by construction
+    return _Challenge(TEES[body[1]], int.from_bytes(body[2:_HEAD], "big"), hint or None)
+
+
+def consume(db: Db, key: bytes, session_id: str, nonce: str) -> Consumed:
+    """Spend `nonce` of session `session_id`: its row inserted and committed at once (the nonce is
+    spent whatever happens next); say why not otherwise (not ours, expired, already spent)."""
+    challenge = _read(key, session_id, nonce)
+    if challenge is None:
+        return Consumed(False, "runtime-data.nonce is not this session's nonce (a nonce from /auth with "
+                        "this session's cookie)")
     t = now_ms()
-    row = NewSession(uuid.uuid4().hex, base64.b64encode(secrets.token_bytes(32)).decode(), t + ttl_s * 1000)
-    run(db, _INSERT_SESSION, {"id": row.id, "nonce": row.nonce, "tee": tee, "tenant_hint": tenant_hint,
-                            "state": "new", "created_at": t, "expires_at": row.expires_at})
-    if commit:
+    if challenge.expires_at <= t:
+        return Consumed(False, "the session expired; start again at /auth", tenant_hint=challenge.tenant_hint)
+    try:
+        run(db, _INSERT_SESSION, {"id": session_id, "nonce": hashlib.sha256(nonce.encode("ascii")).hexdigest(),
+                                  "tee": challenge.tee, "tenant_hint": challenge.tenant_hint, "state": "attesting",
+                                  "created_at": t, "expires_at": challenge.expires_at})
         db.commit()
-    return row
-
-
-def consume(db: Db, session_id: str) -> Consumed:
-    """Atomically move a live, unused session to `attesting` (committed at once); say why not otherwise."""
-    t = now_ms()
-    won = run(db, _CONSUME, {"sid": session_id, "now": t}, fetch=True)
-    db.commit()
-    if won:
-        nonce, hint, expires_at = won[0]
-        return Consumed(True, "", nonce, hint, int(expires_at))
-    rows = run(db, _WHY_NOT, {"sid": session_id}, fetch=True)
-    db.commit()  # end the read: the denial's audit row is written in a transaction of its own
-    if not rows:
-        return Consumed(False, "unknown session (no /auth, or it was purged)")
-    state, hint = rows[0]
-    if state != "new":
+    except IntegrityError:  # the row is there: this nonce was spent before
+        db.rollback()
         return Consumed(False, "the session's nonce was already used (replay); start again at /auth",
-                        tenant_hint=hint)
-    return Consumed(False, "the session expired; start again at /auth", tenant_hint=hint)
+                        tenant_hint=challenge.tenant_hint)
+    return Consumed(True, "", nonce, challenge.tenant_hint, challenge.expires_at)
 
 
 def mark_failed(db: Db, session_id: str) -> None:

@@ -42,13 +42,23 @@ def expected_report_data(nonce: str, tee_pubkey: dict[str, Any], additional_evid
     try:
         h.update(orjson.dumps(additional_evidence))
         h.update(b',"nonce":')
-        h.update(rfc8785.dumps(nonce))
+        h.update(orjson.dumps(nonce))
         h.update(b',"tee-pubkey":')
-        h.update(rfc8785.dumps(tee_pubkey))  # a JWK member outside I-JSON (an integer >= 2**53) raises
+        h.update(jcs_flat(tee_pubkey))
     except (orjson.JSONEncodeError, rfc8785.CanonicalizationError) as exc:
         raise BindingError(f"runtime-data has no RFC 8785 form: {str(exc)[:120]}") from None
     h.update(b"}")
     return h.digest().ljust(REPORT_DATA_SIZE, b"\0")
+
+
+def jcs_flat(obj: Any) -> bytes:
+    """RFC 8785 form of `obj`. A JWK as guests send it (string members with ASCII names) is written
+    by orjson with sorted keys: for ASCII names the UTF-16 order of RFC 8785 3.2.3 is orjson's
+    order, and its string escaping is RFC 8785's (see expected_report_data). Anything else goes
+    to rfc8785, which raises for a member outside I-JSON (an integer >= 2**53)."""
+    if isinstance(obj, dict) and all(type(k) is str and k.isascii() and type(v) is str for k, v in obj.items()):
+        return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
+    return rfc8785.dumps(obj)
 
 
 def check_report_data(actual: bytes, expected: bytes) -> None:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,8 @@ from sqlalchemy.orm import sessionmaker
 
 from .appraisal import Appraiser
 from .config import default_state_dir, make_state_dir
-from .db import FirmwareBlob, make_engine, migrate
+from .db import PING_IDLE_S, FirmwareBlob, make_engine, migrate, ping
+from .nonces import nonce_key
 from .secretbox import SecretBox, load_master_key, new_master_key
 from .tokens import TokenKey
 
@@ -37,7 +39,9 @@ class BrokerState:
     appraiser: Appraiser | None
     appraiser_error: str | None
     firmware_seen: set[str]
+    nonce_key: bytes = b""  # the KBS nonces' HMAC key (broker/nonces.py), derived from the master key
     firmware_checked_at: float = 0.0
+    held: threading.local = field(default_factory=threading.local)  # get_db's connection, per thread
 
 
 def _master_key(app: Flask) -> bytes:
@@ -88,11 +92,13 @@ def init_app(app: Flask) -> None:
     engine = make_engine(database_url(app))
     migrate(engine)
     factory = sessionmaker(engine, expire_on_commit=False)
-    box = SecretBox(_master_key(app))
+    master = _master_key(app)
+    box = SecretBox(master)
     with factory() as orm:
         token_key = TokenKey.load_or_create(orm, box)
     appraiser, why = _appraiser(app, engine)
-    app.extensions["firmgate"] = BrokerState(engine, factory, box, token_key, appraiser, why, set())
+    app.extensions["firmgate"] = BrokerState(engine, factory, box, token_key, appraiser, why, set(),
+                                             nonce_key=nonce_key(master))
     app.teardown_appcontext(_close_orm)
 
 
@@ -110,22 +116,74 @@ def get_orm() -> OrmSession:
 
 def get_db() -> Connection:
     """The request's Core connection: the KBS routes' few statements per handshake go through it
-    (an ORM unit of work costs several times more CPU than the statement it emits)."""
+    (an ORM unit of work costs several times more CPU than the statement it emits).
+
+    Each serving thread keeps its connection checked out between requests: a pool checkout and
+    return (with its reset) per request cost about as much as a statement (bench/broker.py). A
+    request always starts outside a transaction (teardown ends any it left open), so a kept
+    connection holds no lock and no snapshot between requests. One idle for PING_IDLE_S or more
+    is pinged first, as the pool does on checkout (a server connection may have died meanwhile);
+    an invalidated or failing one is dropped and a fresh one checked out."""
     if "fg_db" not in g:
-        g.fg_db = state().engine.connect()
-    conn: Connection = g.fg_db
-    return conn
+        st = state()
+        held = st.held
+        conn: Connection | None = getattr(held, "conn", None)
+        if conn is not None and (conn.closed or conn.invalidated or not _alive(conn, held.used_at)):
+            _drop(held)
+            conn = None
+        if conn is None:
+            conn = st.engine.connect()
+            held.conn = conn
+        g.fg_db = conn
+    db: Connection = g.fg_db
+    return db
+
+
+def _alive(conn: Connection, used_at: float) -> bool:
+    if conn.dialect.name == "sqlite" or time.monotonic() - used_at < PING_IDLE_S:
+        return True  # a file, or used a moment ago
+    try:
+        raw = conn.connection.dbapi_connection
+        if raw is None:
+            return False
+        ping(raw)
+        return True
+    except Exception:  # noqa: BLE001 - any failure is a dead connection: check out another
+        conn.invalidate()
+        return False
+
+
+def _drop(held: threading.local) -> None:
+    conn = getattr(held, "conn", None)
+    held.conn = None
+    if conn is not None:
+        try:
+            conn.close()
+        except Exception as exc:  # noqa: BLE001 - a dead connection must not fail the next request
+            log.warning("closing a dead database connection failed: %s", type(exc).__name__)
 
 
 def _close_orm(_exc: BaseException | None) -> None:
-    # Closing rolls back whatever a failed request left uncommitted.
-    for key in ("fg_orm", "fg_db"):
-        handle = g.pop(key, None)
-        if handle is not None:
-            try:
-                handle.close()
-            except Exception as exc:  # noqa: BLE001 - a dead connection at teardown must not become an HTML 500
-                log.warning("closing the database %s failed: %s", key[3:], type(exc).__name__)
+    # Closing (and for the kept connection, rolling back) ends whatever a failed request left uncommitted.
+    orm = g.pop("fg_orm", None)
+    if orm is not None:
+        try:
+            orm.close()
+        except Exception as exc:  # noqa: BLE001 - a dead connection at teardown must not become an HTML 500
+            log.warning("closing the database orm failed: %s", type(exc).__name__)
+    db = g.pop("fg_db", None)
+    if db is not None:
+        held = current_app.extensions["firmgate"].held
+        try:
+            if db.invalidated:
+                raise RuntimeError("invalidated")
+            if db.in_transaction():
+                db.rollback()
+            held.used_at = time.monotonic()
+        except Exception as exc:  # noqa: BLE001 - a dead connection at teardown must not become an HTML 500
+            if str(exc) != "invalidated":
+                log.warning("ending the request's database transaction failed: %s", type(exc).__name__)
+            _drop(held)
 
 
 def sync_firmware(st: BrokerState, db: Connection | OrmSession, min_interval: float = 1.0) -> None:

@@ -16,9 +16,10 @@ from __future__ import annotations
 import time
 from typing import Any, cast
 
+import orjson
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from joserfc import jwt
+from joserfc import jws, jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import ECKey
 from sqlalchemy import select
@@ -58,6 +59,8 @@ class TokenKey:
         self.kid = self._key.thumbprint()
         self.public_jwk: dict[str, str] = {"kty": "EC", "crv": "P-256", "x": cast(str, pub["x"]), "y": cast(str, pub["y"]),
                                            "alg": "ES256", "kid": self.kid}
+        jwk = {k: v for k, v in self.public_jwk.items() if k != "kid"}
+        self._header: dict[str, Any] = {"typ": "JWT", "alg": "ES256", "jwk": jwk, "kid": self.kid}
 
     @classmethod
     def load_or_create(cls, orm: OrmSession, box: SecretBox) -> TokenKey:
@@ -84,9 +87,9 @@ class TokenKey:
         return {"keys": [dict(self.public_jwk, use="sig")]}
 
     def sign(self, claims: dict[str, Any]) -> str:
-        jwk = {k: v for k, v in self.public_jwk.items() if k != "kid"}
-        header = {"typ": "JWT", "alg": "ES256", "jwk": jwk, "kid": self.kid}
-        return jwt.encode(header, claims, self._key, algorithms=["ES256"])
+        # A JWS over the claims' JSON: what jwt.encode writes, without its claims conversion
+        # (a quarter of its cost per token; the claims here are built by ear_claims, plain JSON).
+        return jws.serialize_compact(self._header, orjson.dumps(claims), self._key, algorithms=["ES256"])
 
     def verify(self, token: str, now: int | None = None) -> dict[str, Any]:
         """Claims of a token this broker signed and that has not expired; TokenError otherwise."""

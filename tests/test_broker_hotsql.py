@@ -17,6 +17,16 @@ from broker.hotsql import Hot, run
 from tests.test_broker_support import DbSpec, db  # noqa: F401 - the fixture
 
 
+KEY = nonces.nonce_key(b"\x07" * 32)
+
+
+def _spent(db: object, hint: str | None = None) -> nonces.NewSession:
+    """A challenge whose nonce is spent (its session row inserted and committed)."""
+    new = nonces.new_session(KEY, "snp", 60, hint)
+    assert nonces.consume(db, KEY, new.id, new.nonce).ok  # type: ignore[arg-type]
+    return new
+
+
 def _verdict_row(sid: str) -> dict[str, object]:
     return {"session_id": sid, "tenant": "acme", "policy_id": "p1", "accepted": True, "verdict_json": "{}",
             "created_at": 1}
@@ -27,12 +37,12 @@ def test_session_lifecycle_and_rollback(db: DbSpec) -> None:  # noqa: F811 - the
     migrate(engine)
     try:
         with engine.connect() as conn:
-            new = nonces.new_session(conn, "snp", 60, "acme")
-            won = nonces.consume(conn, new.id)
+            new = nonces.new_session(KEY, "snp", 60, "acme")
+            won = nonces.consume(conn, KEY, new.id, new.nonce)
             assert won.ok and won.nonce == new.nonce and won.tenant_hint == "acme"
-            again = nonces.consume(conn, new.id)
+            again = nonces.consume(conn, KEY, new.id, new.nonce)
             assert not again.ok and "replay" in again.reason and again.tenant_hint == "acme"
-            assert "unknown session" in nonces.consume(conn, "0" * 32).reason
+            assert "not this session's nonce" in nonces.consume(conn, KEY, "0" * 32, new.nonce).reason
             # Written, then rolled back: neither the state nor the verdict may stay.
             nonces.mark_attested(conn, new.id, {"measurement": "ab" * 48, "tee_pubkey_json": "{}"})
             nonces.add_verdicts(conn, [_verdict_row(new.id)])
@@ -64,8 +74,7 @@ def test_orm_session_takes_the_ordinary_path(db: DbSpec) -> None:  # noqa: F811 
     migrate(engine)
     try:
         with OrmSession(engine) as orm:
-            new = nonces.new_session(orm, "snp", 60, None)
-            assert nonces.consume(orm, new.id).ok
+            new = _spent(orm)
             nonces.add_verdicts(orm, [_verdict_row(new.id)])
             orm.commit()
             got = orm.execute(select(SessionVerdict.tenant).where(SessionVerdict.session_id == new.id)).scalars()
@@ -142,8 +151,7 @@ def test_one_round_trip_commits_together_or_not_at_all(db: DbSpec) -> None:  # n
     migrate(engine)
     try:
         with engine.connect() as conn:
-            new = nonces.new_session(conn, "snp", 60, None)
-            assert nonces.consume(conn, new.id).ok
+            new = _spent(conn)
             with one_round_trip(conn):
                 nonces.mark_attested(conn, new.id, {"measurement": "cd" * 48})
                 nonces.add_verdicts(conn, [_verdict_row(new.id)])
@@ -158,5 +166,45 @@ def test_one_round_trip_commits_together_or_not_at_all(db: DbSpec) -> None:  # n
             assert row is not None and row.state == "attested" and row.measurement == "cd" * 48
             reasons = conn.execute(select(AuditRecord.reason).where(AuditRecord.session_id == new.id)).scalars()
             assert list(reasons) == ["one"]
+    finally:
+        engine.dispose()
+
+
+def test_nonces_are_stateless_until_spent(db: DbSpec) -> None:  # noqa: F811 - the fixture
+    """/auth's challenge stores nothing; its nonce is bound to its cookie, expires, and is spent once."""
+    from broker.db import Session
+    engine = make_engine(db.url)
+    migrate(engine)
+    try:
+        plain, hinted = nonces.new_session(KEY, "snp", 60, None), nonces.new_session(KEY, "snp", 60, "a" * 63)
+        assert len(plain.nonce) == 44 and len(hinted.nonce) == nonces.MAX_NONCE_CHARS  # Trustee's length
+        with engine.connect() as conn:
+            assert conn.execute(select(Session.id)).all() == []  # issuing wrote nothing
+            other = nonces.new_session(KEY, "snp", 60, None)
+            refused = [
+                nonces.consume(conn, KEY, plain.id, other.nonce),              # another session's nonce
+                nonces.consume(conn, KEY, other.id, plain.nonce),
+                nonces.consume(conn, nonces.nonce_key(b"\x08" * 32), plain.id, plain.nonce),  # another key
+                nonces.consume(conn, KEY, plain.id, plain.nonce[:-4] + "AAAA"),  # a changed tag
+                nonces.consume(conn, KEY, plain.id, "not base64!"),
+                nonces.consume(conn, KEY, plain.id, ""),
+                nonces.consume(conn, KEY, "zz" * 16, plain.nonce),
+            ]
+            assert all(not r.ok and "not this session's nonce" in r.reason for r in refused)
+            assert conn.execute(select(Session.id)).all() == []  # refusals spend nothing
+            # A hint changed in the nonce breaks its tag.
+            import base64
+            raw = bytearray(base64.b64decode(hinted.nonce))
+            raw[8] ^= 1
+            assert not nonces.consume(conn, KEY, hinted.id, base64.b64encode(bytes(raw)).decode()).ok
+            expired = nonces.new_session(KEY, "snp", -1, "acme")
+            late = nonces.consume(conn, KEY, expired.id, expired.nonce)
+            assert not late.ok and "expired" in late.reason and late.tenant_hint == "acme"
+            won = nonces.consume(conn, KEY, hinted.id, hinted.nonce)
+            assert won.ok and won.tenant_hint == "a" * 63 and won.expires_at == hinted.expires_at
+            assert "replay" in nonces.consume(conn, KEY, hinted.id, hinted.nonce).reason
+            rows = conn.execute(select(Session.id, Session.state, Session.nonce)).all()
+            import hashlib
+            assert [tuple(r) for r in rows] == [(hinted.id, "attesting", hashlib.sha256(hinted.nonce.encode()).hexdigest())]
     finally:
         engine.dispose()

@@ -326,7 +326,10 @@ def test_database_outage_is_a_503_json(tmp_path: Path) -> None:
     st.sessions = sessionmaker(dead)  # the ORM routes (admin)
     st.engine = dead                  # the KBS routes' Core connection
     c = app.test_client()
-    for method, url, kw in (("POST", "/kbs/v0/auth", {"json": {"version": "0.4.0", "tee": "snp"}}),
+    # /auth needs no database (its challenge is stateless, broker/nonces.py): it still answers.
+    auth = c.post("/kbs/v0/auth", json={"version": "0.4.0", "tee": "snp"})
+    assert auth.status_code == 200 and auth.get_json()["nonce"]
+    for method, url, kw in (("POST", "/kbs/v0/attest", {"json": {}}),
                             ("GET", "/kbs/v0/resource/a/b/c", {}),
                             ("GET", "/admin/v0/secrets", {"headers": {"Authorization": "Bearer fgt_x"}}),
                             ("GET", "/healthz", {})):
@@ -348,8 +351,11 @@ def test_purge_sessions_and_audit_retention(tmp_path: Path) -> None:
     migrate(engine)
     day = 86400 * 1000
     with sessionmaker(engine)() as orm:
-        live = nonces.new_session(orm, "snp", 300, None)
-        dead = nonces.new_session(orm, "snp", 300, None)
+        key = nonces.nonce_key(b"\x01" * 32)
+        live = nonces.new_session(key, "snp", 300, None)
+        dead = nonces.new_session(key, "snp", 300, None)
+        for s in (live, dead):
+            assert nonces.consume(orm, key, s.id, s.nonce).ok
         orm.query(Session).filter(Session.id == dead.id).update({"expires_at": now_ms() - 2 * 3600 * 1000})
         for event, age in (("auth", 2 * day), ("auth", 0), ("release", 2 * day), ("release", 100 * day)):
             audit.record(orm, event=event, outcome="ok", reason=f"{event} {age}", commit=False)

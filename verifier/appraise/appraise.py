@@ -59,22 +59,30 @@ _CODES: dict[str, tuple[int, int, int]] = {
 }
 
 
+_BY_RANK = (Outcome.SKIP, Outcome.PASS, Outcome.WARN, Outcome.FAIL)
+
+
+def _rank(o: Outcome) -> int:
+    # Identity tests: hashing an Enum member (a dict lookup) runs Python code, this runs none.
+    return 3 if o is Outcome.FAIL else 2 if o is Outcome.WARN else 1 if o is Outcome.PASS else 0
+
+
 def trust_vector(checks: tuple[CheckResult, ...]) -> dict[str, int]:
     """AR4SI vector: the worst outcome of the checks bearing on each claim; 0 = no claim made."""
-    worst: dict[str, Outcome] = {}
-    rank = {Outcome.SKIP: 0, Outcome.PASS: 1, Outcome.WARN: 2, Outcome.FAIL: 3}
+    worst: dict[str, int] = {}
     for c in checks:
         claim = _CLAIM_OF.get(c.name, "hardware")
-        if rank[c.outcome] > rank[worst.get(claim, Outcome.SKIP)]:
-            worst[claim] = c.outcome
+        rank = _rank(c.outcome)
+        if rank > worst.get(claim, 0):
+            worst[claim] = rank
     out: dict[str, int] = {}
     for claim in TRUST_CLAIMS:
-        o = worst.get(claim)
-        if o is None or o is Outcome.SKIP or claim not in _CODES:
+        o = _BY_RANK[worst.get(claim, 0)]
+        if o is Outcome.SKIP or claim not in _CODES:
             out[claim] = 0
         else:
             a, w, x = _CODES[claim]
-            out[claim] = {Outcome.PASS: a, Outcome.WARN: w, Outcome.FAIL: x}[o]
+            out[claim] = a if o is Outcome.PASS else w if o is Outcome.WARN else x
     return out
 
 
