@@ -8,8 +8,13 @@ and server CPU spent per handshake.
 
     .venv/bin/python bench/broker.py --tenants 1,50,200,1000,10000   (bench/tenants.py: start, memory,
                                      CPU and rows per attestation against the number of tenants)
-    .venv/bin/python bench/broker.py [--clients 8] [--seconds 10] [--workers 2] [--threads 4] [--master-key F]
+    .venv/bin/python bench/broker.py [--clients 8] [--seconds 10] [--workers 2] [--threads 1] [--master-key F]
                                      [--db URL] [--bearer] [--json] [--check [--max-p99 MS]]
+
+By default gunicorn runs as the README's production command line does: sync
+workers (no --threads), one per core. `--threads N` measures gthread instead,
+which costs the broker about half as much CPU again per handshake on 2 cores
+(GIL hand-offs between its threads at every database call; docs/protocol.md).
 
 The figure it is judged by (issue 17): the broker's server CPU per handshake over
 (the no-op floor's server CPU per handshake + one verify-only call's CPU), all
@@ -356,7 +361,9 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=10.0, help="length of each load run (default 10)")
     ap.add_argument("--warmup", type=float, default=1.5, help="warm-up before each load run (default 1.5)")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="gunicorn workers")
-    ap.add_argument("--threads", type=int, default=4, help="gunicorn threads per worker (1 = sync worker)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="gunicorn threads per worker (default 1: the sync worker, as the production command line "
+                         "in the README and contrib/systemd runs it; more = gthread)")
     ap.add_argument("--db", help="database URL, e.g. postgresql+psycopg://... (default: a fresh SQLite file)")
     ap.add_argument("--master-key", metavar="FILE",
                     help="the broker's 32-byte master key file (default: a fresh one, which suits a fresh database; "

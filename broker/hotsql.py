@@ -83,8 +83,24 @@ def one_round_trip(db: Connection | OrmSession) -> Iterator[None]:
     try:
         with raw.pipeline():
             yield
-    except db.dialect.loaded_dbapi.Error as exc:
-        raise _wrap(db, exc, "(pipeline)", None, raw, None) from exc
+    except DBAPIError:  # raised by SQLAlchemy's commit() inside the block
+        _end_failed(db, raw)
+        raise
+    except db.dialect.loaded_dbapi.Error as exc:  # raised when the pipeline synced at the block's end
+        err = _wrap(db, exc, "(pipeline)", None, raw, None)
+        _end_failed(db, raw)
+        raise err from exc
+
+
+def _end_failed(db: Connection, raw: Any) -> None:
+    """A failed commit in a pipeline leaves the server's transaction aborted while SQLAlchemy counts
+    it as ended: end it on the driver too, so the next statement on this connection runs."""
+    if db.invalidated:
+        return
+    try:
+        raw.rollback()
+    except db.dialect.loaded_dbapi.Error:
+        db.invalidate()
 
 
 def run(db: Connection | OrmSession, hot: Hot, params: Mapping[str, Any] | Sequence[Mapping[str, Any]] = (),

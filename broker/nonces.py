@@ -44,7 +44,7 @@ from sqlalchemy.orm import Session as OrmSession
 
 from . import audit
 from .db import AuditRecord, Secret, Session, SessionVerdict, now_ms
-from .hotsql import Hot, run
+from .hotsql import Hot, one_round_trip, run
 
 Db = Connection | OrmSession
 
@@ -172,10 +172,11 @@ def consume(db: Db, key: bytes, session_id: str, nonce: str) -> Consumed:
     if challenge.expires_at <= t:
         return Consumed(False, "the session expired; start again at /auth", tenant_hint=challenge.tenant_hint)
     try:
-        run(db, _INSERT_SESSION, {"id": session_id, "nonce": hashlib.sha256(nonce.encode("ascii")).hexdigest(),
-                                  "tee": challenge.tee, "tenant_hint": challenge.tenant_hint, "state": "attesting",
-                                  "created_at": t, "expires_at": challenge.expires_at})
-        db.commit()
+        with one_round_trip(db):  # the INSERT and its commit: one round trip on PostgreSQL
+            run(db, _INSERT_SESSION, {"id": session_id, "nonce": hashlib.sha256(nonce.encode("ascii")).hexdigest(),
+                                      "tee": challenge.tee, "tenant_hint": challenge.tenant_hint,
+                                      "state": "attesting", "created_at": t, "expires_at": challenge.expires_at})
+            db.commit()
     except IntegrityError:  # the row is there: this nonce was spent before
         db.rollback()
         return Consumed(False, "the session's nonce was already used (replay); start again at /auth",

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
+import weakref
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,8 @@ class BrokerState:
     firmware_seen: set[str]
     nonce_key: bytes = b""  # the KBS nonces' HMAC key (broker/nonces.py), derived from the master key
     firmware_checked_at: float = 0.0
-    held: threading.local = field(default_factory=threading.local)  # get_db's connection, per thread
+    # Connections kept checked out between requests (get_db), with when each was last used.
+    idle_db: deque[tuple[Connection, float]] = field(default_factory=deque)
 
 
 def _master_key(app: Flask) -> bytes:
@@ -97,8 +99,9 @@ def init_app(app: Flask) -> None:
     with factory() as orm:
         token_key = TokenKey.load_or_create(orm, box)
     appraiser, why = _appraiser(app, engine)
-    app.extensions["firmgate"] = BrokerState(engine, factory, box, token_key, appraiser, why, set(),
-                                             nonce_key=nonce_key(master))
+    st = BrokerState(engine, factory, box, token_key, appraiser, why, set(), nonce_key=nonce_key(master))
+    weakref.finalize(st, _close_idle, st.idle_db)
+    app.extensions["firmgate"] = st
     app.teardown_appcontext(_close_orm)
 
 
@@ -114,26 +117,34 @@ def get_orm() -> OrmSession:
     return orm
 
 
+# At most this many connections are kept checked out between requests (the rest go back to the pool).
+MAX_IDLE_DB = 16
+
+
 def get_db() -> Connection:
     """The request's Core connection: the KBS routes' few statements per handshake go through it
     (an ORM unit of work costs several times more CPU than the statement it emits).
 
-    Each serving thread keeps its connection checked out between requests: a pool checkout and
-    return (with its reset) per request cost about as much as a statement (bench/broker.py). A
-    request always starts outside a transaction (teardown ends any it left open), so a kept
-    connection holds no lock and no snapshot between requests. One idle for PING_IDLE_S or more
-    is pinged first, as the pool does on checkout (a server connection may have died meanwhile);
-    an invalidated or failing one is dropped and a fresh one checked out."""
+    Connections are kept checked out between requests, in a last-in first-out list on the app's
+    state: a pool checkout and return (with its reset) per request cost about as much as a
+    statement (bench/broker.py). A request starts outside a transaction and teardown ends any it
+    left open, so a kept connection holds no lock or snapshot between requests. One idle for
+    PING_IDLE_S or more is pinged first, as the pool does on checkout (a server connection may
+    have died meanwhile); an invalidated or failing one is closed and the next one taken. The
+    list is not per thread: werkzeug's development server starts a thread per request."""
     if "fg_db" not in g:
         st = state()
-        held = st.held
-        conn: Connection | None = getattr(held, "conn", None)
-        if conn is not None and (conn.closed or conn.invalidated or not _alive(conn, held.used_at)):
-            _drop(held)
-            conn = None
-        if conn is None:
-            conn = st.engine.connect()
-            held.conn = conn
+        conn: Connection | None = None
+        while conn is None:
+            try:
+                kept, used_at = st.idle_db.pop()
+            except IndexError:
+                conn = st.engine.connect()
+                break
+            if not kept.closed and not kept.invalidated and _alive(kept, used_at):
+                conn = kept
+            else:
+                _close_quietly(kept)
         g.fg_db = conn
     db: Connection = g.fg_db
     return db
@@ -153,14 +164,28 @@ def _alive(conn: Connection, used_at: float) -> bool:
         return False
 
 
-def _drop(held: threading.local) -> None:
-    conn = getattr(held, "conn", None)
-    held.conn = None
-    if conn is not None:
-        try:
-            conn.close()
-        except Exception as exc:  # noqa: BLE001 - a dead connection must not fail the next request
-            log.warning("closing a dead database connection failed: %s", type(exc).__name__)
+def _close_quietly(conn: Connection) -> None:
+    try:
+        conn.close()
+    except Exception as exc:  # noqa: BLE001 - a dead connection must not fail a request
+        log.warning("closing a database connection failed: %s", type(exc).__name__)
+
+
+def _close_idle(idle: deque[tuple[Connection, float]]) -> None:
+    """When the app's state goes (tests build many apps): its kept connections back to the pool."""
+    while idle:
+        _close_quietly(idle.pop()[0])
+
+
+def _driver_rollback(db: Connection) -> None:
+    """End a transaction the driver still has open although SQLAlchemy counts none (a statement run
+    outside its bookkeeping failed): the connection is kept for the next request, which must start
+    clean. psycopg reports it in `info.transaction_status` (0 = idle), sqlite3 in `in_transaction`."""
+    raw = db.connection.dbapi_connection
+    info = getattr(raw, "info", None)
+    busy = getattr(info, "transaction_status", 0) != 0 if info is not None else bool(getattr(raw, "in_transaction", False))
+    if busy and raw is not None:
+        raw.rollback()
 
 
 def _close_orm(_exc: BaseException | None) -> None:
@@ -171,19 +196,21 @@ def _close_orm(_exc: BaseException | None) -> None:
             orm.close()
         except Exception as exc:  # noqa: BLE001 - a dead connection at teardown must not become an HTML 500
             log.warning("closing the database orm failed: %s", type(exc).__name__)
-    db = g.pop("fg_db", None)
-    if db is not None:
-        held = current_app.extensions["firmgate"].held
-        try:
-            if db.invalidated:
-                raise RuntimeError("invalidated")
+    db: Connection | None = g.pop("fg_db", None)
+    if db is None:
+        return
+    idle = current_app.extensions["firmgate"].idle_db
+    try:
+        if not db.invalidated:
             if db.in_transaction():
                 db.rollback()
-            held.used_at = time.monotonic()
-        except Exception as exc:  # noqa: BLE001 - a dead connection at teardown must not become an HTML 500
-            if str(exc) != "invalidated":
-                log.warning("ending the request's database transaction failed: %s", type(exc).__name__)
-            _drop(held)
+            _driver_rollback(db)
+            if len(idle) < MAX_IDLE_DB:
+                idle.append((db, time.monotonic()))
+                return
+    except Exception as exc:  # noqa: BLE001 - a dead connection at teardown must not become an HTML 500
+        log.warning("ending the request's database transaction failed: %s", type(exc).__name__)
+    _close_quietly(db)
 
 
 def sync_firmware(st: BrokerState, db: Connection | OrmSession, min_interval: float = 1.0) -> None:
