@@ -156,13 +156,17 @@ def init_app(app: Flask) -> None:
 
     @app.after_request
     def _stop(resp: Response) -> Response:
-        rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
-        dt = time.perf_counter() - g.get("fg_t0", time.perf_counter())
-        method = request.method if request.method in _METHODS else "other"
-        HTTP_REQUESTS.labels(method, rule, str(resp.status_code)).inc()
+        # Each use of a proxy (request, g) looks up the context again: once each, on every request.
+        req, ctx = request._get_current_object(), g._get_current_object()  # type: ignore[attr-defined]
+        t1 = time.perf_counter()
+        dt = t1 - ctx.get("fg_t0", t1)
+        url_rule = req.url_rule
+        rule = url_rule.rule if url_rule is not None else "unmatched"
+        method = req.method
+        HTTP_REQUESTS.labels(method if method in _METHODS else "other", rule, str(resp.status_code)).inc()
         HTTP_DURATION.labels(rule).observe(dt)
-        if request.endpoint == "kbs.attest":
-            ATTEST_DURATION.labels(g.get("fg_attest_status", "denied")).observe(dt)
+        if req.endpoint == "kbs.attest":
+            ATTEST_DURATION.labels(ctx.get("fg_attest_status", "denied")).observe(dt)
         return resp
 
 
