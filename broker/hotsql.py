@@ -68,37 +68,82 @@ def _wrap(db: Connection, exc: Any, sql: str, args: Any, raw: Any, cursor: Any) 
     return err
 
 
-@contextmanager
-def one_round_trip(db: Connection | OrmSession) -> Iterator[None]:
-    """On PostgreSQL (psycopg), what `run` sends inside the block, and a `db.commit()` ending it, go
-    to the server in one round trip (psycopg's pipeline mode); a statement's error surfaces at
-    that commit, as the same SQLAlchemy exception. Elsewhere the block runs as written."""
+def _psycopg(db: Connection | OrmSession) -> Any | None:
+    """The psycopg driver connection under `db`, or None (SQLite, an ORM session)."""
     if not isinstance(db, Connection) or db.dialect.driver != "psycopg":
+        return None
+    return db.connection.dbapi_connection
+
+
+def _idle(raw: Any) -> bool:
+    return bool(raw.info.transaction_status == 0)  # psycopg.pq.TransactionStatus.IDLE: no transaction open
+
+
+@contextmanager
+def committed(db: Connection | OrmSession) -> Iterator[None]:
+    """What `run` sends inside the block, committed together at its end; if a statement fails,
+    none of them is (the same SQLAlchemy exception `Connection.execute` raises). Do not commit
+    inside the block.
+
+    On PostgreSQL (psycopg) the block is one round trip when no transaction is open: the
+    statements are pipelined in autocommit mode, and the Sync that ends the pipeline ends them as
+    one implicit transaction (PostgreSQL, "Pipeline Mode": with no BEGIN, an error rolls back
+    every statement since the last Sync and skips the rest). psycopg's own transaction in a
+    pipeline costs two more round trips (it waits for BEGIN and for COMMIT). With a transaction
+    already open (reads before the block) the statements are pipelined inside it and committed.
+    Elsewhere the block runs as written, then commits."""
+    raw = _psycopg(db)
+    if raw is None:
         yield
+        db.commit()
         return
-    if not db.in_transaction():
-        db.begin()
-    raw = db.connection.dbapi_connection
-    assert raw is not None
+    assert isinstance(db, Connection)
+    implicit = _idle(raw)
+    if implicit:
+        raw.autocommit = True
     try:
         with raw.pipeline():
             yield
+            if not implicit:
+                db.commit()
     except DBAPIError:  # raised by SQLAlchemy's commit() inside the block
-        _end_failed(db, raw)
+        _end_failed(db, raw, implicit)
         raise
     except db.dialect.loaded_dbapi.Error as exc:  # raised when the pipeline synced at the block's end
         err = _wrap(db, exc, "(pipeline)", None, raw, None)
-        _end_failed(db, raw)
+        _end_failed(db, raw, implicit)
         raise err from exc
+    if implicit:
+        raw.autocommit = False  # idle again: the Sync ended the implicit transaction
+        db.commit()  # SQLAlchemy's bookkeeping; psycopg has no transaction to end (no round trip)
 
 
-def _end_failed(db: Connection, raw: Any) -> None:
+def read(db: Connection | OrmSession, hot: Hot, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+    """`run(..., fetch=True)` for a read that needs no transaction: on PostgreSQL with none open,
+    one round trip in autocommit mode (psycopg would send BEGIN and wait for it first)."""
+    raw = _psycopg(db)
+    if raw is None or not _idle(raw):
+        return run(db, hot, params, fetch=True)
+    assert isinstance(db, Connection)
+    raw.autocommit = True
+    try:
+        return run(db, hot, params, fetch=True)
+    finally:
+        if not db.invalidated:
+            raw.autocommit = False
+
+
+def _end_failed(db: Connection, raw: Any, implicit: bool) -> None:
     """A failed commit in a pipeline leaves the server's transaction aborted while SQLAlchemy counts
-    it as ended: end it on the driver too, so the next statement on this connection runs."""
+    it as ended: end it on the driver too (and leave autocommit mode), so the next statement on
+    this connection runs."""
     if db.invalidated:
         return
     try:
-        raw.rollback()
+        if implicit:
+            raw.autocommit = False
+        else:
+            raw.rollback()
     except db.dialect.loaded_dbapi.Error:
         db.invalidate()
 
@@ -122,7 +167,12 @@ def run(db: Connection | OrmSession, hot: Hot, params: Mapping[str, Any] | Seque
     cursor = raw.cursor()
     args: Any = [_args(order, defaults, p) for p in sets] if many else _args(order, defaults, first)
     try:
-        if many:
+        if many and getattr(getattr(raw, "pgconn", None), "pipeline_status", None):
+            # In a pipeline psycopg's executemany nests one, which syncs what is queued before it
+            # (`committed` counts on a single Sync): queue each row as its own statement instead.
+            for a in args:
+                cursor.execute(sql, a)
+        elif many:
             cursor.executemany(sql, args)
         else:
             cursor.execute(sql, args)

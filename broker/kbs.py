@@ -29,7 +29,7 @@ from . import audit, metrics, nonces, tenant_select, vault
 from .appraisal import Attested
 from .db import now_ms
 from .errors import ApiError
-from .hotsql import one_round_trip
+from .hotsql import committed
 from .jwe import encrypt, load_tee_pubkey
 from .limits import json_body, valid_resource, valid_tenant
 from .nonces import Db
@@ -319,7 +319,7 @@ def attest() -> Response:
     audit_rows.append(audit.row(event="attest", outcome="ok", reason=f"evidence verified; token status {status}",
                                 tenant=None, session_id=sid, measurement=measurement))
     stored = _stored_evidence(parsed.handle, primary)
-    with one_round_trip(db):
+    with committed(db):
         nonces.mark_attested(db, sid, {
             "evidence_json": stored,
             "tee_pubkey_json": orjson.dumps(jwk).decode(),
@@ -327,7 +327,7 @@ def attest() -> Response:
             "expected_host_data": host_expected.hex() if host_expected is not None else None,
             "measurement": measurement, "token_jti": sid, "expires_at": expires_at})
         nonces.add_verdicts(db, verdict_rows)
-        audit.write(db, audit_rows)
+        audit.write(db, audit_rows, commit=False)
     metrics.attested(status)
     resp = jsonify({"token": token})
     _set_cookie(resp, sid, expires_at)
@@ -473,10 +473,10 @@ def resource(repo: str, rtype: str, tag: str) -> Response:
     except FirmgateError as exc:
         raise _deny(db, "JweError", exc.diagnostics(), event="deny", tenant=tenant, session_id=row.id,
                     resource=path) from None
-    with one_round_trip(db):  # the row and its commit
+    with committed(db):  # the row and its commit: one round trip on PostgreSQL
         audit.record(db, event="release", outcome="ok", reason=decision.reason, tenant=tenant,
                      session_id=row.id, resource=path, verdict=verdict, verdict_text=text,
-                     measurement=row.measurement)
+                     measurement=row.measurement, commit=False)
     metrics.released(tenant)
     return jsonify(body)
 

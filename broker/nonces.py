@@ -44,7 +44,7 @@ from sqlalchemy.orm import Session as OrmSession
 
 from . import audit
 from .db import AuditRecord, Secret, Session, SessionVerdict, now_ms
-from .hotsql import Hot, one_round_trip, run
+from .hotsql import Hot, committed, read, run
 
 Db = Connection | OrmSession
 
@@ -172,11 +172,10 @@ def consume(db: Db, key: bytes, session_id: str, nonce: str) -> Consumed:
     if challenge.expires_at <= t:
         return Consumed(False, "the session expired; start again at /auth", tenant_hint=challenge.tenant_hint)
     try:
-        with one_round_trip(db):  # the INSERT and its commit: one round trip on PostgreSQL
+        with committed(db):  # the INSERT and its commit: one round trip on PostgreSQL
             run(db, _INSERT_SESSION, {"id": session_id, "nonce": hashlib.sha256(nonce.encode("ascii")).hexdigest(),
                                       "tee": challenge.tee, "tenant_hint": challenge.tenant_hint,
                                       "state": "attesting", "created_at": t, "expires_at": challenge.expires_at})
-            db.commit()
     except IntegrityError:  # the row is there: this nonce was spent before
         db.rollback()
         return Consumed(False, "the session's nonce was already used (replay); start again at /auth",
@@ -197,7 +196,7 @@ def mark_attested(db: Db, session_id: str, values: dict[str, Any]) -> None:
 def load(db: Db, session_id: str, tenant: str = "", policy_id: str = "", path: str = "") -> AttestedSession | None:
     """The session, with its verdict for `tenant` under `policy_id` when one is cached, and the
     sealed value of `tenant`'s resource `path` when there is one."""
-    rows = run(db, _LOAD, {"sid": session_id, "tenant": tenant, "policy_id": policy_id, "path": path}, fetch=True)
+    rows = read(db, _LOAD, {"sid": session_id, "tenant": tenant, "policy_id": policy_id, "path": path})
     if not rows:
         return None
     r = rows[0]
@@ -205,7 +204,7 @@ def load(db: Db, session_id: str, tenant: str = "", policy_id: str = "", path: s
 
 
 def evidence_json(db: Db, session_id: str) -> str | None:
-    rows = run(db, _EVIDENCE, {"sid": session_id}, fetch=True)
+    rows = read(db, _EVIDENCE, {"sid": session_id})
     return rows[0][0] if rows else None
 
 

@@ -143,23 +143,23 @@ def test_idle_connection_is_pinged_and_a_used_one_fails_once(db: DbSpec, monkeyp
         killer.dispose()
 
 
-def test_one_round_trip_commits_together_or_not_at_all(db: DbSpec) -> None:  # noqa: F811 - the fixture
+def test_committed_blocks_commit_together_or_not_at_all(db: DbSpec) -> None:  # noqa: F811 - the fixture
     """The block's statements and its commit: all written, or (a failing statement) none, with
     SQLAlchemy's IntegrityError; on PostgreSQL this is psycopg's pipeline mode."""
-    from broker.hotsql import one_round_trip
+    from broker.hotsql import committed
     engine = make_engine(db.url)
     migrate(engine)
     try:
         with engine.connect() as conn:
             new = _spent(conn)
-            with one_round_trip(conn):
+            with committed(conn):
                 nonces.mark_attested(conn, new.id, {"measurement": "cd" * 48})
                 nonces.add_verdicts(conn, [_verdict_row(new.id)])
-                audit.write(conn, [audit.row(event="attest", outcome="ok", reason="one", session_id=new.id)])
-            with pytest.raises(IntegrityError), one_round_trip(conn):
+                audit.write(conn, [audit.row(event="attest", outcome="ok", reason="one", session_id=new.id)], commit=False)
+            with pytest.raises(IntegrityError), committed(conn):
                 nonces.mark_failed(conn, new.id)
                 nonces.add_verdicts(conn, [_verdict_row(new.id)])  # the same (session, tenant, policy) again
-                audit.write(conn, [audit.row(event="attest", outcome="ok", reason="two", session_id=new.id)])
+                audit.write(conn, [audit.row(event="attest", outcome="ok", reason="two", session_id=new.id)], commit=False)
             conn.rollback()
         with engine.connect() as conn:
             row = nonces.load(conn, new.id, "acme", "p1")
