@@ -103,7 +103,15 @@ def committed(db: Connection | OrmSession) -> Iterator[None]:
         raw.autocommit = True
     try:
         with raw.pipeline():
-            yield
+            try:
+                yield
+            except BaseException as exc:
+                if implicit and not isinstance(exc, (DBAPIError, db.dialect.loaded_dbapi.Error)):
+                    # The block broke off in Python: the Sync that psycopg sends on leaving the
+                    # pipeline would commit the statements queued so far. Drop the connection first:
+                    # the server rolls back an implicit transaction that no Sync ended.
+                    db.invalidate()
+                raise
             if not implicit:
                 db.commit()
     except DBAPIError:  # raised by SQLAlchemy's commit() inside the block

@@ -208,3 +208,28 @@ def test_nonces_are_stateless_until_spent(db: DbSpec) -> None:  # noqa: F811 - t
             assert [tuple(r) for r in rows] == [(hinted.id, "attesting", hashlib.sha256(hinted.nonce.encode()).hexdigest())]
     finally:
         engine.dispose()
+
+
+def test_a_committed_block_broken_off_in_python_commits_nothing(db: DbSpec) -> None:  # noqa: F811 - the fixture
+    """A Python error after some statements of a block: none of them is committed (on PostgreSQL the
+    connection is dropped before psycopg's Sync could commit the implicit transaction)."""
+    from broker.hotsql import committed
+    engine = make_engine(db.url)
+    migrate(engine)
+    try:
+        with engine.connect() as conn:
+            new = _spent(conn)
+            with pytest.raises(ZeroDivisionError), committed(conn):
+                nonces.mark_attested(conn, new.id, {"measurement": "ef" * 48})
+                audit.write(conn, [audit.row(event="attest", outcome="ok", reason="half", session_id=new.id)],
+                            commit=False)
+                _ = 1 / 0
+            if not conn.invalidated:
+                conn.rollback()
+        with engine.connect() as conn:
+            row = nonces.load(conn, new.id, "acme", "p1")
+            assert row is not None and row.state == "attesting" and row.measurement is None
+            reasons = conn.execute(select(AuditRecord.reason).where(AuditRecord.session_id == new.id)).scalars()
+            assert list(reasons) == []
+    finally:
+        engine.dispose()
