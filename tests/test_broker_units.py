@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from cryptography.hazmat.primitives.asymmetric import ec
 from test_broker_support import b64url, guest_decrypt, new_tee_key
 
@@ -98,6 +100,34 @@ def test_report_data_matches_guest_derivation() -> None:
     runtime_data.check_report_data(expected, expected)
     with pytest.raises(runtime_data.BindingError, match="REPORT_DATA"):
         runtime_data.check_report_data(expected[:-1] + b"\1", expected)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.text(alphabet=st.characters(max_codepoint=127), max_size=12),
+                       st.text(max_size=40), max_size=8),
+       st.dictionaries(st.text(max_size=6), st.one_of(st.integers(-2**40, 2**40), st.booleans(), st.none(),
+                                                       st.text(max_size=8)), max_size=4))
+def test_jcs_flat_equals_rfc8785(flat: dict[str, str], mixed: dict[str, object]) -> None:
+    """The orjson path of a JWK-shaped object (ASCII names, string values: control characters,
+    quotes, non-ASCII, U+2028 in them) and the rfc8785 fallback give RFC 8785's bytes."""
+    import rfc8785
+    assert runtime_data.jcs_flat(flat) == rfc8785.dumps(flat)
+    assert runtime_data.jcs_flat(mixed) == rfc8785.dumps(mixed)
+
+
+def test_verdict_json_is_to_dict() -> None:
+    """verdict_json writes the dataclasses straight through orjson: the same JSON as to_dict."""
+    import orjson
+
+    from broker.audit import verdict_json
+    checks = tuple(CheckResult(f"c.{i}", o, f"m {i} \u2028\"", None if i % 2 else "e", "a" if i % 3 else None)
+                   for i, o in enumerate(Outcome))
+    v = Verdict(checks=checks, evidence_sha384="ab" * 48, policy_id="p@1",
+                facts={"tcb": {"bl": 3}, "n": [1, 2], "k": {1: "int key"}, "b": b"bytes", "none": None})
+    text = verdict_json(v)
+    assert text == orjson.dumps(v.to_dict(), default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+    assert json.loads(text)["checks"][1] == {"name": "c.1", "outcome": "warn", "message": "m 1 \u2028\"",
+                                             "expected": None, "actual": "a"}
 
 
 def test_initdata_host_data() -> None:
