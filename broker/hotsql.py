@@ -69,8 +69,9 @@ def _wrap(db: Connection, exc: Any, sql: str, args: Any, raw: Any, cursor: Any) 
 
 
 def _psycopg(db: Connection | OrmSession) -> Any | None:
-    """The psycopg driver connection under `db`, or None (SQLite, an ORM session)."""
-    if not isinstance(db, Connection) or db.dialect.driver != "psycopg":
+    """The psycopg driver connection under `db`, or None (SQLite, an ORM session, or a connection
+    invalidated earlier in the request: the plain path then raises SQLAlchemy's own error)."""
+    if not isinstance(db, Connection) or db.dialect.driver != "psycopg" or db.invalidated:
         return None
     return db.connection.dbapi_connection
 
