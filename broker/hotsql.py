@@ -84,7 +84,7 @@ def _idle(raw: Any) -> bool:
 def committed(db: Connection | OrmSession) -> Iterator[None]:
     """What `run` sends inside the block, committed together at its end; if a statement fails,
     none of them is (the same SQLAlchemy exception `Connection.execute` raises). Do not commit
-    inside the block.
+    or read inside the block (a read would sync the pipeline, and with it commit what came before).
 
     On PostgreSQL (psycopg) the block is one round trip when no transaction is open: the
     statements are pipelined in autocommit mode, and the Sync that ends the pipeline ends them as
@@ -106,11 +106,14 @@ def committed(db: Connection | OrmSession) -> Iterator[None]:
         with raw.pipeline():
             try:
                 yield
-            except BaseException as exc:
-                if implicit and not isinstance(exc, (DBAPIError, db.dialect.loaded_dbapi.Error)):
-                    # The block broke off in Python: the Sync that psycopg sends on leaving the
-                    # pipeline would commit the statements queued so far. Drop the connection first:
-                    # the server rolls back an implicit transaction that no Sync ended.
+            except BaseException:
+                if implicit:
+                    # The block broke off before its end: in Python, or in the driver before a
+                    # statement reached the server (psycopg refuses a NUL in text there). The Sync
+                    # that psycopg sends on leaving the pipeline would commit the statements queued
+                    # so far: drop the connection first, and the server rolls back an implicit
+                    # transaction that no Sync ended. (A server's error surfaces only at that Sync,
+                    # outside this block, and has then cancelled every statement of it.)
                     db.invalidate()
                 raise
             if not implicit:

@@ -6,7 +6,7 @@ session id with an HMAC under a key derived from the master key (every replica
 derives the same one):
 
     nonce = base64(version 1 | tee | expires_at ms (6 bytes) | tenant hint | tag)
-    tag   = HMAC-SHA256(key, "firmgate kbs nonce" | session id | everything before it)[:24]
+    tag   = HMAC-SHA256(key, "firmgate kbs nonce\\0" | session id | everything before it)[:24]
 
 32 bytes without a hint: 44 characters, Trustee's nonce length. The guest treats
 it as opaque (KBS-FACTS section 2). /attest checks the tag and the expiry, then
@@ -152,6 +152,8 @@ def _read(key: bytes, session_id: str, nonce: str) -> _Challenge | None:
         sid = bytes.fromhex(session_id)
     except (binascii.Error, ValueError):
         return None
+    if base64.b64encode(raw).decode("ascii") != nonce:
+        return None  # the decoder ignores a last character's spare bits: only the form we issued counts
     if len(raw) < _HEAD + _TAG or len(sid) != 16:
         return None
     body, tag = raw[:-_TAG], raw[-_TAG:]

@@ -205,6 +205,8 @@ def _close_orm(_exc: BaseException | None) -> None:
             if db.in_transaction():
                 db.rollback()
             _driver_rollback(db)
+            if getattr(db.connection.dbapi_connection, "autocommit", False) is True and db.dialect.driver == "psycopg":
+                raise RuntimeError("left in autocommit mode")  # a block cut off mid-Sync: do not keep it
             if len(idle) < MAX_IDLE_DB:
                 idle.append((db, time.monotonic()))
                 return

@@ -233,3 +233,44 @@ def test_a_committed_block_broken_off_in_python_commits_nothing(db: DbSpec) -> N
             assert list(reasons) == []
     finally:
         engine.dispose()
+
+
+def test_a_block_refused_by_the_driver_commits_nothing(db: DbSpec) -> None:  # noqa: F811 - the fixture
+    """A statement the driver refuses before it reaches the server (psycopg: a NUL in text) after
+    others of the same block: none of them is committed (outside review of issue 17, finding 1)."""
+    from sqlalchemy.exc import DBAPIError
+
+    from broker.hotsql import committed
+    if db.kind != "postgres":
+        pytest.skip("server connections only (a driver refusing a statement mid-pipeline is psycopg's case)")
+    engine = make_engine(db.url)
+    migrate(engine)
+    try:
+        with engine.connect() as conn:
+            new = _spent(conn)
+            with pytest.raises(DBAPIError), committed(conn):
+                nonces.mark_attested(conn, new.id, {"measurement": "ab" * 48})
+                audit.write(conn, [audit.row(event="attest", outcome="ok", reason="nul \x00 here",
+                                             session_id=new.id)], commit=False)
+            if not conn.invalidated:
+                conn.rollback()
+        with engine.connect() as conn:
+            row = nonces.load(conn, new.id, "acme", "p1")
+            assert row is not None and row.state == "attesting" and row.measurement is None
+            assert list(conn.execute(select(AuditRecord.id).where(AuditRecord.session_id == new.id))) == []
+    finally:
+        engine.dispose()
+
+
+def test_a_nonce_in_another_base64_spelling_is_refused() -> None:
+    """The base64 decoder ignores a last character's spare bits: only the spelling issued is the nonce
+    (outside review of issue 17, finding 2), so REPORT_DATA, the token and the row name that one."""
+    import base64
+    new = nonces.new_session(KEY, "snp", 60, None)
+    raw = base64.b64decode(new.nonce)
+    last = new.nonce.rstrip("=")[-1]
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    twin = new.nonce.rstrip("=")[:-1] + alphabet[alphabet.index(last) ^ 1] + "=" * new.nonce.count("=")
+    assert twin != new.nonce and base64.b64decode(twin) == raw
+    assert nonces._read(KEY, new.id, twin) is None
+    assert nonces._read(KEY, new.id, new.nonce) is not None
