@@ -145,6 +145,23 @@ def read(db: Connection | OrmSession, hot: Hot, params: Mapping[str, Any]) -> li
             raw.autocommit = False
 
 
+def reusable(db: Connection) -> bool:
+    """After a request, before its connection is kept for the next: end a transaction the driver
+    still has open although SQLAlchemy counts none, and say whether the connection may be kept
+    (not a psycopg one left in autocommit mode by a block cut off before its Sync)."""
+    raw = _psycopg(db)
+    if raw is not None:
+        if raw.autocommit:
+            return False
+        if not _idle(raw):
+            raw.rollback()
+        return True
+    sqlite_conn = db.connection.dbapi_connection
+    if getattr(sqlite_conn, "in_transaction", False):
+        sqlite_conn.rollback()  # type: ignore[union-attr]
+    return True
+
+
 def _end_failed(db: Connection, raw: Any, implicit: bool) -> None:
     """A failed commit in a pipeline leaves the server's transaction aborted while SQLAlchemy counts
     it as ended: end it on the driver too (and leave autocommit mode), so the next statement on

@@ -24,6 +24,7 @@ from sqlalchemy.orm import sessionmaker
 from .appraisal import Appraiser
 from .config import default_state_dir, make_state_dir
 from .db import PING_IDLE_S, FirmwareBlob, make_engine, migrate, ping
+from .hotsql import reusable
 from .nonces import nonce_key
 from .secretbox import SecretBox, load_master_key, new_master_key
 from .tokens import TokenKey
@@ -40,7 +41,7 @@ class BrokerState:
     appraiser: Appraiser | None
     appraiser_error: str | None
     firmware_seen: set[str]
-    nonce_key: bytes = b""  # the KBS nonces' HMAC key (broker/nonces.py), derived from the master key
+    nonce_key: bytes  # the KBS nonces' HMAC key (broker/nonces.py), derived from the master key
     firmware_checked_at: float = 0.0
     # Connections kept checked out between requests (get_db), with when each was last used.
     idle_db: deque[tuple[Connection, float]] = field(default_factory=deque)
@@ -99,7 +100,7 @@ def init_app(app: Flask) -> None:
     with factory() as orm:
         token_key = TokenKey.load_or_create(orm, box)
     appraiser, why = _appraiser(app, engine)
-    st = BrokerState(engine, factory, box, token_key, appraiser, why, set(), nonce_key=nonce_key(master))
+    st = BrokerState(engine, factory, box, token_key, appraiser, why, set(), nonce_key(master))
     weakref.finalize(st, _close_idle, st.idle_db)
     app.extensions["firmgate"] = st
     app.teardown_appcontext(_close_orm)
@@ -177,17 +178,6 @@ def _close_idle(idle: deque[tuple[Connection, float]]) -> None:
         _close_quietly(idle.pop()[0])
 
 
-def _driver_rollback(db: Connection) -> None:
-    """End a transaction the driver still has open although SQLAlchemy counts none (a statement run
-    outside its bookkeeping failed): the connection is kept for the next request, which must start
-    clean. psycopg reports it in `info.transaction_status` (0 = idle), sqlite3 in `in_transaction`."""
-    raw = db.connection.dbapi_connection
-    info = getattr(raw, "info", None)
-    busy = getattr(info, "transaction_status", 0) != 0 if info is not None else bool(getattr(raw, "in_transaction", False))
-    if busy and raw is not None:
-        raw.rollback()
-
-
 def _close_orm(_exc: BaseException | None) -> None:
     # Closing (and for the kept connection, rolling back) ends whatever a failed request left uncommitted.
     orm = g.pop("fg_orm", None)
@@ -204,10 +194,7 @@ def _close_orm(_exc: BaseException | None) -> None:
         if not db.invalidated:
             if db.in_transaction():
                 db.rollback()
-            _driver_rollback(db)
-            if getattr(db.connection.dbapi_connection, "autocommit", False) is True and db.dialect.driver == "psycopg":
-                raise RuntimeError("left in autocommit mode")  # a block cut off mid-Sync: do not keep it
-            if len(idle) < MAX_IDLE_DB:
+            if reusable(db) and len(idle) < MAX_IDLE_DB:
                 idle.append((db, time.monotonic()))
                 return
     except Exception as exc:  # noqa: BLE001 - a dead connection at teardown must not become an HTML 500
