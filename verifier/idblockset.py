@@ -20,8 +20,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +33,7 @@ from .idblock import (
     has_author_key,
     verify,
 )
+from .regularfile import read_regular
 
 FORMAT = "firmgate-idblocks/1"
 MAX_SET_SIZE = 64 * 1024 * 1024
@@ -149,12 +148,7 @@ def parse_set(raw: bytes) -> IdBlockSet:
 def load_set(path: str | Path) -> IdBlockSet:
     p = Path(path)
     try:
-        # O_NONBLOCK and a regular file only: a FIFO would block `host-install listen`'s install for ever (RT-6).
-        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        with os.fdopen(fd, "rb") as fh:
-            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-                raise IdBlockFormatError(f"{p}: cannot read: not a regular file")
-            raw = fh.read(MAX_SET_SIZE + 1)
+        raw = read_regular(p, MAX_SET_SIZE)  # a FIFO would block `host-install listen`'s install for ever (RT-6)
     except OSError as exc:
         raise IdBlockFormatError(f"{p}: cannot read: {exc.strerror or exc}") from exc
     try:

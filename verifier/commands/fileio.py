@@ -4,21 +4,16 @@ never leaves half a file."""
 from __future__ import annotations
 
 import os
-import stat
 from pathlib import Path
 
 from ..errors import FirmwareError, UsageError
+from ..regularfile import read_regular
 
 
 def read_bounded(path: str, limit: int, what: str) -> bytes:
     """Read a file of at most `limit` bytes; a missing or huge file is a usage/firmware error."""
     try:
-        # O_NONBLOCK: a FIFO given as the file would block the open for ever (RT-6); only regular files.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        with os.fdopen(fd, "rb") as fh:
-            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-                raise UsageError(f"cannot read {what} {path}: not a regular file")
-            data = fh.read(limit + 1)
+        data = read_regular(path, limit)
     except OSError as exc:
         raise UsageError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
     if len(data) > limit:
