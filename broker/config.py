@@ -23,7 +23,7 @@ DEFAULTS: dict[str, Any] = {
     "AUDIT_RETENTION_DAYS": 90,      # audit rows are deleted after this many days ...
     "AUTH_AUDIT_RETENTION_HOURS": 24,  # ... `auth` rows and operator-only denials (nothing verified) after this
     "MAX_CONTENT_LENGTH": 64 * 1024,  # every route, except the two below
-    "ATTEST_MAX_BYTES": 16 * 1024 * 1024,  # evidence may carry a firmware add-on (OVMF is 2-4 MiB)
+    "ATTEST_MAX_BYTES": 12 * 1024 * 1024,  # an 8 MiB add-on in additional_evidence, 1.3 MiB for the rest
     "UPLOAD_MAX_BYTES": 16 * 1024 * 1024,  # firmware upload over the admin API
     "POLICY_LOAD_BACKGROUND": True,  # first policy load in a thread: loaded tenants serve while the rest load
     "POLICY_LOAD_WAIT": 30,          # seconds a request for a tenant still loading waits before a 503

@@ -3,25 +3,36 @@ tokens, release decisions, JSON bounds, schema migrations, and the CLI."""
 from __future__ import annotations
 
 import base64
-import io
-from dataclasses import dataclass
 import hashlib
+import io
 import json
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+from flask import Flask
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from cryptography.hazmat.primitives.asymmetric import ec
 from test_broker_support import b64url, guest_decrypt, new_tee_key
 
 from broker import jwe, release, runtime_data, tokens
 from broker.db import SCHEMA_VERSION, SchemaError, SchemaVersion, make_engine, migrate, schema_version
-from broker.limits import MAX_DEPTH, _check_shape
+from broker.errors import ApiError
+from broker.limits import (
+    _RAW_NAMES,
+    MAX_DEPTH,
+    MAX_ITEMS,
+    MAX_RAW,
+    _check_shape,
+    count_upto,
+    json_body,
+    raw_excess,
+)
 from broker.secretbox import MasterKeyError, SecretBox, SecretDecryptError, parse_key_text
 from verifier.errors import FirmgateError
 from verifier.verdict import CheckResult, Outcome, Verdict
@@ -232,6 +243,37 @@ def test_json_shape_bounds() -> None:
         deep = {"k": [deep]}
     with pytest.raises(ValueError, match="deeper"):
         _check_shape(deep)
+
+
+def test_count_upto_counts_exactly_then_stops_past_the_cap() -> None:
+    assert count_upto(b"", b",", 3) == 0
+    assert count_upto(b"a,b,,c", b",", 3) == 3
+    assert count_upto(bytearray(b",,,"), b",", 3) == 3
+    assert count_upto(b"," * 1000, b",", 3) == 4  # stopped at cap + 1, not counted to the end
+
+
+@pytest.mark.parametrize("byte", list(MAX_RAW))
+def test_raw_counts_refuse_one_past_each_cap(byte: bytes) -> None:
+    cap = MAX_RAW[byte]
+    assert raw_excess(b"x" + byte * cap) is None
+    assert raw_excess(b"x" + byte * (cap + 1)) == f"more than {cap} {_RAW_NAMES[byte]} in the request body"
+
+
+def test_json_values_are_limited_after_parsing_where_the_raw_counts_pass() -> None:
+    """The raw counts over-count (strings included); the exact rule is at most MAX_ITEMS values,
+    counted on what orjson built. {"a": [n integers]} is n + 2 values and has n - 1 commas."""
+    assert MAX_ITEMS - 2 <= MAX_RAW[b","]
+    app = Flask(__name__)
+    app.register_error_handler(ApiError, lambda e: (e.detail, e.status))
+    for n, refused in ((MAX_ITEMS - 2, False), (MAX_ITEMS - 1, True)):
+        body = json.dumps({"a": [0] * n}).encode()
+        assert raw_excess(body) is None
+        with app.test_request_context(method="POST", data=body, content_type="application/json"):
+            if refused:
+                with pytest.raises(ApiError, match=f"more than {MAX_ITEMS} JSON values"):
+                    json_body()
+            else:
+                assert len(json_body()["a"]) == n
 
 
 # -- schema ------------------------------------------------------------------------------------------

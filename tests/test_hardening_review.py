@@ -37,6 +37,7 @@ from test_broker_support import (
 )
 
 from broker import create_app
+from broker.config import DEFAULTS
 
 REPO = Path(__file__).resolve().parent.parent
 OP = "review-operator"
@@ -165,41 +166,111 @@ def test_unverified_rows_have_the_short_retention(broker: Any) -> None:
     assert [x for x in left if x["event"] == "admin"] == admin_row  # the 90-day rows are not
 
 
-# -- REVIEW-2: work before verification is bounded ----------------------------------------------------
-MAX_BODY = 16 * 1024 * 1024  # ATTEST_MAX_BYTES
+# -- REVIEW-2, BUG-19: work before verification is bounded -------------------------------------------
+MAX_BODY = DEFAULTS["ATTEST_MAX_BYTES"]
 
 
-def _hostile_body(nonce: str, jwk: dict[str, Any], primary: Any) -> bytes:
-    """A body of exactly 16 MiB whose additional_evidence is as many '"' as fit (each is 2 bytes in JSON)."""
-    head = json.dumps({"init-data": None, "runtime-data": {"nonce": nonce, "tee-pubkey": jwk},
-                       "tee-evidence": {"primary_evidence": primary, "additional_evidence": ""}})
-    assert head.endswith('""}}')
-    quotes, pad = divmod(MAX_BODY - len(head), 2)
-    return (" " * pad + head[:-3] + '\\"' * quotes + head[-3:]).encode()
+def _body(nonce: str, jwk: dict[str, Any], primary: bytes = b"{}", additional: bytes = b'""',
+          pad: bool = True) -> bytes:
+    """An attest body with these raw JSON members, space-padded to exactly MAX_BODY bytes."""
+    head = json.dumps({"init-data": None, "runtime-data": {"nonce": nonce, "tee-pubkey": jwk}}).encode()
+    body = (head[:-1] + b', "tee-evidence": {"primary_evidence": ' + primary + b', "additional_evidence": '
+            + additional + b"}}")
+    assert len(body) <= MAX_BODY
+    return b" " * (MAX_BODY - len(body)) * pad + body
 
 
-def test_a_maximal_hostile_attest_body_costs_little_cpu_and_memory(broker: Any) -> None:
-    """The review's body (16 MB, 8 million '"' in additional_evidence, primary_evidence {}) cost
-    ~1.6 s of CPU and ~85 MiB before the fix. The bound asserted is the issue's: under 100 ms of the
-    serving thread's CPU time (not wall time), and a peak RSS growth of less than four bodies.
-    (tracemalloc would count the 190 MB that orjson reserves for a 16 MB document but never touches.)"""
+def _room(nonce: str, jwk: dict[str, Any]) -> int:
+    return MAX_BODY - len(_body(nonce, jwk, pad=False)) - 2  # the space left for a member's contents
+
+
+def _array(unit: bytes) -> Any:
+    return lambda n, k: _body(n, k, primary=b"[" + b",".join([unit] * (_room(n, k) // (len(unit) + 1))) + b"]")
+
+
+def _string(unit: bytes) -> Any:
+    return lambda n, k: _body(n, k, additional=b'"' + unit * (_room(n, k) // len(unit)) + b'"')
+
+
+_NEST = b"[" * 1000 + b"]" * 1000  # orjson nests up to 1024: no comma needed for a thousand arrays
+_OBJ = b'{"a":' * 1000 + b"0" + b"}" * 1000
+# Each maximal body of one shape: what refuses it, and how. The review's (8 million '"') cost ~1.6 s
+# and ~85 MiB before REVIEW-2; BUG-19's shapes cost 3-4 s and 480 MiB (empty arrays), 600 ms and 480
+# MiB (empty objects), 250 ms and 240 MiB (integers) until the raw counts ran before parsing.
+HOSTILE = {
+    "the review's: escaped quotes": (_string(b'\\"'), "more than 16384 backslashes"),
+    "unicode escapes": (_string(b"\\u00e9"), "more than 16384 backslashes"),
+    "integers": (_array(b"0"), "more than 32768 commas"),
+    "floats": (_array(b"1e308"), "more than 32768 commas"),
+    "empty strings": (_array(b'""'), "more than 32768 commas"),
+    "empty arrays": (_array(b"[]"), "more than 32768 commas"),
+    "empty objects": (_array(b"{}"), "more than 32768 commas"),
+    "arrays nested without commas": (lambda n, k: _body(n, k, primary=b"[" + b",".join(
+        [_NEST] * (_room(n, k) // (len(_NEST) + 1))) + b"]"), "more than 4096 '[' characters"),
+    "objects nested without commas": (lambda n, k: _body(n, k, primary=b"[" + b",".join(
+        [_OBJ] * (_room(n, k) // (len(_OBJ) + 1))) + b"]"), "more than 4096 '{' characters"),
+    "one string over the additional_evidence cap": (_string(b"x"), "longer than 11250348 characters"),
+    "a multi-byte string under the cap": (_string("\u20ac".encode()), "evidence rejected"),
+}
+
+
+@pytest.mark.parametrize("shape", HOSTILE)
+def test_a_maximal_hostile_attest_body_costs_little_cpu_and_memory(broker: Any, shape: str) -> None:
+    """A maximal body of each shape is refused with its reason. The bound asserted is the issue's:
+    under 100 ms of the serving thread's CPU time (not wall time; the least of two requests, as the
+    noise of a shared machine only ever adds), and a peak RSS growth of under two bodies (the body
+    read once, and what orjson builds of it; tracemalloc would count the address space orjson
+    reserves for a document but never touches)."""
     srv, _ = broker
+    make, reason = HOSTILE[shape]
     _key, jwk = new_tee_key()
+    cpu = []
+    for attempt in range(2):
+        g = _session(srv)
+        body = make(g.nonce or "", jwk)
+        assert len(body) == MAX_BODY
+        srv.trace_next = attempt == 0
+        r = http("POST", srv.url + "/kbs/v0/attest", raw=body, opener=g.opener,
+                 headers={"Content-Type": "application/json"})
+        assert r.status == 401 and reason in r.body["detail"], (r.status, r.body)
+        path, spent = srv.cpu[-1]
+        assert path == "/kbs/v0/attest"
+        cpu.append(spent)
+    assert min(cpu) < 0.100, f"{min(cpu) * 1000:.0f} ms of server CPU"
+    assert srv.peak[-1] < 2 * MAX_BODY, f"peak RSS grew by {srv.peak[-1] / 2**20:.0f} MiB"
+
+
+def test_a_body_refused_by_its_raw_counts_spends_no_nonce(broker: Any) -> None:
+    srv, _ = broker
     g = _session(srv)
-    body = _hostile_body(g.nonce or "", jwk, {})
-    assert len(body) == MAX_BODY
-    r = http("POST", srv.url + "/kbs/v0/attest", raw=body, opener=g.opener,
-             headers={"Content-Type": "application/json"})
-    assert r.status == 401 and r.body["type"] == KBS_ERR + "AttestationError", r.body
-    path, cpu = srv.cpu[-1]
-    assert path == "/kbs/v0/attest" and cpu < 0.100, f"{cpu * 1000:.0f} ms of server CPU"
-    g2 = _session(srv)
-    srv.trace_next = True
-    r = http("POST", srv.url + "/kbs/v0/attest", raw=_hostile_body(g2.nonce or "", jwk, {}), opener=g2.opener,
-             headers={"Content-Type": "application/json"})
-    assert r.status == 401
-    # the body is 16 MiB (read, then parsed: ~48 MiB here); before the fix ~85 MiB per request
-    assert srv.peak[-1] < 4 * MAX_BODY, f"peak RSS grew by {srv.peak[-1] / 2**20:.0f} MiB"
+    _key, jwk = new_tee_key()
+    r = http("POST", srv.url + "/kbs/v0/attest", raw=_body(g.nonce or "", jwk, primary=b"[" + b"0," * 40_000 + b"0]"),
+             opener=g.opener, headers={"Content-Type": "application/json"})
+    assert r.status == 401 and r.body["type"] == KBS_ERR + "SerdeError", r.body
+    again = g.attest(g.attestation())  # the same session's nonce, refused for its evidence ({}) only
+    assert again.status == 401 and "already used" not in again.detail and "evidence rejected" in again.detail
+
+
+def test_a_body_shorter_than_its_content_length_is_a_clean_refusal(broker: Any) -> None:
+    srv, _ = broker
+    port = int(srv.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"POST /kbs/v0/attest HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Cookie: kbs-session-id=" + b"0" * 32 + b"\r\nContent-Length: 100000\r\n\r\n" + b"{" * 10)
+        s.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line.split()[1] == b"401", answer[:300]
+    assert b"SerdeError" in rest and b"Traceback" not in rest
+
+
+def test_attest_max_bytes_fits_the_largest_genuine_body() -> None:
+    """The limit is the largest add-on's additional_evidence plus more than 1 MiB for the rest
+    (primary evidence of at most 32,768 commas' worth of integers, 16 KiB of init-data, the key)."""
+    from broker.kbs import MAX_ADDITIONAL_EVIDENCE
+    assert MAX_BODY - MAX_ADDITIONAL_EVIDENCE > 1024 * 1024
 
 
 def test_additional_evidence_above_the_cap_is_refused_before_the_nonce(broker: Any) -> None:
