@@ -3,9 +3,11 @@ MEASUREMENT recomputed from real firmware bytes, the verdict naming publisher an
 re-checking the admission, and `firmgate verify --endorsement` / `policy check` / `policy export` on the CLI."""
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import re
+import time
 from pathlib import Path
 
 import cbor2
@@ -224,6 +226,50 @@ def test_cli_verify_denies_untrusted_and_low_svn_by_name(sim_case: tuple[Path, e
     # No endorsement at all: the unlisted firmware is refused, naming why.
     assert main(["verify", *args]) == 1
     assert "came with no endorsement" in capsys.readouterr().err
+
+
+def test_cli_verify_judges_the_endorsement_at_the_time_given(
+        sim_case: tuple[Path, ec.EllipticCurvePrivateKey, list[str]], image: bytes,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`--at` moves the endorsement's validity with the certificates': evidence from three weeks ago
+    verifies against the endorsement valid then, and not today, when it has expired; an endorsement
+    valid only from tomorrow does not admit today's evidence."""
+    d, key, args = sim_case
+    digest, now, day = hashlib.sha384(image).hexdigest(), int(time.time()), 86400
+    (d / "e.cose").write_bytes(signed(key, digest, fwid="edk2-2022.11-acme.1", svn=2, eid="acme-last-month",
+                                      valid=(now - 30 * day, now - 10 * day)))
+    then = dt.datetime.fromtimestamp(now - 20 * day, dt.UTC).isoformat()
+    assert main(["verify", *args, "--endorsement", str(d / "e.cose"), "--at", then]) == 0, capsys.readouterr()
+    out = json.loads(capsys.readouterr().out)
+    assert out["facts"]["endorsement"]["endorsement"] == "acme-last-month"
+    assert main(["verify", *args, "--endorsement", str(d / "e.cose")]) == 1
+    assert "expired at" in capsys.readouterr().err
+    (d / "e.cose").write_bytes(signed(key, digest, fwid="edk2-2022.11-acme.1", svn=2, eid="acme-tomorrow",
+                                      valid=(now + day, now + 10 * day)))
+    assert main(["verify", *args, "--endorsement", str(d / "e.cose")]) == 1
+    assert "acme-tomorrow" in capsys.readouterr().err
+    later = dt.datetime.fromtimestamp(now + 2 * day, dt.UTC).isoformat()
+    assert main(["verify", *args, "--endorsement", str(d / "e.cose"), "--at", later]) == 0
+
+
+def test_appraise_rechecks_an_admitted_endorsement_at_the_time_given(
+        pdir: tuple[Path, ec.EllipticCurvePrivateKey], image: bytes, measured: bytes) -> None:
+    """An endorsement admitted while valid fails firmware.endorsement when appraised at a time past
+    its end (the broker's case: a build admitted yesterday, appraised after the endorsement expired)."""
+    from test_appraise_rules import verified
+
+    from verifier.appraise.appraise import appraise
+    d, key = pdir
+    loaded = _loaded(d, policy_text(publisher()))
+    now, day = int(time.time()), 86400
+    loaded.table.add_endorsed(image, (signed(key, hashlib.sha384(image).hexdigest(), fwid="edk2-2022.11-acme.1",
+                                             valid=(now - day, now + day)),))
+    report = verified(measured)
+    checks = {c.name: c for c in appraise(report, loaded).checks}
+    assert checks["firmware.endorsement"].outcome.value == "pass"
+    checks = {c.name: c for c in appraise(report, loaded, now=now + 2 * day).checks}
+    assert checks["firmware.endorsement"].outcome.value == "fail"
+    assert "expired at" in checks["firmware.endorsement"].message
 
 
 def test_endorsement_inside_the_addon(sim_case: tuple[Path, ec.EllipticCurvePrivateKey, list[str]], image: bytes,

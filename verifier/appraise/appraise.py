@@ -126,13 +126,15 @@ def _root_name(verified: Any) -> str | None:
     return common_name(root) if root is not None else None
 
 
-def _supplied_check(loaded: LoadedPolicy, firmware: bytes, endorsements: tuple[bytes, ...] = ()) -> CheckResult:
+def _supplied_check(loaded: LoadedPolicy, firmware: bytes, endorsements: tuple[bytes, ...] = (),
+                    now: int | None = None) -> CheckResult:
     """Firmware bytes that came with the evidence: extracted, accepted if the policy lists their digest,
-    or if a publisher it trusts endorsed them (an add-on's `.corim` sections, or `endorsements`)."""
+    or if a publisher it trusts endorsed them (an add-on's `.corim` sections, or `endorsements`) and
+    the endorsement is valid at `now` (None: the current time)."""
     try:
         payload, carried = split_firmware(firmware)
         if loaded.policy.firmware_by_digest(hashlib.sha384(payload).hexdigest()) is None and loaded.policy.publishers:
-            adm = loaded.table.add_endorsed(payload, carried + tuple(endorsements))
+            adm = loaded.table.add_endorsed(payload, carried + tuple(endorsements), now)
             e = adm.endorsement
             return CheckResult("firmware.supplied", Outcome.PASS, f"firmware sent with the evidence is {e.fwid} "
                                f"(svn {e.svn}), endorsed by publisher {adm.publisher} (endorsement {e.id}); "
@@ -145,15 +147,16 @@ def _supplied_check(loaded: LoadedPolicy, firmware: bytes, endorsements: tuple[b
                        f"(svn {fw.svn}); its measurements were added", fw.sha384, fw.sha384)
 
 
-def _endorsement_check(loaded: LoadedPolicy, sha384: str) -> CheckResult | None:
-    """For a build admitted on an endorsement: is that admission still good NOW (validity, revocation,
-    the publisher's constraints under the policy in force)? None for a build listed by digest."""
+def _endorsement_check(loaded: LoadedPolicy, sha384: str, now: int | None = None) -> CheckResult | None:
+    """For a build admitted on an endorsement: is that admission good at `now` (None: the current time;
+    its validity, revocation, the publisher's constraints under the policy in force)? None for a build
+    listed by digest."""
     entry = loaded.table.endorsed(sha384)
     if entry is None:
         return None
     adm = entry[1]
     e = adm.endorsement
-    why = recheck(loaded.policy.publishers, adm)
+    why = recheck(loaded.policy.publishers, adm, now)
     if why is not None:
         return CheckResult("firmware.endorsement", Outcome.FAIL, why, "a valid endorsement", e.id)
     return CheckResult("firmware.endorsement", Outcome.PASS, f"firmware {e.fwid} (svn {e.svn}) is endorsed by "
@@ -163,17 +166,19 @@ def _endorsement_check(loaded: LoadedPolicy, sha384: str) -> CheckResult | None:
 
 def appraise(verified: Any, loaded: LoadedPolicy, *, expected_report_data: bytes | None = None,
              expected_host_data: bytes | None = None, supplied_firmware: bytes | None = None,
-             supplied_endorsements: tuple[bytes, ...] = ()) -> Verdict:
+             supplied_endorsements: tuple[bytes, ...] = (), now: int | None = None) -> Verdict:
     """Every rule of `loaded`'s policy applied to `verified` (a verifier.verify.VerifiedReport).
 
     Never raises for a rejection: the reasons are the verdict's failed checks.
     `supplied_firmware`: an add-on (or image) sent with the evidence; added to the
     reference table first if its digest is allowed.
+    `now` (Unix seconds; None: the current time): when endorsements must be valid, the time
+    `firmgate verify --at` also checks the certificates at.
     """
     report = verified.report
     pre: list[CheckResult] = []
     if supplied_firmware is not None:
-        pre.append(_supplied_check(loaded, supplied_firmware, supplied_endorsements))
+        pre.append(_supplied_check(loaded, supplied_firmware, supplied_endorsements, now))
     table = loaded.table
     match = table.lookup(report.measurement)
     ctx = Context(verified=verified, policy=loaded.policy, match=match, missing_firmware=dict(table.missing),
@@ -187,7 +192,7 @@ def appraise(verified: Any, loaded: LoadedPolicy, *, expected_report_data: bytes
             log.exception("rule %s raised", rule.__name__)
             results.append(CheckResult("rule." + rule.__name__.removeprefix("check_"), Outcome.FAIL,
                                        f"rule could not be evaluated: {type(exc).__name__}"))
-    endorsed = _endorsement_check(loaded, match.firmware.sha384) if match is not None else None
+    endorsed = _endorsement_check(loaded, match.firmware.sha384, now) if match is not None else None
     if endorsed is not None:
         results.append(endorsed)
     checks = tuple(results)

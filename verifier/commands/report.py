@@ -48,7 +48,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     v.add_argument("--check-crl", action="store_true", help="require a CRL (given, in the evidence, or from KDS)")
     v.add_argument("--product", help="Milan, Genoa or Turin; must agree with CPUID and the certificate")
     v.add_argument("--report-data", metavar="HEX", help="expected REPORT_DATA (up to 64 bytes, zero-padded)")
-    v.add_argument("--at", metavar="ISO8601", help="check certificate validity at this time (default: now)")
+    v.add_argument("--at", metavar="ISO8601", help="check certificate and firmware endorsement validity at this time (default: now)")
     v.add_argument("--trust-root", metavar="PEM", help="also trust this self-signed SIMULATED root (results say so)")
     v.add_argument("--no-provisional", action="store_true",
                    help="fail (instead of warn) when COMMITTED_TCB differs from CURRENT_TCB")
@@ -211,14 +211,15 @@ def verify_handler(args: argparse.Namespace) -> int:
         raise UsageError("--ear-out and --ear-key go together")
     evidence = _load_evidence(args.report)          # bad input: exit 2
     options = options_from_args(args)
-    loaded = _load_policy(args) if args.policy else None   # a broken policy is bad input: exit 2
+    when = None if options.now is None else int(options.now.timestamp())  # endorsements are checked at --at too
+    loaded = _load_policy(args, when) if args.policy else None   # a broken policy is bad input: exit 2
     try:
         verified = verify_to_report(evidence, options)
         if loaded is None:
             verdict = Verdict(checks=verified.checks, evidence_sha384=evidence_digest(evidence),
                               facts=verified.facts())
         else:
-            verdict = appraise(verified, loaded, expected_report_data=options.report_data)
+            verdict = appraise(verified, loaded, expected_report_data=options.report_data, now=when)
     except (EvidenceError, FetchError):
         raise                                      # exit 2 / 3 with one line
     except TrustError as exc:                      # rejected: still one verdict shape, exit 1
@@ -233,7 +234,7 @@ def verify_handler(args: argparse.Namespace) -> int:
     return 0 if verdict.accepted else 1
 
 
-def _load_policy(args: argparse.Namespace) -> Any:
+def _load_policy(args: argparse.Namespace, now: int | None) -> Any:
     from ..appraise.store import load_for_cli
 
     loaded = load_for_cli(args.policy, args.tenant, cache_dir=args.measure_cache)
@@ -245,7 +246,7 @@ def _load_policy(args: argparse.Namespace) -> Any:
         data = _read(path, "--firmware", 64 * 1024 * 1024)
         payload, carried = split_firmware(data)
         if loaded.policy.firmware_by_digest(hashlib.sha384(payload).hexdigest()) is None and loaded.policy.publishers:
-            loaded.table.add_endorsed(payload, carried + endorsements)   # EndorsementRefused names why (exit 1)
+            loaded.table.add_endorsed(payload, carried + endorsements, now)  # EndorsementRefused: why (exit 1)
         else:
             loaded.add_firmware_bytes(data)
     return loaded
