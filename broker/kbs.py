@@ -188,7 +188,11 @@ def _stored_evidence(handle: Any, primary: Any) -> str:
 
 
 def _trust_vector(verdict: Verdict | None) -> dict[str, int]:
-    if verdict is not None and isinstance(verdict.facts.get("trust_vector"), dict):
+    """The token's AR4SI vector: the appraisal's own for an accepted verdict. A denied one gets the
+    generic vector below: any genuine VM may name any tenant, and the appraisal's vector would tell
+    it which of that tenant's rules its launch met (its firmware is the tenant's, its binding is
+    not...). The owner's audit log keeps the verdict with every check."""
+    if verdict is not None and verdict.accepted and isinstance(verdict.facts.get("trust_vector"), dict):
         return {str(k): int(v) for k, v in verdict.facts["trust_vector"].items()}
     # AR4SI: 2 = affirming claims; hardware 2 = genuine; 97/33 = contraindicated/unrecognised.
     ok = verdict is not None and verdict.accepted

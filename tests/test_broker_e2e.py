@@ -8,6 +8,7 @@ and, when FIRMGATE_TEST_PG_URL is set, PostgreSQL.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -179,6 +180,33 @@ def test_firmware_not_allowed(broker: Any, env: Env) -> None:
     denied(r, "PolicyDeny", "not allowed for this resource (your evidence: MEASUREMENT ")
     assert "reference measurements" not in r.body["detail"]  # nothing of the policy (REVIEW-5)
     assert any("policy rejected the evidence: " in x for x in audit_reasons(srv, tokens["acme"], "deny"))
+
+
+def _cpu0(token: str | None) -> dict[str, Any]:
+    assert token is not None
+    return dict(json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "=="))["submods"]["cpu0"])
+
+
+def test_a_denied_token_says_nothing_of_the_named_tenants_policy(broker: Any, env: Env) -> None:
+    """Any genuine VM may name any tenant. The token of a denial must not tell it which of that
+    tenant's rules its launch met: acme's own firmware launched under another ID key (executables
+    match, the binding fails) and unknown firmware get the same vector; acme's audit log has why."""
+    srv, tokens = broker
+    seen = []
+    for ev in (env.evidence(owner="mallory"), env.evidence(measurement=hashlib.sha384(b"unknown").digest())):
+        g = Guest(srv.url, ev, tenant_hint="acme")
+        g.auth()
+        assert g.attest().status == 200
+        cpu0 = _cpu0(g.token)
+        assert cpu0["ear.status"] == "contraindicated"
+        seen.append(cpu0["ear.trustworthiness-vector"])
+    assert seen[0] == seen[1], seen
+    assert seen[0]["executables"] == 33 and seen[0]["configuration"] == 97
+    reasons = audit_reasons(srv, tokens["acme"], "attest")
+    assert any("id_block.trusted_key" in r for r in reasons) and any("firmware.measurement" in r for r in reasons)
+    g = Guest(srv.url, env.evidence(), tenant_hint="acme")  # the owner's own launch: its vector affirms
+    g.auth()
+    assert g.attest().status == 200 and _cpu0(g.token)["ear.trustworthiness-vector"]["executables"] == 2
 
 
 def test_other_tenants_resource(broker: Any, env: Env) -> None:

@@ -218,9 +218,11 @@ HOSTILE = {
 def test_a_maximal_hostile_attest_body_costs_little_cpu_and_memory(broker: Any, shape: str) -> None:
     """A maximal body of each shape is refused with its reason. The bound asserted is the issue's:
     under 100 ms of the serving thread's CPU time (not wall time; the least of three requests, as
-    the noise of a shared machine only ever adds), and a peak RSS growth of under two bodies (the body
-    read once, and what orjson builds of it; tracemalloc would count the address space orjson
-    reserves for a document but never touches)."""
+    the noise of a shared machine only ever adds), and a peak RSS growth of under three bodies: the
+    body read once, and what orjson builds of a long string (a 12 MiB multi-byte one: a scratch copy
+    of its UTF-8 and the 8 MiB str, 32 MiB in all when it is the process's first large allocation;
+    less after others, as glibc then reuses the freed heap). Before BUG-19 empty arrays grew it by
+    480 MiB. (tracemalloc would count the address space orjson reserves but never touches.)"""
     srv, _ = broker
     make, reason = HOSTILE[shape]
     _key, jwk = new_tee_key()
@@ -237,7 +239,7 @@ def test_a_maximal_hostile_attest_body_costs_little_cpu_and_memory(broker: Any, 
         assert path == "/kbs/v0/attest"
         cpu.append(spent)
     assert min(cpu) < 0.100, f"{min(cpu) * 1000:.0f} ms of server CPU"
-    assert srv.peak[-1] < 2 * MAX_BODY, f"peak RSS grew by {srv.peak[-1] / 2**20:.0f} MiB"
+    assert srv.peak[-1] < 3 * MAX_BODY, f"peak RSS grew by {srv.peak[-1] / 2**20:.0f} MiB"
 
 
 def test_a_body_refused_by_its_raw_counts_spends_no_nonce(broker: Any) -> None:
