@@ -55,7 +55,8 @@ def _problem(err: ApiError) -> Response:
 
 
 # Werkzeug status -> KBS variant, for errors raised before a handler runs.
-_HTTP_VARIANTS = {404: "InvalidRequestPath", 405: "InvalidRequestPath", 413: "SerdeError", 400: "SerdeError"}
+_HTTP_VARIANTS = {404: "InvalidRequestPath", 405: "InvalidRequestPath", 413: "SerdeError", 400: "SerdeError",
+                  411: "SerdeError"}
 
 
 def register_error_handlers(app: Flask) -> None:

@@ -31,7 +31,7 @@ from .db import now_ms
 from .errors import ApiError
 from .hotsql import committed
 from .jwe import encrypt, load_tee_pubkey
-from .limits import json_body, valid_resource, valid_tenant
+from .limits import json_body, json_larger_than, valid_resource, valid_tenant
 from .nonces import Db
 from .release import decide, public_denial, summarize_failures
 from .runtime_data import check_host_data, check_report_data, expected_report_data, initdata_host_data
@@ -114,9 +114,9 @@ def _parse_attestation(body: dict[str, Any]) -> tuple[Any, dict[str, Any], str, 
     if len(additional) > MAX_ADDITIONAL_EVIDENCE:
         raise ApiError("SerdeError", f"tee-evidence.additional_evidence is longer than {MAX_ADDITIONAL_EVIDENCE} "
                        f"characters (an add-on of at most {MAX_GUEST_ADDON // (1024 * 1024)} MiB)")
-    if body.get("init-data") is not None and len(json.dumps(body["init-data"])) > MAX_INITDATA_BYTES:
+    if body.get("init-data") is not None and json_larger_than(body["init-data"], MAX_INITDATA_BYTES):
         raise ApiError("SerdeError", f"init-data is larger than {MAX_INITDATA_BYTES} bytes")
-    if len(json.dumps(rd["tee-pubkey"])) > MAX_JWK_BYTES:
+    if json_larger_than(rd["tee-pubkey"], MAX_JWK_BYTES):
         raise ApiError("SerdeError", f"tee-pubkey is larger than {MAX_JWK_BYTES} bytes")
     return body.get("init-data"), rd, additional, rd["tee-pubkey"], te["primary_evidence"]
 

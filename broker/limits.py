@@ -2,12 +2,14 @@
 before parsing, nesting depth, element count."""
 from __future__ import annotations
 
+import json
+import mmap
 import re
 from typing import Any, TypeGuard
 
 import orjson
 from flask import request
-from werkzeug.exceptions import BadRequest
+from werkzeug.exceptions import BadRequest, LengthRequired
 
 from verifier.appraise.policy import RESOURCE_PART_RE, TENANT_RE
 
@@ -59,7 +61,7 @@ def _small_ints(values: list[Any]) -> bool:
     return True
 
 
-def count_upto(raw: bytes | bytearray, byte: bytes, cap: int) -> int:
+def count_upto(raw: bytes | bytearray | mmap.mmap, byte: bytes, cap: int) -> int:
     """How often byte occurs in raw, counting no further than cap + 1. Each step is a memchr
     (bytes.find), so a body without the byte costs one fast scan and a body full of it at most
     cap + 1 steps; bytes.count would walk every byte at a sixth of that speed."""
@@ -70,7 +72,7 @@ def count_upto(raw: bytes | bytearray, byte: bytes, cap: int) -> int:
     return n
 
 
-def raw_excess(raw: bytes | bytearray) -> str | None:
+def raw_excess(raw: bytes | bytearray | mmap.mmap) -> str | None:
     """Why a body has more structure or escapes than any genuine one, found before parsing; or None."""
     for byte, cap in MAX_RAW.items():
         if count_upto(raw, byte, cap) > cap:
@@ -78,38 +80,61 @@ def raw_excess(raw: bytes | bytearray) -> str | None:
     return None
 
 
-def read_body() -> bytes | bytearray:
-    """The request body, read straight into one buffer of its declared size. werkzeug's get_data
+Body = bytearray | mmap.mmap
+_MAPPED_FROM = 1024 * 1024  # bodies from 1 MiB are read into an anonymous mapping
+
+
+def read_body() -> Body:
+    """The request body, read straight into one buffer of its declared size (werkzeug's get_data
     reads 64 KiB pieces into a growing bytearray and copies it once more: 28 of the 45 ms that a
-    16 MiB body cost before. Decision: the buffer is allocated before the bytes arrive (at most the
-    route's limit), so a client that declares 12 MiB and stalls holds 12 MiB of a worker it already
-    holds whole; a sync worker serves one request at a time, and the deployment puts a buffering
-    proxy in front (docs/protocol.md, "Running"). Reading in pieces to avoid it costs 2-4 ms more."""
+    16 MiB body cost before). From 1 MiB the buffer is an anonymous mapping, whose pages the kernel
+    provides as the bytes arrive: a client that declares 12 MiB and stalls holds what it sent, not
+    12 MiB (a zero-filled bytearray is all resident at once). A body without Content-Length
+    (chunked) is refused with 411: every chunk costs the server ~3 us of CPU before the body limit
+    applies (a 12 MiB body of 1-byte chunks: ~40 s), and werkzeug cuts an over-long chunked body
+    at the limit rather than refusing it. Trustee's client and ours send Content-Length."""
     length = request.content_length
-    if length is None:  # chunked: werkzeug bounds it by max_content_length
-        return request.get_data(cache=False)
+    if length is None:
+        raise LengthRequired("a request body needs a Content-Length (chunked bodies are refused)")
     stream = request.stream  # raises 413 past max_content_length, before anything is allocated
-    buf = bytearray(length)
-    with memoryview(buf) as view:
-        got = 0
-        while got < length:
-            n = stream.readinto(view[got:])  # type: ignore[attr-defined]
-            if not n:  # less than it said (a client that went away gets werkzeug's own 400 first)
-                raise BadRequest(f"request body ended after {got} of {length} bytes")
-            got += n
+    buf: Body = mmap.mmap(-1, length) if length >= _MAPPED_FROM else bytearray(length)
+    try:
+        with memoryview(buf) as view:
+            got = 0
+            while got < length:
+                n = stream.readinto(view[got:])  # type: ignore[attr-defined]
+                if not n:  # less than it said (a client that went away gets werkzeug's own 400 first)
+                    raise BadRequest(f"request body ended after {got} of {length} bytes")
+                got += n
+    except BaseException:
+        _release(buf)
+        raise
     return buf
+
+
+def _release(buf: Body) -> None:
+    if isinstance(buf, mmap.mmap):
+        buf.close()
 
 
 def json_body(variant: str = "SerdeError", status: int | None = None) -> dict[str, Any]:
     """The request body as a JSON object within the bounds, or an ApiError."""
     raw = read_body()
+    try:
+        return _parse(raw, variant, status)
+    finally:
+        _release(raw)
+
+
+def _parse(raw: Body, variant: str, status: int | None) -> dict[str, Any]:
     excess = raw_excess(raw)
     if excess is not None:
         raise ApiError(variant, excess, status)
     try:
         # orjson: strict RFC 8259 (no NaN, valid UTF-8 only) and ~6x faster than json on the
         # integer arrays of Trustee evidence; its own depth limit (1024) is far above ours.
-        obj = orjson.loads(raw)
+        with memoryview(raw) as view:
+            obj = orjson.loads(view)
         _check_shape(obj)
     except RecursionError:
         raise ApiError(variant, f"JSON nested deeper than {MAX_DEPTH}", status) from None
@@ -120,6 +145,28 @@ def json_body(variant: str = "SerdeError", status: int | None = None) -> dict[st
     if not isinstance(obj, dict):
         raise ApiError(variant, "request body must be a JSON object", status)
     return obj
+
+
+def json_larger_than(value: Any, limit: int) -> bool:
+    """Whether value's JSON text (json.dumps) is longer than limit. The characters of its strings
+    and keys are counted first, stopping once they pass the limit: json.dumps would first escape
+    all of it (a 12 MiB non-ASCII string: ~90 ms and 40 MiB), and json_body admits at most
+    MAX_ITEMS values, so the walk is short. Only a value within the limit is serialized."""
+    total, stack = 0, [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            total += len(v)
+        elif isinstance(v, dict):
+            total += sum(len(k) for k in v)
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+        else:
+            total += 1  # a number, true, false, null: at least one character
+        if total > limit:
+            return True
+    return len(json.dumps(value)) > limit
 
 
 def valid_tenant(value: Any) -> TypeGuard[str]:

@@ -31,6 +31,7 @@ from broker.limits import (
     _check_shape,
     count_upto,
     json_body,
+    json_larger_than,
     raw_excess,
 )
 from broker.secretbox import MasterKeyError, SecretBox, SecretDecryptError, parse_key_text
@@ -274,6 +275,19 @@ def test_json_values_are_limited_after_parsing_where_the_raw_counts_pass() -> No
                     json_body()
             else:
                 assert len(json_body()["a"]) == n
+
+
+def test_json_larger_than_is_json_dumps_length_and_stops_early(monkeypatch: pytest.MonkeyPatch) -> None:
+    limit = 100
+    for value in ("x" * 98, "x" * 99, "\u00e9" * 16, "\u00e9" * 17, {"k": ["a" * 40, 1, None]}, [[]] * 40):
+        assert json_larger_than(value, limit) == (len(json.dumps(value)) > limit), value
+    # A 12 MiB non-ASCII string is refused on its characters: json.dumps (~90 ms and 40 MiB) never runs.
+    import broker.limits
+
+    def no_dumps(_value: Any) -> str:
+        raise AssertionError("json.dumps ran on a value whose characters alone pass the limit")
+    monkeypatch.setattr(broker.limits.json, "dumps", no_dumps)
+    assert json_larger_than({"a": [1, "\u00e9" * (12 * 1024 * 1024)]}, 16 * 1024)
 
 
 # -- schema ------------------------------------------------------------------------------------------

@@ -272,6 +272,28 @@ def test_appraise_rechecks_an_admitted_endorsement_at_the_time_given(
     assert "expired at" in checks["firmware.endorsement"].message
 
 
+def test_appraise_evidence_judges_endorsements_at_the_options_time(
+        pdir: tuple[Path, ec.EllipticCurvePrivateKey], image: bytes, measured: bytes) -> None:
+    """The library entry point too: VerifyOptions.now moves the endorsement's validity with the
+    certificates' (found by the review of the --at change: it passed no time to appraise)."""
+    from test_appraise_rules import BASE_POLICY, sim
+
+    from verifier.appraise.appraise import appraise_evidence
+    from verifier.options import default_options
+    d, key = pdir
+    loaded = _loaded(d, policy_text(publisher()))
+    now, day = int(time.time()), 86400
+    end = signed(key, hashlib.sha384(image).hexdigest(), fwid="edk2-2022.11-acme.1", svn=2,
+                 valid=(now - 30 * day, now - 10 * day))
+    s = sim()
+    report = s.sign_report(measurement=measured, policy=BASE_POLICY)
+    opts = default_options(now=dt.datetime.fromtimestamp(now - 20 * day, dt.UTC), trust_root=s.ark,
+                           certs=(s.leaf, s.intermediate))
+    checks = {c.name: c for c in appraise_evidence(report, opts, loaded, firmware=image, endorsements=(end,)).checks}
+    assert checks["firmware.supplied"].outcome.value == "pass", checks["firmware.supplied"].message
+    assert checks["firmware.endorsement"].outcome.value == "pass"
+
+
 def test_endorsement_inside_the_addon(sim_case: tuple[Path, ec.EllipticCurvePrivateKey, list[str]], image: bytes,
                                       capsys: pytest.CaptureFixture[str]) -> None:
     d, key, args = sim_case

@@ -171,9 +171,10 @@ MAX_BODY = DEFAULTS["ATTEST_MAX_BYTES"]
 
 
 def _body(nonce: str, jwk: dict[str, Any], primary: bytes = b"{}", additional: bytes = b'""',
-          pad: bool = True) -> bytes:
+          pad: bool = True, init: Any = None) -> bytes:
     """An attest body with these raw JSON members, space-padded to exactly MAX_BODY bytes."""
-    head = json.dumps({"init-data": None, "runtime-data": {"nonce": nonce, "tee-pubkey": jwk}}).encode()
+    head = json.dumps({"init-data": init, "runtime-data": {"nonce": nonce, "tee-pubkey": jwk}},
+                      ensure_ascii=False).encode()
     body = (head[:-1] + b', "tee-evidence": {"primary_evidence": ' + primary + b', "additional_evidence": '
             + additional + b"}}")
     assert len(body) <= MAX_BODY
@@ -190,6 +191,15 @@ def _array(unit: bytes) -> Any:
 
 def _string(unit: bytes) -> Any:
     return lambda n, k: _body(n, k, additional=b'"' + unit * (_room(n, k) // len(unit)) + b'"')
+
+
+def _long_member(where: str) -> Any:
+    """init-data, or a member of tee-pubkey, as one string of 2-byte characters filling the body:
+    json.dumps, which measured their sizes, escaped all of it first (~90 ms and 40 MiB)."""
+    def make(n: str, k: dict[str, Any]) -> bytes:
+        text = "\u00e9" * (_room(n, k) // 2 - 16)
+        return _body(n, k, init=text) if where == "init-data" else _body(n, dict(k, x5u=text))
+    return make
 
 
 _NEST = b"[" * 1000 + b"]" * 1000  # orjson nests up to 1024: no comma needed for a thousand arrays
@@ -211,6 +221,8 @@ HOSTILE = {
         [_OBJ] * (_room(n, k) // (len(_OBJ) + 1))) + b"]"), "more than 4096 '{' characters"),
     "one string over the additional_evidence cap": (_string(b"x"), "longer than 11250348 characters"),
     "a multi-byte string under the cap": (_string("\u20ac".encode()), "evidence rejected"),
+    "init-data: one long non-ASCII string": (_long_member("init-data"), "init-data is larger than 16384 bytes"),
+    "tee-pubkey: one long non-ASCII member": (_long_member("tee-pubkey"), "tee-pubkey is larger than 4096 bytes"),
 }
 
 
@@ -266,6 +278,52 @@ def test_a_body_shorter_than_its_content_length_is_a_clean_refusal(broker: Any) 
     status_line, _, rest = answer.partition(b"\r\n")
     assert status_line.split()[1] == b"401", answer[:300]
     assert b"SerdeError" in rest and b"Traceback" not in rest
+
+
+@pytest.mark.parametrize("path", ["/kbs/v0/auth", "/kbs/v0/attest", "/admin/v0/tenants"])
+def test_a_chunked_body_is_refused_before_it_is_read(broker: Any, path: str) -> None:
+    """Every chunk cost the server ~3 us before the body limit applied (a 12 MiB body of 1-byte
+    chunks: ~40 s), and werkzeug cut an over-long chunked body at the limit instead of refusing it."""
+    srv, _ = broker
+    port = int(srv.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  f"Authorization: Bearer {OP}\r\nCookie: kbs-session-id={'0' * 32}\r\n"
+                  "Transfer-Encoding: chunked\r\n\r\n".encode() + b"1\r\n{\r\n" * 1000)  # and no end
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    status = answer.split(b"\r\n", 1)[0].split()[1]
+    assert status == (b"411" if path.startswith("/admin") else b"401"), answer[:300]
+    assert b"needs a Content-Length" in answer and b"Traceback" not in answer
+    assert srv.cpu[-1][0] == path and srv.cpu[-1][1] < 0.100
+
+
+def test_a_stalled_body_holds_the_bytes_it_sent_not_the_size_it_declared(broker: Any) -> None:
+    """A body of 1 MiB or more is read into an anonymous mapping, whose pages exist as bytes arrive;
+    a zero-filled bytearray of the declared size was resident at once (4 x 12 MiB here)."""
+    srv, _ = broker
+    port = int(srv.url.rsplit(":", 1)[1])
+    def serving() -> int:  # werkzeug's threaded server: a socketserver thread per connection
+        return sum("process_request" in t.name for t in threading.enumerate())
+    before = _status_kib("VmRSS")
+    socks = []
+    try:
+        for _ in range(4):  # /attest (a well-formed cookie: the body is read before the nonce is looked up)
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            s.sendall(b"POST /kbs/v0/attest HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Cookie: kbs-session-id=" + b"0" * 32 + b"\r\nContent-Length: %d\r\n\r\n{" % MAX_BODY)
+            socks.append(s)
+        deadline = time.monotonic() + 10
+        while serving() < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert serving() >= 4
+        time.sleep(0.5)  # each is now blocked reading the body it was promised
+        grew = (_status_kib("VmRSS") - before) * 1024
+    finally:
+        for s in socks:
+            s.close()
+    assert grew < MAX_BODY, f"RSS grew by {grew / 2**20:.0f} MiB for 4 stalled bodies"
 
 
 def test_attest_max_bytes_fits_the_largest_genuine_body() -> None:

@@ -312,6 +312,7 @@ def appraise_evidence(data: bytes, options: Any, store_or_loaded: PolicyStore | 
         if tenant is not None and tenant != loaded.tenant:
             raise FirmgateError(f"policy is for tenant {loaded.tenant!r}, not {tenant!r}")
     verified = verify_report(load_evidence(data), options)
+    at = getattr(options, "now", None)  # endorsements are judged when the certificates are
     return appraise(verified, loaded, expected_report_data=expected_report_data,
                     expected_host_data=expected_host_data, supplied_firmware=firmware,
-                    supplied_endorsements=endorsements)
+                    supplied_endorsements=endorsements, now=None if at is None else int(at.timestamp()))
