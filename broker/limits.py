@@ -95,7 +95,9 @@ def read_body() -> Body:
     at the limit rather than refusing it. Trustee's client and ours send Content-Length."""
     length = request.content_length
     if length is None:
-        raise LengthRequired("a request body needs a Content-Length (chunked bodies are refused)")
+        if "Transfer-Encoding" in request.headers:  # RFC 9112 6.1: chunked is then the framing
+            raise LengthRequired("a request body needs a Content-Length (chunked bodies are refused)")
+        length = 0  # neither header: no body
     stream = request.stream  # raises 413 past max_content_length, before anything is allocated
     buf: Body = mmap.mmap(-1, length) if length >= _MAPPED_FROM else bytearray(length)
     try:

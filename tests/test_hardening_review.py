@@ -299,6 +299,18 @@ def test_a_chunked_body_is_refused_before_it_is_read(broker: Any, path: str) -> 
     assert srv.cpu[-1][0] == path and srv.cpu[-1][1] < 0.100
 
 
+def test_a_post_with_neither_length_nor_chunks_has_an_empty_body(broker: Any) -> None:
+    srv, _ = broker
+    port = int(srv.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(f"POST /admin/v0/tenants HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {OP}\r\n"
+                  "Connection: close\r\n\r\n".encode())
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    assert answer.split(b"\r\n", 1)[0].split()[1] == b"400" and b"not valid JSON" in answer, answer[:300]
+
+
 def test_a_stalled_body_holds_the_bytes_it_sent_not_the_size_it_declared(broker: Any) -> None:
     """A body of 1 MiB or more is read into an anonymous mapping, whose pages exist as bytes arrive;
     a zero-filled bytearray of the declared size was resident at once (4 x 12 MiB here)."""
