@@ -80,6 +80,21 @@ class MeteredServer:
                 self.peak.append((_status_kib("VmHWM") - base) * 1024)
         return [out]
 
+    def connect(self) -> socket.socket:
+        return socket.create_connection(("127.0.0.1", self.server.server_port), timeout=30)
+
+    def exchange(self, request: bytes, end_writing: bool = False) -> tuple[bytes, bytes]:
+        """(status code, whole answer) for raw bytes sent on a connection of their own, read until
+        the server closes it; end_writing: then shut down our side (the request is all there is)."""
+        with self.connect() as s:
+            s.sendall(request)
+            if end_writing:
+                s.shutdown(socket.SHUT_WR)
+            answer = b""
+            while chunk := s.recv(65536):
+                answer += chunk
+        return answer.split(b"\r\n", 1)[0].split()[1], answer
+
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
@@ -267,17 +282,11 @@ def test_a_body_refused_by_its_raw_counts_spends_no_nonce(broker: Any) -> None:
 
 def test_a_body_shorter_than_its_content_length_is_a_clean_refusal(broker: Any) -> None:
     srv, _ = broker
-    port = int(srv.url.rsplit(":", 1)[1])
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(b"POST /kbs/v0/attest HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  b"Cookie: kbs-session-id=" + b"0" * 32 + b"\r\nContent-Length: 100000\r\n\r\n" + b"{" * 10)
-        s.shutdown(socket.SHUT_WR)
-        answer = b""
-        while chunk := s.recv(65536):
-            answer += chunk
-    status_line, _, rest = answer.partition(b"\r\n")
-    assert status_line.split()[1] == b"401", answer[:300]
-    assert b"SerdeError" in rest and b"Traceback" not in rest
+    status, answer = srv.exchange(b"POST /kbs/v0/attest HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                                  b"Cookie: kbs-session-id=" + b"0" * 32 + b"\r\nContent-Length: 100000\r\n\r\n"
+                                  + b"{" * 10, end_writing=True)
+    assert status == b"401", answer[:300]
+    assert b"SerdeError" in answer and b"Traceback" not in answer
 
 
 @pytest.mark.parametrize("path", ["/kbs/v0/auth", "/kbs/v0/attest", "/admin/v0/tenants"])
@@ -285,15 +294,9 @@ def test_a_chunked_body_is_refused_before_it_is_read(broker: Any, path: str) -> 
     """Every chunk cost the server ~3 us before the body limit applied (a 12 MiB body of 1-byte
     chunks: ~40 s), and werkzeug cut an over-long chunked body at the limit instead of refusing it."""
     srv, _ = broker
-    port = int(srv.url.rsplit(":", 1)[1])
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
-        s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  f"Authorization: Bearer {OP}\r\nCookie: kbs-session-id={'0' * 32}\r\n"
-                  "Transfer-Encoding: chunked\r\n\r\n".encode() + b"1\r\n{\r\n" * 1000)  # and no end
-        answer = b""
-        while chunk := s.recv(65536):
-            answer += chunk
-    status = answer.split(b"\r\n", 1)[0].split()[1]
+    status, answer = srv.exchange(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                                  f"Authorization: Bearer {OP}\r\nCookie: kbs-session-id={'0' * 32}\r\n"
+                                  "Transfer-Encoding: chunked\r\n\r\n".encode() + b"1\r\n{\r\n" * 1000)  # no end
     assert status == (b"411" if path.startswith("/admin") else b"401"), answer[:300]
     assert b"needs a Content-Length" in answer and b"Traceback" not in answer
     assert srv.cpu[-1][0] == path and srv.cpu[-1][1] < 0.100
@@ -301,28 +304,22 @@ def test_a_chunked_body_is_refused_before_it_is_read(broker: Any, path: str) -> 
 
 def test_a_post_with_neither_length_nor_chunks_has_an_empty_body(broker: Any) -> None:
     srv, _ = broker
-    port = int(srv.url.rsplit(":", 1)[1])
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(f"POST /admin/v0/tenants HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {OP}\r\n"
-                  "Connection: close\r\n\r\n".encode())
-        answer = b""
-        while chunk := s.recv(65536):
-            answer += chunk
-    assert answer.split(b"\r\n", 1)[0].split()[1] == b"400" and b"not valid JSON" in answer, answer[:300]
+    status, answer = srv.exchange(f"POST /admin/v0/tenants HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {OP}\r\n"
+                                  "Connection: close\r\n\r\n".encode())
+    assert status == b"400" and b"not valid JSON" in answer, answer[:300]
 
 
 def test_a_stalled_body_holds_the_bytes_it_sent_not_the_size_it_declared(broker: Any) -> None:
     """A body of 1 MiB or more is read into an anonymous mapping, whose pages exist as bytes arrive;
     a zero-filled bytearray of the declared size was resident at once (4 x 12 MiB here)."""
     srv, _ = broker
-    port = int(srv.url.rsplit(":", 1)[1])
     def serving() -> int:  # werkzeug's threaded server: a socketserver thread per connection
         return sum("process_request" in t.name for t in threading.enumerate())
     before = _status_kib("VmRSS")
     socks = []
     try:
         for _ in range(4):  # /attest (a well-formed cookie: the body is read before the nonce is looked up)
-            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            s = srv.connect()
             s.sendall(b"POST /kbs/v0/attest HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                       b"Cookie: kbs-session-id=" + b"0" * 32 + b"\r\nContent-Length: %d\r\n\r\n{" % MAX_BODY)
             socks.append(s)
